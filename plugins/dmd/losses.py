@@ -1,0 +1,143 @@
+"""DMD's losses: the distribution-matching (KL) gradient, the fake-score loss, regression.
+
+Yin et al., "One-step Diffusion with Distribution Matching Distillation", CVPR 2024
+(arXiv 2311.18828). Equation numbers refer to that paper.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor
+
+from scoredistill.registry import component
+from scoredistill.roles import BuildContext, FakeScoreLoss, GeneratorBatch, GeneratorLoss, Models, Teacher, append_dims
+
+
+def _per_sample_mean(t: Tensor) -> Tensor:
+    return t.flatten(1).mean(dim=1)
+
+
+def dmd_gradient(x: Tensor, real: Tensor, fake: Tensor, normalize: bool = True) -> Tensor:
+    """The per-sample KL gradient of eq. 7 with the normalisation of eq. 8.
+
+    ``grad = (D_fake(x_s) - D_real(x_s)) * w`` with ``w = 1 / mean_{C,H,W} |x - D_real(x_s)|``.
+    Since ``s_fake - s_real = (D_fake - D_real) / s**2``, this is the score difference
+    up to a positive per-sample factor. Non-finite entries are zeroed.
+    """
+    diff = fake - real
+    if normalize:
+        diff = diff / append_dims(_per_sample_mean((x - real).abs()), x.ndim)
+    return torch.nan_to_num(diff)
+
+
+def distribution_matching_loss(x: Tensor, grad: Tensor) -> Tensor:
+    """``0.5 * mean((x - sg(x - grad))**2)``: a surrogate whose gradient in ``x`` is ``grad / numel``."""
+    return 0.5 * F.mse_loss(x, (x - grad).detach(), reduction="mean")
+
+
+def timestep_sigmas(teacher: Teacher, n: int, min_ratio: float, max_ratio: float) -> Tensor:
+    """``t ~ U{floor(min_ratio T), ..., floor(max_ratio T)}`` on the teacher's discrete schedule."""
+    T = teacher.num_timesteps
+    lo, hi = int(min_ratio * T), min(int(max_ratio * T), T - 1)
+    t = torch.randint(lo, hi + 1, (n,), device=teacher.sigmas.device)
+    return teacher.sigmas[t]
+
+
+@component("kl_gradient", role="generator_loss", paper="Yin et al. 2024 (DMD), eq. 7-8 and Algorithm 2")
+class KLGradient(GeneratorLoss):
+    """DMD's distribution-matching term: the KL gradient from real and fake denoisers (Algorithm 2)."""
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        min_timestep_ratio: float = Field(0.02, ge=0, le=1, description="t >= min_ratio * T (paper: 0.02)")
+        max_timestep_ratio: float = Field(0.98, ge=0, le=1, description="t <= max_ratio * T (paper: 0.98)")
+        normalize: bool = Field(True, description="per-sample weight 1 / mean|x - D_real| (eq. 8)")
+
+        @model_validator(mode="after")
+        def _ordered(self):
+            if self.min_timestep_ratio > self.max_timestep_ratio:
+                raise ValueError("min_timestep_ratio must be <= max_timestep_ratio")
+            return self
+
+    def __init__(self, config: "KLGradient.Config", ctx: Optional[BuildContext] = None) -> None:
+        super().__init__()
+        self.config = config
+
+    def forward(self, batch: GeneratorBatch, models: Models) -> Tensor:
+        x = batch.x
+        c = self.config
+        with torch.no_grad():
+            sigma = timestep_sigmas(models.teacher, len(x), c.min_timestep_ratio, c.max_timestep_ratio)
+            x_noisy = x + append_dims(sigma, x.ndim) * torch.randn_like(x)
+            real = models.teacher(x_noisy, sigma, batch.cond)
+            fake = models.fake_score(x_noisy, sigma, batch.cond, x_clean=x)
+            grad = dmd_gradient(x, real, fake, c.normalize)
+        return distribution_matching_loss(x, grad)
+
+
+@component("fake_score_denoise", role="fake_score_loss", paper="Yin et al. 2024 (DMD), eq. 6; Karras et al. 2022, eq. 2")
+class FakeScoreDenoise(FakeScoreLoss):
+    """Denoising score matching of D_fake on generator samples, with the teacher's own weighting."""
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    def __init__(self, config: "FakeScoreDenoise.Config", ctx: Optional[BuildContext] = None) -> None:
+        super().__init__()
+
+    def forward(self, x: Tensor, cond: Optional[Tensor], models: Models) -> Tensor:
+        teacher = models.teacher
+        sigma = teacher.training_sigmas(len(x))
+        x_noisy = x + append_dims(sigma, x.ndim) * torch.randn_like(x)
+        pred = models.fake_score(x_noisy, sigma, cond, x_clean=x)
+        return (teacher.loss_weight(sigma) * _per_sample_mean((pred - x) ** 2)).mean()
+
+
+class PairRegression(GeneratorLoss):
+    """Regression of ``G(z_ref)`` on the teacher's ODE output ``y_ref`` (DMD eq. 9) under a distance."""
+
+    needs_pairs = True
+
+    def distance(self, pred: Tensor, target: Tensor) -> Tensor:  # pragma: no cover
+        """Per-sample distance, shape ``(N,)``."""
+        raise NotImplementedError
+
+    def forward(self, batch: GeneratorBatch, models: Models) -> Tensor:
+        pred = models.generator(batch.z_ref, batch.cond)
+        return self.distance(pred, batch.y_ref).mean()
+
+
+@component("l2_regression", role="generator_loss", paper="Yin et al. 2024 (DMD), eq. 9 with L2 (Table 3 ablation)")
+class L2Regression(PairRegression):
+    """Mean squared error between G(z_ref) and the teacher's ODE output y_ref."""
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    def __init__(self, config: "L2Regression.Config", ctx: Optional[BuildContext] = None) -> None:
+        super().__init__()
+
+    def distance(self, pred: Tensor, target: Tensor) -> Tensor:
+        return _per_sample_mean((pred - target) ** 2)
+
+
+@component("pseudo_huber_regression", role="generator_loss", paper="Song & Dhariwal 2023 (iCT), Sec. 3.3: pseudo-Huber")
+class PseudoHuberRegression(PairRegression):
+    """Pseudo-Huber distance sqrt(|a-b|^2 + c^2) - c between G(z_ref) and y_ref."""
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        c: Optional[float] = Field(None, gt=0, description="default 0.00054 * sqrt(dim), as in iCT")
+
+    def __init__(self, config: "PseudoHuberRegression.Config", ctx: Optional[BuildContext] = None) -> None:
+        super().__init__()
+        self.c = config.c
+
+    def distance(self, pred: Tensor, target: Tensor) -> Tensor:
+        d = pred[0].numel()
+        c = self.c if self.c is not None else 0.00054 * d**0.5
+        return (((pred - target) ** 2).flatten(1).sum(1) + c**2).sqrt() - c

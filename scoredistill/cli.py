@@ -1,0 +1,174 @@
+"""The ``scoredistill`` command line.
+
+    scoredistill run METHOD [--preset P] [--ablate NAME]... [--set key=value]... [--out DIR]
+    scoredistill sample RUN_DIR --num N --out FILE.npy [--seed S]
+    scoredistill compare SPEC [SPEC ...] [--preset P] [--seeds K] [--ablate NAME]... [--out DIR]
+    scoredistill list
+
+A user mistake prints one line (what is wrong, what is allowed) and exits with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from scoredistill.errors import UserError
+
+DEFAULT_PRESET = "toy2d"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(2)
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default=DEFAULT_PRESET, help=f"problem setting (default: {DEFAULT_PRESET}); see 'scoredistill list'")
+    p.add_argument("--ablate", action="append", default=[], metavar="NAME", help="ablation of the method (repeatable)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. train.steps=500 or teacher.weights=[0.5,0.5] (repeatable)")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="scoredistill", description="Distil diffusion models into one-step generators by score distillation.")
+    parser.add_argument("-p", dest="plugins", action="append", default=[], metavar="MODULE",
+                        help="load a plugin module by name; '-p no:NAME' blocks plugin NAME (repeatable)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="train a one-step generator with a method")
+    p.add_argument("method", help="method name; see 'scoredistill list'")
+    _add_run_options(p)
+    p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/METHOD-PRESET-TIME)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("sample", help="draw samples from a trained run's generator")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--num", type=int, required=True, help="number of samples")
+    p.add_argument("--out", type=Path, required=True, help="output .npy file (float32)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("compare", help="run several methods (or ablations) on one preset and tabulate them")
+    p.add_argument("specs", nargs="+", metavar="SPEC", help="METHOD or METHOD:ABLATION[,ABLATION...], e.g. dmd:fake_score,regression")
+    _add_run_options(p)
+    p.add_argument("--seeds", type=int, default=1, help="seeds per spec (0..K-1)")
+    p.add_argument("--out", type=Path, default=None, help="comparison folder (default: runs/compare-PRESET-TIME)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sub.add_parser("list", help="list methods, components by role, presets and plugins")
+    return parser
+
+
+def _hooks(plugins: Sequence[str]):
+    from scoredistill.plugins import Hooks, make_plugin_manager
+
+    blocked = [p[3:] for p in plugins if p.startswith("no:")]
+    modules = [p for p in plugins if not p.startswith("no:")]
+    return Hooks(make_plugin_manager(plugins=modules, blocked=blocked))
+
+
+def _timestamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def cmd_run(args, hooks) -> int:
+    from scoredistill.config import resolve
+    from scoredistill.trainer import execute
+
+    overrides = list(args.overrides) + (["runtime.progress=false"] if args.quiet else [])
+    config = resolve(hooks.registry, args.method, args.preset, args.ablate, overrides)
+    tag = "".join(f"-no-{a}" for a in args.ablate)
+    out = args.out or Path("runs") / f"{args.method}{tag}-{args.preset}-{_timestamp()}"
+    result = execute(config, hooks, out)
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[green]done[/green]: {out}  " + _headline(result.metrics))
+    return 0
+
+
+def _headline(metrics: dict) -> str:
+    keys = ("mode_coverage", "max_mass_error", "within_3std", "energy_distance", "train_seconds")
+    return "  ".join(f"{k}={metrics[k]}" for k in keys if k in metrics)
+
+
+def cmd_sample(args, hooks) -> int:
+    import numpy as np
+
+    from scoredistill.io import atomic_write
+    from scoredistill.trainer import generate, load_run
+
+    if args.num < 1:
+        raise UserError(f"--num must be a positive integer (got {args.num})")
+    if args.out.suffix != ".npy":
+        raise UserError(f"--out must be a .npy file (got '{args.out}')")
+    run = load_run(args.run_dir, hooks)
+    samples = generate(run, args.num, args.seed).numpy().astype("float32")
+    atomic_write(args.out, lambda p: np.save(open(p, "wb"), samples))
+    print(f"wrote {args.out}: {samples.shape[0]} samples of shape {tuple(samples.shape[1:])}")
+    return 0
+
+
+def cmd_compare(args, hooks) -> int:
+    from scoredistill.compare import compare, parse_spec
+
+    if args.seeds < 1:
+        raise UserError(f"--seeds must be >= 1 (got {args.seeds})")
+    specs = [parse_spec(s, extra_ablations=args.ablate) for s in args.specs]
+    overrides = list(args.overrides) + (["runtime.progress=false"] if args.quiet else [])
+    out = args.out or Path("runs") / f"compare-{args.preset}-{_timestamp()}"
+    table = compare(hooks, specs, args.preset, args.seeds, overrides, out)
+    print(table)
+    return 0
+
+
+def cmd_list(args, hooks) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    reg = hooks.registry
+    console = Console()
+    t = Table(title="methods", title_justify="left")
+    for col in ("method", "summary", "ablations (--ablate)"):
+        t.add_column(col)
+    for m in sorted(reg.methods.values(), key=lambda m: m.name):
+        t.add_row(m.name, m.summary, "\n".join(f"{n}: {a.summary}" for n, a in m.ablations.items()) or "-")
+    console.print(t)
+    t = Table(title="components by role", title_justify="left")
+    for col in ("role", "component", "summary", "paper"):
+        t.add_column(col)
+    for role, table in reg.components.items():
+        for name, info in sorted(table.items()):
+            t.add_row(role, name, info.summary, info.paper or "")
+    console.print(t)
+    t = Table(title="presets (--preset)", title_justify="left")
+    t.add_column("preset")
+    t.add_column("summary")
+    for p in sorted(reg.presets.values(), key=lambda p: p.name):
+        t.add_row(p.name, p.summary)
+    console.print(t)
+    console.print("plugins: " + ", ".join(hooks.plugin_names()))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "sample": cmd_sample, "compare": cmd_compare, "list": cmd_list}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        hooks = _hooks(args.plugins)
+        return COMMANDS[args.command](args, hooks)
+    except UserError as exc:
+        sys.stderr.write(f"scoredistill: error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("scoredistill: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

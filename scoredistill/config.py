@@ -1,0 +1,258 @@
+"""From method + preset + ablations + ``--set`` overrides to one validated run config.
+
+Layers, later wins (merged with OmegaConf)::
+
+    defaults  <-  method.config  <-  preset.config  <-  ablations  <-  --set key=value
+
+A preset may retune the method's loss terms but never adds one the method lacks.
+An ablation drops config keys or replaces sections whole. The merged dict is then
+validated by pydantic: the fixed sections by :class:`RunConfig`, each component
+section (``{component: NAME, ...settings}``) by that component's own ``Config``.
+Every failure is a :class:`~scoredistill.errors.UserError` with one line.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from scoredistill.errors import UserError, one_of
+from scoredistill.registry import Registry
+
+#: run-config sections that name a component, and the role of that component
+COMPONENT_SECTIONS: dict[str, str] = {
+    "teacher": "teacher",
+    "generator": "generator",
+    "fake_score": "fake_score",
+    "fake_score_loss": "fake_score_loss",
+    "pairs": "pair_source",
+}
+LOSS_SECTION, LOSS_ROLE = "losses", "generator_loss"
+
+
+class ComponentSpec(BaseModel):
+    """A validated component choice: its name, weight (loss terms) and typed settings."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+    component: str
+    role: str
+    config: BaseModel
+    weight: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"component": self.component}
+        if self.role == LOSS_ROLE:
+            out["weight"] = self.weight
+        out.update(self.config.model_dump(mode="json"))
+        return out
+
+
+class TrainConfig(BaseModel):
+    """Optimisation settings shared by every method."""
+
+    model_config = ConfigDict(extra="forbid")
+    steps: int = Field(1000, ge=0, description="generator updates")
+    batch_size: int = Field(256, ge=1)
+    generator_lr: float = Field(1e-3, gt=0)
+    fake_score_lr: float = Field(1e-3, gt=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    fake_score_warmup_steps: int = Field(0, ge=0, description="fake-score updates before the first generator update")
+    fake_updates_per_step: int = Field(1, ge=1, description="fake-score updates per generator update (TTUR)")
+    grad_clip: Optional[float] = Field(None, gt=0)
+    pair_batch_size: Optional[int] = Field(None, ge=1, description="regression batch; default: batch_size")
+    log_every: int = Field(10, ge=1)
+
+
+class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    num_samples: int = Field(5000, ge=1)
+    seed: int = 12345
+
+
+class RuntimeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    device: str = "cpu"
+    num_threads: Optional[int] = Field(None, ge=1, description="torch threads; tiny MLPs are fastest with 1")
+    progress: bool = True
+
+
+class RunConfig(BaseModel):
+    """The whole resolved configuration of a run, as written to ``config.yaml``."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    method: str
+    preset: str
+    ablations: list[str] = Field(default_factory=list)
+    seed: int = 0
+    teacher: ComponentSpec
+    generator: ComponentSpec
+    fake_score: ComponentSpec
+    losses: dict[str, ComponentSpec]
+    fake_score_loss: Optional[ComponentSpec] = None
+    pairs: Optional[ComponentSpec] = None
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @field_validator("losses")
+    @classmethod
+    def _some_loss(cls, v: dict) -> dict:
+        if not v:
+            raise ValueError("no generator loss term is left: nothing would train the generator")
+        return v
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"method": self.method, "preset": self.preset, "ablations": list(self.ablations), "seed": self.seed}
+        for key in COMPONENT_SECTIONS:
+            spec = getattr(self, key)
+            out[key] = spec.to_dict() if spec is not None else None
+        out[LOSS_SECTION] = {name: spec.to_dict() for name, spec in self.losses.items()}
+        for key in ("train", "eval", "runtime"):
+            out[key] = getattr(self, key).model_dump(mode="json")
+        return out
+
+    def to_yaml(self) -> str:
+        return OmegaConf.to_yaml(OmegaConf.create(self.to_dict()))
+
+
+# --------------------------------------------------------------------------- merging
+
+
+def _merge(base: dict, over: dict) -> dict:
+    try:
+        return OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(base), OmegaConf.create(over)), resolve=True)
+    except OmegaConfBaseException as exc:
+        raise UserError(f"cannot merge config: {str(exc).splitlines()[0]}") from None
+
+
+def _preset_over_method(method_cfg: dict, preset_cfg: dict) -> dict:
+    """The preset's config, restricted to loss terms the method already has."""
+    preset_cfg = copy.deepcopy(preset_cfg)
+    terms = preset_cfg.get(LOSS_SECTION) or {}
+    preset_cfg[LOSS_SECTION] = {k: v for k, v in terms.items() if k in (method_cfg.get(LOSS_SECTION) or {})}
+    if "fake_score_loss" in preset_cfg and method_cfg.get("fake_score_loss") is None:
+        preset_cfg.pop("fake_score_loss")
+    return preset_cfg
+
+
+def _drop(cfg: dict, dotted: str) -> None:
+    *parents, leaf = dotted.split(".")
+    node = cfg
+    for p in parents:
+        node = node.get(p) or {}
+    if isinstance(node, dict):
+        node.pop(leaf, None)
+
+
+def _replace(cfg: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = cfg
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[leaf] = copy.deepcopy(value)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["a.b=1", "c=[1,2]"]`` -> nested dict, with YAML-typed values (OmegaConf dotlist)."""
+    for item in overrides:
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise UserError(f"--set expects key=value (for example train.steps=500), got '{item}'")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=True)
+    except OmegaConfBaseException as exc:
+        raise UserError(f"cannot parse --set {overrides}: {str(exc).splitlines()[0]}") from None
+
+
+def merged_config(registry: Registry, method: str, preset: str, ablations: list[str] = (), overrides: list[str] = ()) -> dict:
+    """The raw merged config dict (before validation)."""
+    m = registry.method(method)
+    p = registry.preset(preset)
+    cfg = _merge({"method": method, "preset": preset, "ablations": list(ablations)}, m.config)
+    cfg = _merge(cfg, _preset_over_method(m.config, p.config))
+    for name in ablations:
+        if name not in m.ablations:
+            raise one_of(f"ablation of method '{method}'", name, m.ablations)
+        ab = m.ablations[name]
+        for key in ab.drop:
+            _drop(cfg, key)
+        for key, value in ab.replace.items():
+            _replace(cfg, key, value)
+    if not cfg.get(LOSS_SECTION):
+        raise UserError(
+            f"ablating {', '.join(ablations)} leaves method '{method}' with no generator loss: "
+            f"nothing would train the generator; ablate fewer of: {', '.join(sorted(m.ablations))}"
+        )
+    return _merge(cfg, parse_overrides(list(overrides)))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _format_error(err: ValidationError, prefix: str, model: type[BaseModel]) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in (prefix, *e["loc"]) if str(p))
+    if e["type"] == "extra_forbidden":
+        node: Any = model
+        for part in e["loc"][:-1]:
+            field = getattr(node, "model_fields", {}).get(part)
+            node = getattr(field, "annotation", None)
+        fields = sorted(getattr(node, "model_fields", {}) or [])
+        return f"unknown config key '{loc}'; allowed here: {', '.join(fields) or '(none)'}"
+    given = e.get("input")
+    shown = f" (got {given!r})" if not isinstance(given, dict) and e["type"] != "missing" else ""
+    return f"invalid config value '{loc}': {e['msg']}{shown}"
+
+
+def validate_component(registry: Registry, section: str, role: str, raw: Any) -> ComponentSpec:
+    if not isinstance(raw, dict) or "component" not in raw:
+        allowed = ", ".join(sorted(registry.components[role]))
+        raise UserError(f"config section '{section}' needs 'component: NAME' ({role} components: {allowed})")
+    raw = dict(raw)
+    name = raw.pop("component")
+    weight = raw.pop("weight", 1.0) if role == LOSS_ROLE else 1.0
+    info = registry.component(role, name)
+    try:
+        config = info.config_model.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(_format_error(err, section, info.config_model)) from None
+    try:
+        weight = float(weight)
+    except (TypeError, ValueError):
+        raise UserError(f"invalid config value '{section}.weight': expected a number (got {weight!r})") from None
+    return ComponentSpec(component=name, role=role, config=config, weight=weight)
+
+
+def validate(registry: Registry, raw: dict) -> RunConfig:
+    """Validate a merged config dict into a :class:`RunConfig` (one-line errors)."""
+    data = dict(raw)
+    for section, role in COMPONENT_SECTIONS.items():
+        if data.get(section) is not None:
+            data[section] = validate_component(registry, section, role, data[section])
+    losses = data.get(LOSS_SECTION) or {}
+    if not isinstance(losses, dict):
+        raise UserError(f"config section '{LOSS_SECTION}' must map term names to components")
+    data[LOSS_SECTION] = {k: validate_component(registry, f"{LOSS_SECTION}.{k}", LOSS_ROLE, v) for k, v in losses.items()}
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise UserError(_format_error(err, "", RunConfig)) from None
+
+
+def resolve(registry: Registry, method: str, preset: str, ablations: list[str] = (), overrides: list[str] = ()) -> RunConfig:
+    return validate(registry, merged_config(registry, method, preset, list(ablations), list(overrides)))
+
+
+def load_run_config(registry: Registry, path: Path) -> RunConfig:
+    """Re-validate a run folder's ``config.yaml``."""
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except (OSError, OmegaConfBaseException) as exc:
+        raise UserError(f"cannot read run config {path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"run config {path} is not a mapping")
+    return validate(registry, raw)

@@ -1,0 +1,99 @@
+"""Small networks for low-dimensional data: the toy generator and fake score.
+
+The fake-score MLP is EDM-preconditioned (Karras et al. 2022, Table 1, eq. 7):
+``D(x, s) = c_skip(s) x + c_out(s) F(c_in(s) x, c_noise(s))``, so that at any
+noise level the network's target has unit variance.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from scoredistill.errors import UserError
+from scoredistill.registry import component
+from scoredistill.roles import BuildContext, FakeScore, Generator, append_dims, edm_preconditioning
+
+
+def mlp(d_in: int, d_out: int, width: int, depth: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    d = d_in
+    for _ in range(depth):
+        layers += [nn.Linear(d, width), nn.SiLU()]
+        d = width
+    layers.append(nn.Linear(d, d_out))
+    return nn.Sequential(*layers)
+
+
+class FourierEmbedding(nn.Module):
+    """Fixed random Fourier features of the scalar ``c_noise`` (Tancik et al. 2020)."""
+
+    def __init__(self, dim: int, scale: float = 4.0, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("freqs", torch.randn(dim // 2, generator=g) * scale)
+
+    def forward(self, t: Tensor) -> Tensor:
+        arg = 2 * math.pi * t[:, None] * self.freqs[None]
+        return torch.cat([arg.cos(), arg.sin()], dim=1)
+
+
+class MLPDenoiserNet(nn.Module):
+    """EDM-preconditioned MLP denoiser ``D(x, s)`` for flat data of dimension ``dim``."""
+
+    def __init__(self, dim: int, sigma_data: float, width: int, depth: int, embed_dim: int = 32) -> None:
+        super().__init__()
+        self.sigma_data = sigma_data
+        self.embed = FourierEmbedding(embed_dim)
+        self.net = mlp(dim + embed_dim, dim, width, depth)
+
+    def forward(self, x: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        sigma = sigma.to(x.dtype).expand(x.shape[0])
+        c_skip, c_out, c_in, c_noise = edm_preconditioning(sigma, self.sigma_data)
+        f = self.net(torch.cat([append_dims(c_in, x.ndim) * x, self.embed(c_noise)], dim=1))
+        return append_dims(c_skip, x.ndim) * x + append_dims(c_out, x.ndim) * f
+
+
+@component("mlp_denoiser", role="fake_score", paper="Yin et al. 2024 (DMD), Sec. 3.2: the fake score, trained online")
+class MLPFakeScore(FakeScore):
+    """An EDM-preconditioned MLP denoiser of the generator's distribution, for flat (e.g. 2-D) data."""
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        width: int = Field(128, ge=1)
+        depth: int = Field(3, ge=1)
+
+    def __init__(self, config: "MLPFakeScore.Config", ctx: BuildContext) -> None:
+        super().__init__()
+        teacher = ctx.teacher
+        if len(teacher.data_shape) != 1:
+            raise UserError(f"fake_score 'mlp_denoiser' needs flat data; the teacher's data shape is {teacher.data_shape}")
+        self.denoiser = MLPDenoiserNet(teacher.data_shape[0], teacher.sigma_data, config.width, config.depth)
+
+    def forward(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None, *, x_clean: Optional[Tensor] = None) -> Tensor:
+        return self.denoiser(x_noisy, sigma, cond)
+
+
+@component("mlp_generator", role="generator", paper="a one-step generator G(z) -> x (Yin et al. 2024, Sec. 3)")
+class MLPGenerator(Generator):
+    """An MLP generator ``x = G(z)`` for flat data, with ``z ~ N(0, I)`` of the data's dimension."""
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        width: int = Field(128, ge=1)
+        depth: int = Field(3, ge=1)
+
+    def __init__(self, config: "MLPGenerator.Config", ctx: BuildContext) -> None:
+        super().__init__()
+        teacher = ctx.teacher
+        if len(teacher.data_shape) != 1:
+            raise UserError(f"generator 'mlp_generator' needs flat data; the teacher's data shape is {teacher.data_shape}")
+        self.latent_shape = teacher.data_shape
+        self.net = mlp(teacher.data_shape[0], teacher.data_shape[0], config.width, config.depth)
+
+    def forward(self, z: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        return self.net(z)

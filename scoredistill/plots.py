@@ -1,0 +1,76 @@
+"""Pictures a person would rather see than numbers: scatter over density, loss curves, panels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from scoredistill.gaussian_mixture import GaussianMixtureTeacher  # noqa: E402
+from scoredistill.io import save_figure  # noqa: E402
+
+
+def _extent(teacher: GaussianMixtureTeacher, pad: float = 3.5) -> tuple[float, float, float, float]:
+    m, s = teacher.means.cpu(), teacher.stds.max().item()
+    lo, hi = m.min(0).values - pad * s - 0.5, m.max(0).values + pad * s + 0.5
+    return float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1])
+
+
+def draw_scatter(ax, teacher: GaussianMixtureTeacher, samples: torch.Tensor, title: str = "", max_points: int = 3000) -> None:
+    """Generator samples (dots) over the target's log-density (shading) on one axis."""
+    x0, x1, y0, y1 = _extent(teacher)
+    gx, gy = torch.meshgrid(torch.linspace(x0, x1, 200), torch.linspace(y0, y1, 200), indexing="xy")
+    logp = teacher.log_prob(torch.stack([gx.flatten(), gy.flatten()], 1)).reshape(200, 200)
+    ax.imshow(logp.clamp(min=logp.max() - 12).numpy(), extent=(x0, x1, y0, y1), origin="lower", cmap="Blues", alpha=0.9)
+    s = samples[:max_points].cpu()
+    ax.scatter(s[:, 0], s[:, 1], s=2, c="tab:red", alpha=0.5, linewidths=0)
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=9)
+
+
+def scatter_over_density(teacher: GaussianMixtureTeacher, samples: torch.Tensor, path: Path, title: str = "") -> None:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    draw_scatter(ax, teacher, samples, title)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def loss_curves(history: Sequence[dict], path: Path, title: str = "") -> None:
+    """One panel per logged loss, against the generator step."""
+    keys = [k for k in (history[0] if history else {}) if k not in ("step", "time")]
+    fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(3.2 * max(len(keys), 1), 2.8), squeeze=False)
+    steps = [h["step"] for h in history]
+    for ax, key in zip(axes[0], keys):
+        ax.plot(steps, [h[key] for h in history], lw=1)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step")
+        if all(h[key] > 0 for h in history):
+            ax.set_yscale("log")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def scatter_panels(teacher: GaussianMixtureTeacher, panels: Sequence[tuple[str, torch.Tensor]], path: Path, title: Optional[str] = None) -> None:
+    """Side-by-side scatter plots, one per (label, samples)."""
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(3.0 * n, 3.2), squeeze=False)
+    for ax, (label, samples) in zip(axes[0], panels):
+        draw_scatter(ax, teacher, samples, label)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)

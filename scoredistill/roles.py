@@ -1,0 +1,194 @@
+"""The roles a score-distillation method is built from, and what each must provide.
+
+Notation follows DESIGN.md and the DMD paper (Yin et al., CVPR 2024): sigma-form
+noising ``x_s = x + s * eps``; a denoiser ``D(x_s, s, cond) ~ E[x | x_s]``; its
+score is ``(D(x_s, s) - x_s) / s**2``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from scoredistill.plugins import Hooks
+
+
+def score_from_denoiser(denoised: Tensor, x_noisy: Tensor, sigma: Tensor) -> Tensor:
+    """``grad log p_s(x_s) = (D(x_s, s) - x_s) / s**2`` (Tweedie's formula)."""
+    return (denoised - x_noisy) / append_dims(sigma, x_noisy.ndim) ** 2
+
+
+def append_dims(t: Tensor, ndim: int) -> Tensor:
+    """Reshape a per-sample tensor ``(N,)`` to broadcast against ``(N, ...)`` of ``ndim`` dims."""
+    return t.reshape(t.shape + (1,) * (ndim - t.ndim))
+
+
+class Teacher(nn.Module):
+    """The frozen real denoiser ``D_real`` with its noise schedule.
+
+    Subclasses implement :meth:`forward` (the denoiser) and :meth:`fingerprint`.
+    ``sigmas`` is the teacher's own discrete schedule in ascending order: timestep
+    ``t`` has noise level ``sigmas[t]`` (``T = len(sigmas)``).
+    """
+
+    data_shape: tuple[int, ...]
+    sigma_data: float
+
+    def forward(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:  # pragma: no cover
+        """A stable hash of everything that determines the denoiser (used as a cache key)."""
+        raise NotImplementedError
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    @property
+    def num_timesteps(self) -> int:
+        return len(self.sigmas)
+
+    def training_sigmas(self, n: int) -> Tensor:
+        """Noise levels as the teacher was trained on them: uniform over its discrete timesteps."""
+        t = torch.randint(0, self.num_timesteps, (n,), device=self.sigmas.device)
+        return self.sigmas[t]
+
+    def loss_weight(self, sigma: Tensor) -> Tensor:
+        """The teacher's own denoising-loss weighting ``lambda(s)``.
+
+        Default: EDM (Karras et al. 2022, eq. 8 / Table 1),
+        ``lambda(s) = (s**2 + sd**2) / (s * sd)**2 = 1/s**2 + 1/sd**2``.
+        """
+        sd = self.sigma_data
+        return (sigma**2 + sd**2) / (sigma * sd) ** 2
+
+    def sample_latents(self, n: int) -> Tensor:
+        return torch.randn((n, *self.data_shape), device=self.sigmas.device)
+
+
+class Generator(nn.Module):
+    """The one-step generator ``G(z, cond) -> x``; ``latent_shape`` is the shape of one ``z``."""
+
+    latent_shape: tuple[int, ...]
+
+    def forward(self, z: Tensor, cond: Optional[Tensor] = None) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class FakeScore(nn.Module):
+    """The fake denoiser ``D_fake`` of the generator's distribution (DMD Sec. 3.2).
+
+    Called as ``fake(x_s, sigma, cond, x_clean=x)``. A trained denoiser must ignore
+    ``x_clean`` (otherwise it is not a score of ``p_fake``); it is passed so that
+    the ``sample_itself`` ablation can return it.
+    """
+
+    def forward(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None, *, x_clean: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+@dataclass
+class Models:
+    """The networks a loss may call. ``teacher`` is frozen; the others are trained."""
+
+    teacher: Teacher
+    generator: Generator
+    fake_score: FakeScore
+
+
+@dataclass
+class GeneratorBatch:
+    """One generator step's inputs: ``x = G(z)`` (with grad) and, if needed, ODE pairs."""
+
+    z: Tensor
+    x: Tensor
+    cond: Optional[Tensor] = None
+    z_ref: Optional[Tensor] = None
+    y_ref: Optional[Tensor] = None
+
+
+class GeneratorLoss(nn.Module):
+    """A term of the generator objective: ``term(batch, models) -> scalar``.
+
+    Set ``needs_pairs = True`` to receive ``batch.z_ref`` / ``batch.y_ref``.
+    """
+
+    needs_pairs: ClassVar[bool] = False
+
+    def forward(self, batch: GeneratorBatch, models: Models) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class FakeScoreLoss(nn.Module):
+    """Trains the fake score on detached generator samples: ``loss(x, cond, models) -> scalar``."""
+
+    def forward(self, x: Tensor, cond: Optional[Tensor], models: Models) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class PairSource:
+    """Noise-to-data pairs ``(z_ref, y_ref)`` with ``y_ref`` the teacher's ODE solution from ``z_ref``."""
+
+    z: Tensor
+    y: Tensor
+
+    def sample(self, n: int) -> tuple[Tensor, Tensor]:
+        idx = torch.randint(0, len(self.z), (n,))
+        return self.z[idx], self.y[idx]
+
+
+@dataclass
+class BuildContext:
+    """What a component's constructor may use besides its own config."""
+
+    hooks: "Hooks"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    cache_dir: Path = field(default_factory=lambda: default_cache_dir())
+    teacher: Optional[Teacher] = None
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def default_cache_dir() -> Path:
+    """``$SCOREDISTILL_CACHE`` or ``~/.cache/scoredistill``."""
+    import os
+
+    root = os.environ.get("SCOREDISTILL_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "scoredistill"
+
+
+def stable_hash(*parts: Any) -> str:
+    """A short hex digest of ``repr`` of the parts (floats rounded to 12 significant digits)."""
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, Tensor):
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        elif isinstance(p, float):
+            h.update(f"{p:.12g}".encode())
+        else:
+            h.update(repr(p).encode())
+    return h.hexdigest()[:16]
+
+
+def edm_preconditioning(sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """EDM (Karras et al. 2022, Table 1): ``c_skip, c_out, c_in, c_noise`` for noise level ``sigma``."""
+    sd2 = sigma_data**2
+    c_skip = sd2 / (sigma**2 + sd2)
+    c_out = sigma * sigma_data / (sigma**2 + sd2).sqrt()
+    c_in = 1.0 / (sigma**2 + sd2).sqrt()
+    c_noise = sigma.log() / 4.0
+    return c_skip, c_out, c_in, c_noise
+
+
