@@ -131,22 +131,28 @@ def cmd_list(args, hooks) -> int:
 
     reg = hooks.registry
     console = Console()
-    t = Table(title="methods", title_justify="left")
-    for col in ("method", "summary", "ablations (--ablate)"):
-        t.add_column(col)
+
+    def table(title: str, *columns: str) -> Table:
+        t = Table(title=title, title_justify="left")
+        for i, col in enumerate(columns):
+            t.add_column(col, no_wrap=i < len(columns) - 1)
+        return t
+
+    t = table("methods", "method", "summary")
     for m in sorted(reg.methods.values(), key=lambda m: m.name):
-        t.add_row(m.name, m.summary, "\n".join(f"{n}: {a.summary}" for n, a in m.ablations.items()) or "-")
+        t.add_row(m.name, m.summary)
     console.print(t)
-    t = Table(title="components by role", title_justify="left")
-    for col in ("role", "component", "summary", "paper"):
-        t.add_column(col)
-    for role, table in reg.components.items():
-        for name, info in sorted(table.items()):
-            t.add_row(role, name, info.summary, info.paper or "")
+    t = table("ablations (--ablate NAME)", "method", "ablation", "what changes")
+    for m in sorted(reg.methods.values(), key=lambda m: m.name):
+        for name, ab in m.ablations.items():
+            t.add_row(m.name, name, ab.summary)
     console.print(t)
-    t = Table(title="presets (--preset)", title_justify="left")
-    t.add_column("preset")
-    t.add_column("summary")
+    t = table("components by role", "role", "component", "summary")
+    for role, entries in reg.components.items():
+        for name, info in sorted(entries.items()):
+            t.add_row(role, name, info.summary)
+    console.print(t)
+    t = table("presets (--preset)", "preset", "summary")
     for p in sorted(reg.presets.values(), key=lambda p: p.name):
         t.add_row(p.name, p.summary)
     console.print(t)

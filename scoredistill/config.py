@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -64,6 +64,8 @@ class TrainConfig(BaseModel):
     fake_score_warmup_steps: int = Field(0, ge=0, description="fake-score updates before the first generator update")
     fake_updates_per_step: int = Field(1, ge=1, description="fake-score updates per generator update (TTUR)")
     grad_clip: Optional[float] = Field(None, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="generator and fake-score learning rates over the generator steps")
+    ema_decay: Optional[float] = Field(None, ge=0, lt=1, description="EMA of the generator's weights, used for sampling and evaluation")
     pair_batch_size: Optional[int] = Field(None, ge=1, description="regression batch; default: batch_size")
     log_every: int = Field(10, ge=1)
 
@@ -176,7 +178,7 @@ def merged_config(registry: Registry, method: str, preset: str, ablations: list[
     cfg = _merge(cfg, _preset_over_method(m.config, p.config))
     for name in ablations:
         if name not in m.ablations:
-            raise one_of(f"ablation of method '{method}'", name, m.ablations)
+            raise one_of("ablation", name, m.ablations, where=f" for method '{method}'")
         ab = m.ablations[name]
         for key in ab.drop:
             _drop(cfg, key)

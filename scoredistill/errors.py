@@ -11,8 +11,8 @@ class UserError(Exception):
     exit_code = 2
 
 
-def one_of(kind: str, value: object, allowed) -> UserError:
-    """``unknown {kind} 'x'; allowed: a, b, c`` as a :class:`UserError`."""
+def one_of(kind: str, value: object, allowed, where: str = "") -> UserError:
+    """``unknown {kind} 'x'{where}; allowed: a, b, c`` as a :class:`UserError`."""
     allowed = sorted(allowed)
     shown = ", ".join(map(str, allowed)) if allowed else "(none registered)"
-    return UserError(f"unknown {kind} '{value}'; allowed: {shown}")
+    return UserError(f"unknown {kind} '{value}'{where}; allowed: {shown}")

@@ -42,6 +42,12 @@ class Run:
     pairs: Optional[PairSource]
     history: list[dict[str, float]] = field(default_factory=list)
     step: int = 0
+    ema: Optional[torch.optim.swa_utils.AveragedModel] = None
+
+    @property
+    def sampling_generator(self) -> torch.nn.Module:
+        """The generator used for samples and evaluation: its EMA when ``train.ema_decay`` is set."""
+        return self.ema.module if self.ema is not None else self.models.generator
 
     @property
     def device(self) -> torch.device:
@@ -122,14 +128,26 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
+def _lr_schedule(opt: torch.optim.Optimizer, kind: str, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
+    return torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+
+
 def train(run: Run) -> None:
     """Run ``train.steps`` generator steps (after the fake-score warm-up), recording losses."""
     cfg = run.config.train
     models = run.models
     opt_g = torch.optim.Adam(models.generator.parameters(), lr=cfg.generator_lr, betas=cfg.adam_betas)
+    optimizers = [opt_g]
     opt_f = None
     if run.trains_fake_score():
         opt_f = torch.optim.Adam(models.fake_score.parameters(), lr=cfg.fake_score_lr, betas=cfg.adam_betas)
+        optimizers.append(opt_f)
+    schedules = [_lr_schedule(opt, cfg.lr_schedule, cfg.steps) for opt in optimizers]
+    if cfg.ema_decay is not None:
+        run.ema = torch.optim.swa_utils.AveragedModel(
+            models.generator, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay))
     run.hooks.train_start(run=run)
     start = time.perf_counter()
     with _progress(run.config.runtime.progress) as bar:
@@ -144,6 +162,10 @@ def train(run: Run) -> None:
             if opt_f is not None:
                 for k in range(cfg.fake_updates_per_step):
                     logs["fake_score"] = fake_score_step(run, opt_f, x if k == 0 else None)
+            for schedule in schedules:
+                schedule.step()
+            if run.ema is not None:
+                run.ema.update_parameters(models.generator)
             run.step = step + 1
             if run.step % cfg.log_every == 0 or run.step == cfg.steps:
                 record = {"step": run.step, "time": time.perf_counter() - start, **{k: float(v) for k, v in logs.items()}}
@@ -157,7 +179,7 @@ def train(run: Run) -> None:
 @torch.no_grad()
 def generate(run: Run, n: int, seed: int, batch_size: int = 4096) -> torch.Tensor:
     """``n`` one-step samples ``G(z)`` from a fixed seed (independent of the training RNG)."""
-    g = run.models.generator.eval()
+    g = run.sampling_generator.eval()
     gen = torch.Generator().manual_seed(seed)
     out = []
     for start in range(0, n, batch_size):
@@ -171,6 +193,7 @@ def generate(run: Run, n: int, seed: int, batch_size: int = 4096) -> torch.Tenso
 
 CONFIG_FILE, METRICS_FILE, HISTORY_FILE, VERSIONS_FILE = "config.yaml", "metrics.json", "history.json", "versions.json"
 GENERATOR_FILE, FAKE_SCORE_FILE = "generator.safetensors", "fake_score.safetensors"
+ONLINE_GENERATOR_FILE = "generator_online.safetensors"
 
 
 def prepare_run_dir(path: Path) -> Path:
@@ -197,7 +220,9 @@ def execute(config: RunConfig, hooks: Hooks, run_dir: Path) -> RunResult:
     run = build(config, hooks, run_dir)
     train(run)
     train_seconds = time.perf_counter() - t0
-    save_tensors(run_dir / GENERATOR_FILE, run.models.generator.state_dict())
+    save_tensors(run_dir / GENERATOR_FILE, run.sampling_generator.state_dict())
+    if run.ema is not None:
+        save_tensors(run_dir / ONLINE_GENERATOR_FILE, run.models.generator.state_dict())
     if run.trains_fake_score():
         save_tensors(run_dir / FAKE_SCORE_FILE, run.models.fake_score.state_dict())
     write_json(run_dir / HISTORY_FILE, run.history)
