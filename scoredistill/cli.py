@@ -47,10 +47,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("sample", help="draw samples from a trained run's generator")
-    p.add_argument("run_dir", type=Path)
+    p.add_argument("run_dir", type=Path, help="a finished run folder (from 'scoredistill run')")
     p.add_argument("--num", type=int, required=True, help="number of samples")
     p.add_argument("--out", type=Path, required=True, help="output .npy file (float32)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise z (default: 0)")
 
     p = sub.add_parser("compare", help="run several methods (or ablations) on one preset and tabulate them")
     p.add_argument("specs", nargs="+", metavar="SPEC", help="METHOD or METHOD:ABLATION[,ABLATION...], e.g. dmd:fake_score,regression")

@@ -2,9 +2,13 @@
 
 Layers, later wins (merged with OmegaConf)::
 
-    defaults  <-  method.config  <-  preset.config  <-  ablations  <-  --set key=value
+    defaults <- preset (problem) <- method <- preset (loss retuning) <- ablations <- --set key=value
 
-A preset may retune the method's loss terms but never adds one the method lacks.
+The preset describes the problem (teacher, networks, budget); the method's role
+choices and training settings win over it (``dmd2``'s five fake-score updates, a
+method's ``fake_score: sample_itself``). The preset then retunes the method's own
+loss terms (for 2-D points, ``regression`` uses L2 instead of LPIPS) but never
+adds a term. A section that names a different component replaces the old one.
 An ablation drops config keys or replaces sections whole. The merged dict is then
 validated by pydantic: the fixed sections by :class:`RunConfig`, each component
 section (``{component: NAME, ...settings}``) by that component's own ``Config``.
@@ -57,30 +61,34 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     steps: int = Field(1000, ge=0, description="generator updates")
-    batch_size: int = Field(256, ge=1)
-    generator_lr: float = Field(1e-3, gt=0)
-    fake_score_lr: float = Field(1e-3, gt=0)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    batch_size: int = Field(256, ge=1, description="generator samples per step (and per fake-score update)")
+    generator_lr: float = Field(1e-3, gt=0, description="Adam learning rate of the generator")
+    fake_score_lr: float = Field(1e-3, gt=0, description="Adam learning rate of the fake score")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="Adam (beta1, beta2) of both optimisers")
     fake_score_warmup_steps: int = Field(0, ge=0, description="fake-score updates before the first generator update")
     fake_updates_per_step: int = Field(1, ge=1, description="fake-score updates per generator update (TTUR)")
-    grad_clip: Optional[float] = Field(None, gt=0)
+    grad_clip: Optional[float] = Field(None, gt=0, description="clip each network's gradient norm to this; null for none")
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="generator and fake-score learning rates over the generator steps")
     ema_decay: Optional[float] = Field(None, ge=0, lt=1, description="EMA of the generator's weights, used for sampling and evaluation")
     pair_batch_size: Optional[int] = Field(None, ge=1, description="regression batch; default: batch_size")
-    log_every: int = Field(10, ge=1)
+    log_every: int = Field(10, ge=1, description="record losses (history.json, progress bar, hooks) every N generator steps")
 
 
 class EvalConfig(BaseModel):
+    """Evaluation at the end of a run: how many one-step samples, from which noise seed."""
+
     model_config = ConfigDict(extra="forbid")
-    num_samples: int = Field(5000, ge=1)
-    seed: int = 12345
+    num_samples: int = Field(5000, ge=1, description="generator (and teacher) samples evaluated")
+    seed: int = Field(12345, description="seed of the evaluation noise, the same for every run and method")
 
 
 class RuntimeConfig(BaseModel):
+    """Where and how a run executes; does not change its numbers on CPU."""
+
     model_config = ConfigDict(extra="forbid")
-    device: str = "cpu"
+    device: str = Field("cpu", description="torch device of every network")
     num_threads: Optional[int] = Field(None, ge=1, description="torch threads; tiny MLPs are fastest with 1")
-    progress: bool = True
+    progress: bool = Field(True, description="show progress bars")
 
 
 class RunConfig(BaseModel):
@@ -126,20 +134,36 @@ class RunConfig(BaseModel):
 
 
 def _merge(base: dict, over: dict) -> dict:
+    """OmegaConf merge, except that a section naming a *different* component replaces the old one.
+
+    ``fake_score: {component: sample_itself}`` over ``{component: mlp_denoiser, width: 128}``
+    must not keep ``width``; a loss term keeps its ``weight`` unless the new one gives one.
+    """
+    base = copy.deepcopy(base)
+    old_sections = _component_sections(base)
+    for path, section in _component_sections(over).items():
+        old = old_sections.get(path)
+        if "component" in section and old is not None and old.get("component") != section["component"]:
+            kept = {"weight": old["weight"]} if path[0] == LOSS_SECTION and "weight" in old else {}
+            _replace(base, ".".join(path), kept)
     try:
         return OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(base), OmegaConf.create(over)), resolve=True)
     except OmegaConfBaseException as exc:
         raise UserError(f"cannot merge config: {str(exc).splitlines()[0]}") from None
 
 
-def _preset_over_method(method_cfg: dict, preset_cfg: dict) -> dict:
-    """The preset's config, restricted to loss terms the method already has."""
-    preset_cfg = copy.deepcopy(preset_cfg)
+def _component_sections(cfg: dict) -> dict[tuple[str, ...], dict]:
+    """Every section of ``cfg`` that holds a component, by path (``("losses", "regression")``)."""
+    out: dict[tuple[str, ...], dict] = {(k,): cfg[k] for k in COMPONENT_SECTIONS if isinstance(cfg.get(k), dict)}
+    terms = cfg.get(LOSS_SECTION) if isinstance(cfg.get(LOSS_SECTION), dict) else {}
+    out.update({(LOSS_SECTION, k): v for k, v in terms.items() if isinstance(v, dict)})
+    return out
+
+
+def _preset_losses(method_cfg: dict, preset_cfg: dict) -> dict:
+    """The preset's retuning of the loss terms the method already has (it never adds a term)."""
     terms = preset_cfg.get(LOSS_SECTION) or {}
-    preset_cfg[LOSS_SECTION] = {k: v for k, v in terms.items() if k in (method_cfg.get(LOSS_SECTION) or {})}
-    if "fake_score_loss" in preset_cfg and method_cfg.get("fake_score_loss") is None:
-        preset_cfg.pop("fake_score_loss")
-    return preset_cfg
+    return {LOSS_SECTION: {k: v for k, v in terms.items() if k in (method_cfg.get(LOSS_SECTION) or {})}}
 
 
 def _drop(cfg: dict, dotted: str) -> None:
@@ -174,8 +198,10 @@ def merged_config(registry: Registry, method: str, preset: str, ablations: list[
     """The raw merged config dict (before validation)."""
     m = registry.method(method)
     p = registry.preset(preset)
-    cfg = _merge({"method": method, "preset": preset, "ablations": list(ablations)}, m.config)
-    cfg = _merge(cfg, _preset_over_method(m.config, p.config))
+    problem = {k: v for k, v in p.config.items() if k not in (LOSS_SECTION, "fake_score_loss")}
+    cfg = _merge({"method": method, "preset": preset, "ablations": list(ablations)}, problem)
+    cfg = _merge(cfg, m.config)
+    cfg = _merge(cfg, _preset_losses(m.config, p.config))
     for name in ablations:
         if name not in m.ablations:
             raise one_of("ablation", name, m.ablations, where=f" for method '{method}'")

@@ -29,8 +29,8 @@ class GaussianMixtureTeacher(Teacher):
         means: list[list[float]] = Field(description="component centres, one point each")
         stds: list[float] = Field(description="one isotropic standard deviation per component")
         weights: list[float] = Field(description="mixture weights, summing to 1")
-        sigma_min: float = Field(0.002, gt=0)
-        sigma_max: float = Field(80.0, gt=0)
+        sigma_min: float = Field(0.002, gt=0, description="smallest noise level of the schedule")
+        sigma_max: float = Field(80.0, gt=0, description="largest noise level; the generator sees z * sigma_max")
         num_timesteps: int = Field(1000, ge=2, description="T, the discrete schedule's length")
         rho: float = Field(7.0, gt=0, description="spacing of the discrete schedule (EDM eq. 5)")
 
@@ -94,6 +94,10 @@ class GaussianMixtureTeacher(Teacher):
         k = torch.multinomial(self.weights.float(), n, replacement=True, generator=generator)
         eps = torch.randn((n, self.dim), generator=generator, dtype=torch.float64)
         return (self.means[k] + self.stds[k, None] * eps).float()
+
+    def real_samples(self, n: int) -> Tensor:
+        """The mixture is its own ground truth: exact samples."""
+        return self.sample(n).to(self.sigmas.device)
 
     # -- the teacher protocol
     def forward(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:

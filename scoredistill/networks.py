@@ -30,31 +30,41 @@ def mlp(d_in: int, d_out: int, width: int, depth: int) -> nn.Sequential:
 
 
 class FourierEmbedding(nn.Module):
-    """Fixed random Fourier features of the scalar ``c_noise`` (Tancik et al. 2020)."""
+    """Fixed random Fourier features ``[cos 2pi Bx, sin 2pi Bx]`` (Tancik et al. 2020) of ``(N,)`` or ``(N, d)`` inputs."""
 
-    def __init__(self, dim: int, scale: float = 4.0, seed: int = 0) -> None:
+    def __init__(self, dim: int, scale: float = 4.0, in_dim: int = 1, seed: int = 0) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.register_buffer("freqs", torch.randn(dim // 2, generator=g) * scale)
+        self.register_buffer("freqs", torch.randn(in_dim, dim // 2, generator=g) * scale)
 
     def forward(self, t: Tensor) -> Tensor:
-        arg = 2 * math.pi * t[:, None] * self.freqs[None]
+        arg = 2 * math.pi * (t.reshape(t.shape[0], -1) @ self.freqs)
         return torch.cat([arg.cos(), arg.sin()], dim=1)
 
 
 class MLPDenoiserNet(nn.Module):
     """EDM-preconditioned MLP denoiser ``D(x, s)`` for flat data of dimension ``dim``."""
 
-    def __init__(self, dim: int, sigma_data: float, width: int, depth: int, embed_dim: int = 32) -> None:
+    def __init__(self, dim: int, sigma_data: float, width: int, depth: int, embed_dim: int = 32,
+                 input_features: int = 0, input_scale: float = 1.0) -> None:
         super().__init__()
         self.sigma_data = sigma_data
         self.embed = FourierEmbedding(embed_dim)
-        self.net = mlp(dim + embed_dim, dim, width, depth)
+        self.input_embed = FourierEmbedding(input_features, input_scale, in_dim=dim, seed=1) if input_features else None
+        self.net = mlp(dim + embed_dim + input_features, dim, width, depth)
+
+    def features(self, x: Tensor, sigma: Tensor) -> Tensor:
+        """The last hidden layer ``(N, width)`` at ``(x, sigma)``."""
+        sigma = sigma.to(x.dtype).expand(x.shape[0])
+        _, _, c_in, c_noise = edm_preconditioning(sigma, self.sigma_data)
+        h = append_dims(c_in, x.ndim) * x
+        parts = [h, self.embed(c_noise)] + ([self.input_embed(h)] if self.input_embed is not None else [])
+        return self.net[:-1](torch.cat(parts, dim=1))
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
         sigma = sigma.to(x.dtype).expand(x.shape[0])
-        c_skip, c_out, c_in, c_noise = edm_preconditioning(sigma, self.sigma_data)
-        f = self.net(torch.cat([append_dims(c_in, x.ndim) * x, self.embed(c_noise)], dim=1))
+        c_skip, c_out, _, _ = edm_preconditioning(sigma, self.sigma_data)
+        f = self.net[-1](self.features(x, sigma))
         return append_dims(c_skip, x.ndim) * x + append_dims(c_out, x.ndim) * f
 
 
@@ -64,18 +74,24 @@ class MLPFakeScore(FakeScore):
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        width: int = Field(128, ge=1)
-        depth: int = Field(3, ge=1)
+        width: int = Field(128, ge=1, description="hidden units per layer")
+        depth: int = Field(3, ge=1, description="hidden layers")
+        input_features: int = Field(0, ge=0, description="random Fourier features of the (preconditioned) input, 0 for none")
+        input_scale: float = Field(1.0, gt=0, description="frequency scale of those features")
 
     def __init__(self, config: "MLPFakeScore.Config", ctx: BuildContext) -> None:
         super().__init__()
         teacher = ctx.teacher
         if len(teacher.data_shape) != 1:
             raise UserError(f"fake_score 'mlp_denoiser' needs flat data; the teacher's data shape is {teacher.data_shape}")
-        self.denoiser = MLPDenoiserNet(teacher.data_shape[0], teacher.sigma_data, config.width, config.depth)
+        self.denoiser = MLPDenoiserNet(teacher.data_shape[0], teacher.sigma_data, config.width, config.depth,
+                                       input_features=config.input_features, input_scale=config.input_scale)
 
     def forward(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None, *, x_clean: Optional[Tensor] = None) -> Tensor:
         return self.denoiser(x_noisy, sigma, cond)
+
+    def features(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        return self.denoiser.features(x_noisy, sigma)
 
 
 @component("mlp_generator", role="generator", paper="a one-step generator G(z) -> x (Yin et al. 2024, Sec. 3)")
@@ -84,8 +100,10 @@ class MLPGenerator(Generator):
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        width: int = Field(128, ge=1)
-        depth: int = Field(3, ge=1)
+        width: int = Field(128, ge=1, description="hidden units per layer")
+        depth: int = Field(3, ge=1, description="hidden layers")
+        input_features: int = Field(0, ge=0, description="random Fourier features of z, 0 for none")
+        input_scale: float = Field(1.0, gt=0, description="frequency scale of those features")
 
     def __init__(self, config: "MLPGenerator.Config", ctx: BuildContext) -> None:
         super().__init__()
@@ -93,7 +111,9 @@ class MLPGenerator(Generator):
         if len(teacher.data_shape) != 1:
             raise UserError(f"generator 'mlp_generator' needs flat data; the teacher's data shape is {teacher.data_shape}")
         self.latent_shape = teacher.data_shape
-        self.net = mlp(teacher.data_shape[0], teacher.data_shape[0], config.width, config.depth)
+        d = teacher.data_shape[0]
+        self.features = FourierEmbedding(config.input_features, config.input_scale, in_dim=d, seed=2) if config.input_features else None
+        self.net = mlp(d + config.input_features, d, config.width, config.depth)
 
     def forward(self, z: Tensor, cond: Optional[Tensor] = None) -> Tensor:
-        return self.net(z)
+        return self.net(torch.cat([z, self.features(z)], dim=1) if self.features is not None else z)

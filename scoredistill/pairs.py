@@ -26,12 +26,12 @@ class ODEPairs(PairSource):
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        num_pairs: int = Field(5000, ge=1)
+        num_pairs: int = Field(5000, ge=1, description="number of (z, ODE(z)) pairs stored")
         steps: int = Field(18, ge=2, description="Heun steps (EDM grid); 2*steps-1 teacher evaluations")
-        rho: float = Field(7.0, gt=0)
+        rho: float = Field(7.0, gt=0, description="EDM grid spacing exponent (eq. 5)")
         seed: int = Field(2024, description="seed of the stored noise z_ref")
-        batch_size: int = Field(1024, ge=1)
-        cache: bool = True
+        batch_size: int = Field(1024, ge=1, description="pairs solved at once")
+        cache: bool = Field(True, description="reuse pairs cached on disk under the cache folder, keyed by teacher and settings")
 
     def __init__(self, config: "ODEPairs.Config", ctx: BuildContext) -> None:
         self.config = config

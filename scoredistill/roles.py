@@ -8,13 +8,14 @@ score is ``(D(x_s, s) - x_s) / s**2``.
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
+
+from scoredistill.errors import UserError
 
 if TYPE_CHECKING:
     from scoredistill.plugins import Hooks
@@ -74,8 +75,9 @@ class Teacher(nn.Module):
         sd = self.sigma_data
         return (sigma**2 + sd**2) / (sigma * sd) ** 2
 
-    def sample_latents(self, n: int) -> Tensor:
-        return torch.randn((n, *self.data_shape), device=self.sigmas.device)
+    def real_samples(self, n: int) -> Tensor:
+        """``n`` samples of the data the teacher models (for losses that need real data, e.g. a GAN)."""
+        raise UserError(f"teacher '{type(self).__name__}' provides no real data; choose a method without a real-data term")
 
 
 class Generator(nn.Module):
@@ -97,6 +99,10 @@ class FakeScore(nn.Module):
 
     def forward(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None, *, x_clean: Tensor) -> Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def features(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        """Hidden features ``(N, F)`` of the network at ``(x_s, sigma)`` (DMD2's bottleneck), with gradient."""
+        raise UserError(f"fake score '{type(self).__name__}' exposes no features; choose one that does (e.g. mlp_denoiser)")
 
 
 @dataclass
@@ -157,6 +163,7 @@ class BuildContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     cache_dir: Path = field(default_factory=lambda: default_cache_dir())
     teacher: Optional[Teacher] = None
+    fake_score: Optional[FakeScore] = None
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 

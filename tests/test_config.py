@@ -87,3 +87,17 @@ def test_bad_input_is_one_clear_line(hooks, method, preset, ablations, overrides
     text = str(info.value)
     assert message in text
     assert "\n" not in text
+
+
+def test_changing_a_component_replaces_its_settings_but_keeps_the_weight(hooks):
+    cfg = resolve(hooks.registry, "dmd", "toy2d", overrides=[
+        "losses.regression.component=lpips_regression", "losses.regression.net=alex", "losses.regression.backbone=random"])
+    assert cfg.losses["regression"].config.net == "alex"
+    # the method's sample_itself fake score wins over the preset's MLP, without its MLP settings
+    reg = hooks.registry
+    reg.add_methods([Method(name="sds_like", summary="test", config={
+        "losses": {"distribution_matching": {"component": "kl_gradient"}}, "fake_score": {"component": "sample_itself"}})])
+    cfg = resolve(reg, "sds_like", "toy2d", overrides=["fake_score.component=sample_itself"])
+    assert cfg.fake_score.component == "sample_itself"
+    cfg = resolve(hooks.registry, "dmd", "toy2d", overrides=["losses.regression.component=pseudo_huber_regression"])
+    assert cfg.losses["regression"].weight == 0.25

@@ -6,7 +6,7 @@ Yin et al., "One-step Diffusion with Distribution Matching Distillation", CVPR 2
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -30,7 +30,7 @@ class LPIPSRegression(PairRegression):
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        net: Literal["alex", "vgg", "squeeze"] = "vgg"
+        net: Literal["alex", "vgg", "squeeze"] = Field("vgg", description="LPIPS backbone (the paper uses VGG)")
         backbone: Literal["imagenet", "random"] = Field(
             "imagenet", description="'random' runs offline but is not perceptual: for tests only"
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scoredistill.roles import FakeScore, GeneratorBatch, Models, append_dims
+from scoredistill.roles import FakeScore, GeneratorBatch, Models
 from scoredistill.testing import mixture
 from scoredistill_dmd.fake_scores import SampleItself
 from scoredistill_dmd.losses import (

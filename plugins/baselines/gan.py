@@ -1,0 +1,149 @@
+"""DMD2's GAN term: a small discriminator head on the fake score's features.
+
+Yin et al., "Improved Distribution Matching Distillation for Fast Image Synthesis"
+(DMD2, NeurIPS 2024, arXiv 2405.14867), Sec. 4.3: a classification branch on the
+fake diffusion model's (bottleneck) features, applied to noised samples, trained
+together with the fake score on real data versus generator samples, with the
+non-saturating GAN loss; the generator gets ``-log D(G(z))``. The released code
+weights the head's loss by 1e-2 and the generator's by 3e-3 (ImageNet-64) and
+noises the discriminator's input at a noise level drawn over the whole schedule.
+
+The head is *attached to the fake-score module* (``fake_score.gan_head``), so the
+trainer's fake-score optimiser trains it with the fake score, as in DMD2 where the
+branch and the fake network share one optimiser. The fake score itself is the
+preset's (e.g. ``mlp_denoiser``); its features are what its ``features(x_s, sigma, cond)``
+returns (the MLP's last hidden layer; a UNet's bottleneck).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from scoredistill.errors import UserError
+from scoredistill.registry import component
+from scoredistill.roles import (
+    BuildContext,
+    FakeScore,
+    FakeScoreLoss,
+    GeneratorBatch,
+    GeneratorLoss,
+    Models,
+    Teacher,
+    append_dims,
+)
+from scoredistill_dmd.losses import FakeScoreDenoise, timestep_sigmas
+
+HEAD_NAME = "gan_head"
+
+
+# --------------------------------------------------------------------------- head
+
+
+class GANHead(nn.Module):
+    """The discriminator branch: an MLP from fake-score features to one realism logit (DMD2 Sec. 4.3)."""
+
+    def __init__(self, in_features: int, width: int, max_timestep_ratio: float) -> None:
+        super().__init__()
+        self.max_timestep_ratio = max_timestep_ratio
+        self.net = nn.Sequential(nn.Linear(in_features, width), nn.SiLU(), nn.Linear(width, 1))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.net(features).squeeze(-1)
+
+
+def attach_gan_head(fake: FakeScore, teacher: Teacher, width: int, max_timestep_ratio: float) -> GANHead:
+    """Add a :class:`GANHead` to ``fake`` as ``fake.gan_head`` (once), sized to its features."""
+    head = getattr(fake, HEAD_NAME, None)
+    if isinstance(head, GANHead):
+        return head
+    with torch.no_grad():
+        probe = torch.zeros((2, *teacher.data_shape), device=teacher.sigmas.device)
+        width_in = fake.features(probe, teacher.sigmas[-1:].expand(2)).shape[-1]
+    head = GANHead(width_in, width, max_timestep_ratio).to(teacher.sigmas.device)
+    fake.add_module(HEAD_NAME, head)
+    return head
+
+
+def discriminator_logits(models: Models, x: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+    """``D(x)``: noise ``x`` at ``t ~ U{0..max_ratio T}`` (DMD2's diffusion GAN), fake-score features, head."""
+    head = getattr(models.fake_score, HEAD_NAME, None)
+    if not isinstance(head, GANHead):
+        raise UserError(
+            "the gan_generator term needs the discriminator head that fake_score_loss 'fake_score_denoise_gan' "
+            "adds to the fake score; use that fake-score loss"
+        )
+    sigma = timestep_sigmas(models.teacher, len(x), 0.0, head.max_timestep_ratio)
+    x_noisy = x + append_dims(sigma, x.ndim) * torch.randn_like(x)
+    return head(models.fake_score.features(x_noisy, sigma, cond))
+
+
+# --------------------------------------------------------------------------- components
+
+
+@component("gan_generator", role="generator_loss", paper="Yin et al. 2024b (DMD2, arXiv 2405.14867), Sec. 4.3: non-saturating GAN loss")
+class GANGenerator(GeneratorLoss):
+    """DMD2's generator GAN term: the non-saturating ``mean(softplus(-D(G(z))))`` = ``-log sigmoid D``.
+
+    ``D`` is the head that ``fake_score_denoise_gan`` attaches to the fake score;
+    the gradient reaches ``x = G(z)`` through the head and the fake-score network
+    (whose parameters the generator step does not update). Paper weight: 3e-3.
+    """
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    def __init__(self, config: "GANGenerator.Config", ctx: Optional[BuildContext] = None) -> None:
+        super().__init__()
+
+    def forward(self, batch: GeneratorBatch, models: Models) -> Tensor:
+        return F.softplus(-discriminator_logits(models, batch.x, batch.cond)).mean()
+
+
+@component(
+    "fake_score_denoise_gan",
+    role="fake_score_loss",
+    paper="Yin et al. 2024b (DMD2, arXiv 2405.14867), Sec. 4.3; DMD eq. 6 for the denoising part",
+)
+class FakeScoreDenoiseGAN(FakeScoreLoss):
+    """DMD's fake-score denoising loss plus DMD2's discriminator loss on a head attached to the fake score.
+
+    ``L = L_denoise + gan_weight * mean(softplus(D(sg(x))) + softplus(-D(x_real)))``:
+    the non-saturating (binary cross-entropy) loss with generator samples as fake and
+    the teacher's real data as real. ``L_denoise`` is DMD's ``fake_score_denoise``
+    (the same object, reused). Paper weight: ``gan_weight = 1e-2``.
+    """
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        gan_weight: float = Field(1e-2, ge=0, description="weight of the discriminator loss (DMD2: 1e-2)")
+        head_width: int = Field(64, ge=1, description="hidden width of the discriminator head")
+        max_timestep_ratio: float = Field(
+            1.0, ge=0, le=1, description="discriminator input noised at t ~ U{0..ratio*T} (DMD2 ImageNet: whole schedule)"
+        )
+
+    def __init__(self, config: "FakeScoreDenoiseGAN.Config", ctx: BuildContext) -> None:
+        super().__init__()
+        self.config = config
+        self.denoise = FakeScoreDenoise(FakeScoreDenoise.Config(), ctx)
+        ctx.teacher.real_samples(1)  # a teacher without real data fails here, before training
+        attach_gan_head(ctx.fake_score, ctx.teacher, config.head_width, config.max_timestep_ratio)
+
+    def discriminator_loss(self, x: Tensor, cond: Optional[Tensor], models: Models) -> Tensor:
+        """``mean(softplus(D(x)) + softplus(-D(x_real)))``, both halves in one pass of the fake score."""
+        if cond is not None:
+            raise UserError("the GAN discriminator loss has no labels for real data: conditional runs are not supported yet")
+        real = models.teacher.real_samples(len(x)).to(x.dtype)
+        logits = discriminator_logits(models, torch.cat([x, real]))
+        fake_logits, real_logits = logits[: len(x)], logits[len(x) :]
+        return (F.softplus(fake_logits) + F.softplus(-real_logits)).mean()
+
+    def forward(self, x: Tensor, cond: Optional[Tensor], models: Models) -> Tensor:
+        loss = self.denoise(x, cond, models)
+        if self.config.gan_weight:
+            loss = loss + self.config.gan_weight * self.discriminator_loss(x, cond, models)
+        return loss
