@@ -34,32 +34,41 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="override any config field, e.g. train.steps=500 or teacher.weights=[0.5,0.5] (repeatable)")
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="scoredistill", description="Distil diffusion models into one-step generators by score distillation.")
+def _plugin_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-p", dest="plugins", action="append", default=[], metavar="MODULE",
                         help="load a plugin module by name; '-p no:NAME' blocks plugin NAME (repeatable)")
+
+
+def make_parser(hooks=None) -> argparse.ArgumentParser:
+    """The full parser: the core commands plus those plugins add (``scoredistill_add_commands``)."""
+    parser = _Parser(prog="scoredistill", description="Distil diffusion models into one-step generators by score distillation.")
+    _plugin_option(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="train a one-step generator with a method")
+    p.set_defaults(func=cmd_run)
     p.add_argument("method", help="method name; see 'scoredistill list'")
     _add_run_options(p)
     p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/METHOD-PRESET-TIME)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("sample", help="draw samples from a trained run's generator")
+    p.set_defaults(func=cmd_sample)
     p.add_argument("run_dir", type=Path, help="a finished run folder (from 'scoredistill run')")
     p.add_argument("--num", type=int, required=True, help="number of samples")
     p.add_argument("--out", type=Path, required=True, help="output .npy file (float32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise z (default: 0)")
 
     p = sub.add_parser("compare", help="run several methods (or ablations) on one preset and tabulate them")
+    p.set_defaults(func=cmd_compare)
     p.add_argument("specs", nargs="+", metavar="SPEC", help="METHOD or METHOD:ABLATION[,ABLATION...], e.g. dmd:fake_score,regression")
     _add_run_options(p)
     p.add_argument("--seeds", type=int, default=1, help="seeds per spec (0..K-1)")
     p.add_argument("--out", type=Path, default=None, help="comparison folder (default: runs/compare-PRESET-TIME)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    sub.add_parser("list", help="list methods, components by role, presets and plugins")
+    sub.add_parser("list", help="list methods, components by role, presets and plugins").set_defaults(func=cmd_list)
+    (hooks if hooks is not None else _hooks([])).add_commands(subparsers=sub)
     return parser
 
 
@@ -160,14 +169,14 @@ def cmd_list(args, hooks) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "sample": cmd_sample, "compare": cmd_compare, "list": cmd_list}
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = make_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = _Parser(prog="scoredistill", add_help=False)
+    _plugin_option(pre)
     try:
-        hooks = _hooks(args.plugins)
-        return COMMANDS[args.command](args, hooks)
+        hooks = _hooks(pre.parse_known_args(argv)[0].plugins)
+        args = make_parser(hooks).parse_args(argv)
+        return args.func(args, hooks)
     except UserError as exc:
         sys.stderr.write(f"scoredistill: error: {exc}\n")
         return exc.exit_code

@@ -27,6 +27,7 @@ All hooks are called with keyword arguments only, through the typed facade
 
 from __future__ import annotations
 
+import argparse
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -85,6 +86,15 @@ def scoredistill_add_presets() -> list[Preset]:
     A preset is a partial run config merged under any method. It may retune the
     method's existing loss terms (``losses.regression.component: l2_regression``)
     but never adds a term the method does not have.
+    """
+
+
+@hookspec
+def scoredistill_add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add command-line commands: ``p = subparsers.add_parser("name", help=...)``.
+
+    Give each command ``p.set_defaults(func=fn)`` with ``fn(args, hooks) -> int``
+    (the exit code); raise :class:`scoredistill.errors.UserError` for user mistakes.
     """
 
 

@@ -2,7 +2,7 @@
 
 Plugins are found the way pytest finds them:
 
-* the core plugin (:mod:`scoredistill.builtin`) is always registered;
+* the core's own plugins (:data:`CORE_PLUGINS`, e.g. :mod:`scoredistill.builtin`) are always registered;
 * installed packages join through the ``scoredistill`` entry-point group (the
   built-in ``dmd`` and ``baselines`` plugins too), unless
   ``SCOREDISTILL_DISABLE_PLUGIN_AUTOLOAD`` is set;
@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from scoredistill.trainer import Run
 
 ENTRY_POINT_GROUP = "scoredistill"
+#: parts of the core that are plugins themselves, always registered (name -> module)
+CORE_PLUGINS: dict[str, str] = {"core": "scoredistill.builtin"}
 ENV_DISABLE_AUTOLOAD = "SCOREDISTILL_DISABLE_PLUGIN_AUTOLOAD"
 ENV_PLUGINS = "SCOREDISTILL_PLUGINS"
 ENV_BLOCK = "SCOREDISTILL_BLOCK_PLUGINS"
@@ -48,9 +50,8 @@ def make_plugin_manager(plugins: Iterable[str] = (), blocked: Iterable[str] = ()
     for name in [*_split(os.environ.get(ENV_BLOCK)), *blocked]:
         pm.set_blocked(name)
 
-    from scoredistill import builtin
-
-    pm.register(builtin, name="core")
+    for name, modname in CORE_PLUGINS.items():
+        pm.register(importlib.import_module(modname), name=name)
     if autoload is None:
         autoload = not os.environ.get(ENV_DISABLE_AUTOLOAD)
     if autoload:
@@ -91,6 +92,9 @@ class Hooks:
 
     def plugin_names(self) -> list[str]:
         return sorted(name for name, plugin in self.pm.list_name_plugin() if plugin is not None)
+
+    def add_commands(self, *, subparsers: Any) -> None:
+        self.pm.hook.scoredistill_add_commands(subparsers=subparsers)
 
     # -- configuration
     def configure(self, *, config: "RunConfig") -> None:

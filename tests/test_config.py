@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from scoredistill.config import load_run_config, resolve
 from scoredistill.errors import UserError
-from scoredistill.registry import Method
+from scoredistill.registry import Method, Preset
 
 
 def test_dmd_on_toy2d_takes_components_from_method_and_preset(hooks):
@@ -15,9 +15,9 @@ def test_dmd_on_toy2d_takes_components_from_method_and_preset(hooks):
     assert cfg.teacher.component == "gaussian_mixture"
     assert set(cfg.losses) == {"distribution_matching", "regression"}
     assert cfg.losses["distribution_matching"].component == "kl_gradient"
-    # the method says LPIPS at 0.25; the preset swaps the distance for 2-D points, keeping the weight
+    # the method says LPIPS at 0.25; the preset swaps the distance (and its weight) for 2-D points
     assert cfg.losses["regression"].component == "l2_regression"
-    assert cfg.losses["regression"].weight == 0.25
+    assert cfg.losses["regression"].weight == 1.0
     assert cfg.fake_score_loss.component == "fake_score_denoise"
 
 
@@ -99,5 +99,8 @@ def test_changing_a_component_replaces_its_settings_but_keeps_the_weight(hooks):
         "losses": {"distribution_matching": {"component": "kl_gradient"}}, "fake_score": {"component": "sample_itself"}})])
     cfg = resolve(reg, "sds_like", "toy2d", overrides=["fake_score.component=sample_itself"])
     assert cfg.fake_score.component == "sample_itself"
-    cfg = resolve(hooks.registry, "dmd", "toy2d", overrides=["losses.regression.component=pseudo_huber_regression"])
+    toy = reg.preset("toy2d")
+    reg.add_presets([Preset(name="toy2d_bare", summary="toy2d without loss retuning",
+                            config={k: v for k, v in toy.config.items() if k != "losses"})])
+    cfg = resolve(reg, "dmd", "toy2d_bare", overrides=["losses.regression.component=pseudo_huber_regression"])
     assert cfg.losses["regression"].weight == 0.25
