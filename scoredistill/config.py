@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from scoredistill.errors import UserError, one_of
 from scoredistill.registry import Registry
@@ -71,7 +71,29 @@ class TrainConfig(BaseModel):
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="generator and fake-score learning rates over the generator steps")
     ema_decay: Optional[float] = Field(None, ge=0, lt=1, description="EMA of the generator's weights, used for sampling and evaluation")
     pair_batch_size: Optional[int] = Field(None, ge=1, description="regression batch; default: batch_size")
-    log_every: int = Field(10, ge=1, description="record losses (history.json, progress bar, hooks) every N generator steps")
+    log_every: int = Field(10, ge=1, description="record losses (history.json, metrics.csv, TensorBoard, progress bar, hooks) every N generator steps")
+    optimizer: Literal["adam", "adamw"] = Field("adam", description="optimiser of every trained network (adamw: decoupled weight decay)")
+    adam_eps: float = Field(1e-8, gt=0, description="epsilon of both optimisers")
+    weight_decay: float = Field(0.0, ge=0, description="weight decay of both optimisers")
+    module_lr: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict,
+        description="learning rates of trained submodules by dotted name, e.g. {fake_score.gan_head: 1.0e-4}; "
+                    "the rest of each network uses generator_lr / fake_score_lr")
+    eval_with_ema: bool = Field(True, description="with ema_decay set: sample and evaluate with the EMA weights (false: the online weights)")
+    checkpoint_every: Optional[int] = Field(
+        500, ge=1, description="save a checkpoint (checkpoints/step-N) every N generator steps, and always at the end; null: only at the end")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept in the run folder (the newest; older ones are deleted)")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a non-finite loss or gradient: 'stop' the run (keeping the last good checkpoint) or 'skip' that update (counted in the logs)")
+    sample_every: Optional[int] = Field(1000, ge=1, description="write samples_step{N}.png every N generator steps (in the background); null: never")
+    sample_count: int = Field(2000, ge=1, description="samples drawn for each periodic picture")
+
+    @model_validator(mode="after")
+    def _module_lrs(self):
+        for name, lr in self.module_lr.items():
+            if name.split(".", 1)[0] not in ("generator", "fake_score") or "." not in name:
+                raise ValueError(f"module_lr key '{name}' must be generator.SUBMODULE or fake_score.SUBMODULE")
+        return self
 
 
 class EvalConfig(BaseModel):
@@ -86,9 +108,24 @@ class RuntimeConfig(BaseModel):
     """Where and how a run executes; does not change its numbers on CPU."""
 
     model_config = ConfigDict(extra="forbid")
-    device: str = Field("cpu", description="torch device of every network")
+    device: str = Field("cpu", description="torch device of every network; 'cuda' gives each process of a multi-process run its own GPU")
     num_threads: Optional[int] = Field(None, ge=1, description="torch threads; tiny MLPs are fastest with 1")
     progress: bool = Field(True, description="show progress bars")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="with several processes (torchrun): 'ddp' replicates the generator and fake score, "
+                           "'fsdp' shards them (large networks); the frozen teacher is never wrapped")
+    fsdp_sharding: Literal["full_shard", "shard_grad_op", "no_shard"] = Field(
+        "full_shard", description="FSDP sharding strategy (runtime.distributed=fsdp)")
+    fsdp_min_params: Optional[int] = Field(
+        None, ge=1, description="FSDP: wrap every submodule of at least this many parameters as its own unit; null: one unit per network")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="autocast the forward passes: bf16, or fp16 with dynamic loss scaling (CUDA only); weights stay fp32")
+    tf32: bool = Field(True, description="allow TF32 matrix products and convolutions on CUDA GPUs that have them")
+    find_unused_parameters: bool = Field(False, description="DDP: allow trained parameters that a step does not use (slower)")
+    tensorboard: Optional[bool] = Field(
+        None, description="write TensorBoard scalars to RUN/tensorboard; null: when the tensorboard package is installed")
+    debug_weight_hashes: bool = Field(
+        False, description="debug: after every step, each process appends a hash of its weights to RUN/debug/weights.rankR.txt")
 
 
 class RunConfig(BaseModel):

@@ -1,0 +1,206 @@
+"""Where a run executes: one process or several (accelerate), wrapped networks, precision.
+
+One process is the default. Under ``torchrun --nproc_per_node N -m scoredistill.cli run ...``
+(or ``accelerate launch`` on GPUs) every process builds the same networks from the same
+seed, then draws its own noise (each rank is seeded differently) on ``batch_size / N``
+samples; the gradients of the generator and the fake score are averaged across the
+processes (DDP), or those networks are sharded (FSDP, ``runtime.distributed: fsdp``).
+The teacher is frozen and never wrapped. (``accelerate launch --cpu --num_processes 2``
+silently runs one process; use torchrun on CPU.)
+
+How a network is wrapped: DDP and FSDP act on what runs inside the wrapped module's
+``forward``, so every update's whole objective runs there (:class:`Trainable`):
+``wrapper(objective)`` calls ``objective(net)``. The losses keep calling the plain
+networks, whose attributes (``latent_shape``, a GAN head, ``features``) stay visible,
+and each wrapper sees exactly one forward and one backward per update.
+
+accelerate (1.15) maps several CPU processes to DDP whatever FSDP settings it is
+given, so FSDP is applied here with torch's own ``FullyShardedDataParallel`` (the call
+accelerate's ``prepare`` makes on GPUs); the same code then runs, and is tested, on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from scoredistill.config import RuntimeConfig
+from scoredistill.errors import UserError
+from scoredistill.roles import stable_hash
+
+WRAPPED_PREFIX = "net."
+
+
+class Trainable(nn.Module):
+    """Holds one trained network; its ``forward`` runs an update's objective on that network."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, objective: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return objective(self.net, *args, **kwargs)
+
+
+def launched_processes() -> int:
+    """How many processes the launcher (torchrun, accelerate launch) started; 1 without one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The training seed of process ``rank``: ``seed`` itself on rank 0, a derived one elsewhere."""
+    return seed if rank == 0 else int(stable_hash(seed, "rank", rank), 16) % (2**63)
+
+
+class Engine:
+    """accelerate's process state plus what the trainer needs from it (one object per run)."""
+
+    def __init__(self, runtime: RuntimeConfig) -> None:
+        device = torch.device(runtime.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"runtime.device={runtime.device} but this machine has no CUDA device; use runtime.device=cpu")
+        if runtime.mixed_precision == "fp16" and device.type != "cuda":
+            raise UserError("runtime.mixed_precision=fp16 needs a CUDA device (loss scaling); use bf16 on CPU")
+        if runtime.tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        self.runtime = runtime
+        self.accelerator = Accelerator(
+            cpu=device.type == "cpu",
+            mixed_precision=runtime.mixed_precision,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=runtime.find_unused_parameters)],
+        )
+        acc = self.accelerator
+        self.rank, self.world_size, self.is_main = acc.process_index, acc.num_processes, acc.is_main_process
+        self.distributed = self.world_size > 1
+        self.fsdp = self.distributed and runtime.distributed == "fsdp"
+        self.device = acc.device if self.distributed else device
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=runtime.mixed_precision == "fp16")
+
+    # -- lifecycle
+    def close(self) -> None:
+        """Forget accelerate's process state after a one-process run (so another run can choose other settings)."""
+        if not self.distributed:
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            self.accelerator.wait_for_everyone()
+
+    # -- wrapping
+    def wrap(self, net: nn.Module) -> nn.Module:
+        """``net`` inside a :class:`Trainable`, wrapped for data parallelism (DDP or FSDP) when there are several processes."""
+        module = Trainable(net)
+        if not self.fsdp:
+            return self.accelerator.prepare_model(module)
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp import ShardingStrategy
+        from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy
+
+        policy = None
+        if self.runtime.fsdp_min_params:
+            import functools
+
+            policy = functools.partial(size_based_auto_wrap_policy, min_num_params=self.runtime.fsdp_min_params)
+        return FSDP(module, device_id=self.device, sharding_strategy=ShardingStrategy[self.runtime.fsdp_sharding.upper()],
+                    auto_wrap_policy=policy, use_orig_params=True, sync_module_states=True)
+
+    @staticmethod
+    def inner(wrapper: nn.Module) -> nn.Module:
+        """The network inside a wrapper (as the losses see it)."""
+        module = wrapper.module if isinstance(wrapper, torch.nn.parallel.DistributedDataParallel) else wrapper
+        return module.net
+
+    @contextlib.contextmanager
+    def full_parameters(self, wrapper: nn.Module) -> Iterator[None]:
+        """Within: every process holds the network's full parameters (a no-op unless FSDP). Collective."""
+        if not self.fsdp:
+            yield
+            return
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.summon_full_params(wrapper, writeback=False):
+            yield
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return self.accelerator.autocast()
+
+    # -- gradients
+    def grad_norm(self, wrapper: nn.Module, max_norm: Optional[float]) -> torch.Tensor:
+        """The total gradient norm of ``wrapper`` (after clipping it to ``max_norm`` when given); a device tensor."""
+        if self.fsdp:
+            return wrapper.clip_grad_norm_(max_norm if max_norm is not None else float("inf"))
+        params = [p for p in wrapper.parameters() if p.grad is not None]
+        if max_norm is not None:
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if not params:
+            return torch.zeros((), device=self.device)
+        return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+    # -- state (collective under FSDP: every process must call these)
+    def _options(self, **kw: Any):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(full_state_dict=self.fsdp, cpu_offload=self.fsdp, **kw)
+
+    def model_state(self, wrapper: nn.Module) -> dict[str, torch.Tensor]:
+        """The network's full state dict (its own key names); empty on other ranks than 0 under FSDP."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        if not self.fsdp:
+            return dict(self.inner(wrapper).state_dict())
+        state = get_model_state_dict(wrapper, options=self._options())
+        return {k[len(WRAPPED_PREFIX):]: v for k, v in state.items()}
+
+    def load_model_state(self, wrapper: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        if not self.fsdp:
+            self.inner(wrapper).load_state_dict(state)
+            return
+        set_model_state_dict(wrapper, {WRAPPED_PREFIX + k: v for k, v in state.items()}, options=self._options())
+
+    def optimizer_state(self, wrapper: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """``{"state": {param name: {...}}, "param_groups": [...]}`` keyed by parameter name, not position."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(wrapper, optimizer, options=self._options())
+
+    def load_optimizer_state(self, wrapper: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(wrapper, optimizer, state, options=self._options())
+        for group in optimizer.param_groups:  # JSON gives lists; torch's own state dicts hold tuples
+            if isinstance(group.get("betas"), list):
+                group["betas"] = tuple(group["betas"])
+
+    # -- across processes
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """The mean of ``values`` over the processes (itself with one process)."""
+        if not self.distributed:
+            return values
+        return self.accelerator.reduce(values.detach().float().clone(), reduction="mean")
+
+    def any(self, flag: bool) -> bool:
+        """True on every process when ``flag`` is true on some process. Collective; a host sync."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
+
+    def gather(self, obj: Any) -> list[Any]:
+        """``obj`` of every process, in rank order (a list of one with one process)."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out

@@ -1,0 +1,71 @@
+"""DMD's image generator and fake score, both initialised as copies of the teacher's network.
+
+* ``unet_generator``: ``G(z) = D_gen(s_max z, s_max)`` with ``D_gen`` a trainable copy of
+  the teacher's denoiser (DMD Sec. 3.1), so at step 0 ``G`` is the teacher's one-step
+  denoising of pure noise.
+* ``unet_denoiser``: the fake denoiser ``D_fake``, a trainable copy of the teacher's
+  denoiser (DMD Sec. 3.2). Its :meth:`~UNetFakeScore.features` are the UNet's mid-block
+  output averaged over space (DMD2's bottleneck features for the GAN head).
+
+Copies never carry the teacher's classifier-free guidance (DMD guides the real score only).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from scoredistill.errors import UserError
+from scoredistill.registry import component
+from scoredistill.roles import BuildContext, FakeScore, Generator
+
+from scoredistill.images.teachers import ImageTeacher
+
+
+def _image_teacher(ctx: BuildContext, what: str) -> ImageTeacher:
+    teacher = ctx.teacher
+    if not isinstance(teacher, ImageTeacher):
+        raise UserError(f"{what} copies an image teacher's UNet, but the teacher is '{type(teacher).__name__}': "
+                        "use teacher.component diffusers_unet or digits_unet (or the toy networks for 2-D teachers)")
+    return teacher
+
+
+@component("unet_generator", role="generator", paper="Yin et al. 2024 (DMD), Sec. 3.1: G initialised from the teacher")
+class UNetGenerator(Generator):
+    """One-step generator G(z) = D_gen(s_max z, s_max), D_gen a trainable copy of the teacher's UNet."""
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        sigma: Optional[float] = Field(None, gt=0, description="noise level G starts from; default the teacher's sigma_max")
+
+    def __init__(self, config: "UNetGenerator.Config", ctx: BuildContext) -> None:
+        super().__init__()
+        teacher = _image_teacher(ctx, "generator 'unet_generator'")
+        self.denoiser = teacher.denoiser.trainable_copy()
+        self.sigma = float(config.sigma or teacher.sigma_max)
+        self.latent_shape = tuple(teacher.data_shape)
+
+    def forward(self, z: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        sigma = torch.full((z.shape[0],), self.sigma, device=z.device, dtype=z.dtype)
+        return self.denoiser(z * self.sigma, sigma, cond)
+
+
+@component("unet_denoiser", role="fake_score", paper="Yin et al. 2024 (DMD), Sec. 3.2: the fake score, initialised from the teacher")
+class UNetFakeScore(FakeScore):
+    """The fake denoiser: a trainable copy of the teacher's UNet; features = mid-block output (pooled)."""
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    def __init__(self, config: "UNetFakeScore.Config", ctx: BuildContext) -> None:
+        super().__init__()
+        self.denoiser = _image_teacher(ctx, "fake_score 'unet_denoiser'").denoiser.trainable_copy()
+
+    def forward(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None, *, x_clean: Optional[Tensor] = None) -> Tensor:
+        return self.denoiser(x_noisy, sigma, cond)
+
+    def features(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        return self.denoiser.features(x_noisy, sigma, cond)

@@ -1,0 +1,164 @@
+"""Image teachers: any diffusers UNet (``diffusers_unet``) and the embedded digits teacher (``digits_unet``).
+
+Both are :class:`ImageTeacher`: a sigma-form denoiser (:mod:`scoredistill.images.denoisers`)
+with the teacher's own discrete schedule (``sigmas``, ascending), its own loss weighting
+and training noise distribution (for the fake score's loss), its multi-step sampler
+(deterministic Heun on the EDM grid, ``sampler_steps`` steps) and, optionally, the real
+images it models (``data``: ``digits`` or a folder of images).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from scoredistill.errors import UserError
+from scoredistill.registry import component
+from scoredistill.roles import BuildContext, Teacher, stable_hash
+from scoredistill.sampling import heun_sample, karras_sigmas
+
+from scoredistill.images.data import DIGITS_SHAPE, digits, load_image_folder
+from scoredistill.images.denoisers import LoadedTeacher, UNetDenoiser, load_denoiser, weights_digest
+from scoredistill.images.training import DigitsTeacherSettings, ENV_DIGITS_TEACHER, is_complete, teacher_folder, train_digits_teacher
+
+EDM_P_MEAN, EDM_P_STD = -1.2, 1.2
+
+
+class ImageTeacher(Teacher):
+    """A frozen image denoiser with its schedule, sampler and (optionally) its real data."""
+
+    def __init__(self, loaded: LoadedTeacher, data: Optional[str] = None, sampler_steps: int = 18, source: str = "") -> None:
+        super().__init__()
+        self.denoiser: UNetDenoiser = loaded.denoiser
+        self.register_buffer("sigmas", loaded.sigmas.float())
+        self.kind = loaded.kind
+        self.data_shape = tuple(self.denoiser.data_shape)
+        self.sigma_data = float(getattr(self.denoiser, "sigma_data", 0.5))
+        self.sampler_steps = sampler_steps
+        self.data = data
+        self.source = source
+        train = (loaded.metadata or {}).get("training_sigmas") or {}
+        self.p_mean, self.p_std = float(train.get("p_mean", EDM_P_MEAN)), float(train.get("p_std", EDM_P_STD))
+        self._digest = stable_hash(loaded.kind, loaded.unet_config, loaded.scheduler_config, self.denoiser.prediction_type,
+                                   self.denoiser.guidance_scale, self.denoiser.null_class, weights_digest(self.denoiser.unet))
+        if data is not None:
+            self.real_data("train")  # fail now on a missing folder or a wrong image shape
+
+    # -- the teacher protocol
+    def forward(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        return self.denoiser(x_noisy, sigma, cond)
+
+    def fingerprint(self) -> str:
+        return f"unet-{self._digest}"
+
+    def loss_weight(self, sigma: Tensor) -> Tensor:
+        """The network's own training weighting (EDM eq. 8, or the epsilon / v / x MSE of a VP model)."""
+        return self.denoiser.loss_weight(sigma)
+
+    def training_sigmas(self, n: int) -> Tensor:
+        """VP: uniform over the discrete timesteps; EDM: ``ln s ~ N(p_mean, p_std^2)`` clipped to the schedule."""
+        if self.kind != "edm":
+            return super().training_sigmas(n)
+        ln = self.p_mean + self.p_std * torch.randn((n,), device=self.sigmas.device)
+        return ln.exp().clamp(self.sigma_min, self.sigma_max)
+
+    # -- data
+    def real_data(self, split: str = "train") -> Tensor:
+        """The real images the teacher models (``digits``: the fixed ``train`` / ``test`` split)."""
+        if self.data is None:
+            raise UserError("the teacher has no real data: set teacher.data to 'digits' or a folder of images")
+        return _real_data(self.data, split, self.data_shape)
+
+    def real_samples(self, n: int) -> Tensor:
+        """``n`` images drawn with replacement from the real training data."""
+        x = self.real_data("train")
+        return x[torch.randint(0, len(x), (n,))].to(self.sigmas.device)
+
+    # -- sampling
+    @torch.no_grad()
+    def sample(self, z: Tensor, steps: Optional[int] = None, cond: Optional[Tensor] = None) -> Tensor:
+        """The teacher's deterministic multi-step sample from noise ``z`` (Heun, EDM grid, ``2 steps - 1`` NFE)."""
+        steps = steps or self.sampler_steps
+        grid = karras_sigmas(steps, self.sigma_min, self.sigma_max)
+        return heun_sample(self, z * self.sigma_max, grid, cond)
+
+    @property
+    def sampler_nfe(self) -> int:
+        return 2 * self.sampler_steps - 1
+
+
+_DATA_CACHE: dict[tuple, Tensor] = {}
+
+
+def _real_data(data: str, split: str, shape: tuple[int, ...]) -> Tensor:
+    key = (data, split, tuple(shape))
+    if key not in _DATA_CACHE:
+        if data == "digits":
+            if tuple(shape) != DIGITS_SHAPE:
+                raise UserError(f"teacher.data 'digits' holds 1x8x8 images but the teacher makes {'x'.join(map(str, shape))} "
+                                "images: use a digits-shaped teacher or set teacher.data to a folder of matching images")
+            x, _ = digits(split)
+        else:
+            x = load_image_folder(data, tuple(shape))  # every split is the folder
+        _DATA_CACHE[key] = x
+    return _DATA_CACHE[key]
+
+
+# --------------------------------------------------------------------------- components
+
+
+@component("diffusers_unet", role="teacher", paper="diffusers UNet2DModel / UNet2DConditionModel in the sigma form (Karras et al. 2022, Sec. 2)")
+class DiffusersTeacher(ImageTeacher):
+    """Any diffusers UNet (folder or hub id) with its scheduler config, adapted to the sigma-form denoiser."""
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        path: str = Field(description="diffusers folder (unet/ + scheduler/, or config.json + scheduler_config.json) or hub id")
+        prediction_type: Optional[str] = Field(None, description="override the scheduler config's epsilon / v_prediction / sample")
+        guidance_scale: float = Field(1.0, description="classifier-free guidance D_u + g (D_c - D_u) on the real score; 1 = none")
+        null_class: Optional[int] = Field(None, description="class label meaning 'no class' (unconditional branch of a class-conditional UNet)")
+        data: Optional[str] = Field(None, description="real images: 'digits' or a folder (for FID and real-data losses)")
+        sampler_steps: int = Field(18, ge=2, description="Heun steps of the teacher's multi-step sampler (2*steps-1 NFE)")
+
+    def __init__(self, config: "DiffusersTeacher.Config", ctx: Optional[BuildContext] = None) -> None:
+        loaded = load_denoiser(config.path, guidance_scale=config.guidance_scale, null_class=config.null_class,
+                               prediction_type=config.prediction_type)
+        super().__init__(loaded, config.data, config.sampler_steps, source=config.path)
+
+
+@component("digits_unet", role="teacher", paper="EDM (Karras et al. 2022) UNet2DModel trained by scoredistill on sklearn digits")
+class DigitsTeacher(ImageTeacher):
+    """The embedded digits teacher: trained on first use (about 10 min on 2 CPU cores), then cached."""
+
+    class Config(DigitsTeacherSettings):
+        model_config = ConfigDict(extra="forbid")
+        path: Optional[str] = Field(None, description=f"teacher folder; default ${ENV_DIGITS_TEACHER} or the cache folder")
+        sampler_steps: int = Field(18, ge=2, description="Heun steps of the teacher's multi-step sampler (2*steps-1 NFE)")
+
+    @staticmethod
+    def settings(config: "DigitsTeacher.Config") -> DigitsTeacherSettings:
+        return DigitsTeacherSettings(**config.model_dump(exclude={"path", "sampler_steps"}))
+
+    @staticmethod
+    def folder(config: "DigitsTeacher.Config", cache_dir: Optional[Path] = None) -> Path:
+        return Path(config.path).expanduser() if config.path else teacher_folder(DigitsTeacher.settings(config), cache_dir)
+
+    def __init__(self, config: "DigitsTeacher.Config", ctx: Optional[BuildContext] = None) -> None:
+        folder = self.folder(config, ctx.cache_dir if ctx is not None else None)
+        if not is_complete(folder):
+            if config.path:
+                raise UserError(f"teacher.path '{config.path}' holds no trained digits teacher: run 'scoredistill teacher "
+                                f"train --preset digits --out {config.path}' or unset teacher.path to use the cache")
+            progress = ctx.extra.get("progress", True) if ctx is not None else True
+            print(f"scoredistill: no cached digits teacher at {folder}: training it now (about 10 minutes on 2 CPU cores; "
+                  "'scoredistill teacher train --preset digits' does this ahead of time)", file=sys.stderr)
+            train_digits_teacher(self.settings(config), folder, progress=progress)
+        loaded = load_denoiser(str(folder))
+        if tuple(loaded.denoiser.data_shape) != DIGITS_SHAPE:
+            raise UserError(f"the digits teacher in {folder} makes {loaded.denoiser.data_shape} images, not 1x8x8: delete it to retrain")
+        super().__init__(loaded, "digits", config.sampler_steps, source=str(folder))
