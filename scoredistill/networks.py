@@ -68,23 +68,34 @@ class MLPDenoiserNet(nn.Module):
         return append_dims(c_skip, x.ndim) * x + append_dims(c_out, x.ndim) * f
 
 
+class MLPConfig(BaseModel):
+    """Settings shared by the MLP generator and fake score."""
+
+    model_config = ConfigDict(extra="forbid")
+    width: int = Field(128, ge=1, description="hidden units per layer")
+    depth: int = Field(3, ge=1, description="hidden layers")
+    input_features: int = Field(0, ge=0, description="random Fourier features of the (preconditioned) input, 0 for none")
+    input_scale: float = Field(1.0, gt=0, description="frequency scale of those features")
+
+
+def flat_dim(teacher, what: str) -> int:
+    """The data dimension of a teacher of flat data; a clear error for images."""
+    if len(teacher.data_shape) != 1:
+        raise UserError(f"{what} needs flat data; the teacher's data shape is {teacher.data_shape}")
+    return teacher.data_shape[0]
+
+
 @component("mlp_denoiser", role="fake_score", paper="Yin et al. 2024 (DMD), Sec. 3.2: the fake score, trained online")
 class MLPFakeScore(FakeScore):
     """An EDM-preconditioned MLP denoiser of the generator's distribution, for flat (e.g. 2-D) data."""
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        width: int = Field(128, ge=1, description="hidden units per layer")
-        depth: int = Field(3, ge=1, description="hidden layers")
-        input_features: int = Field(0, ge=0, description="random Fourier features of the (preconditioned) input, 0 for none")
-        input_scale: float = Field(1.0, gt=0, description="frequency scale of those features")
+    class Config(MLPConfig):
+        pass
 
     def __init__(self, config: "MLPFakeScore.Config", ctx: BuildContext) -> None:
         super().__init__()
         teacher = ctx.teacher
-        if len(teacher.data_shape) != 1:
-            raise UserError(f"fake_score 'mlp_denoiser' needs flat data; the teacher's data shape is {teacher.data_shape}")
-        self.denoiser = MLPDenoiserNet(teacher.data_shape[0], teacher.sigma_data, config.width, config.depth,
+        self.denoiser = MLPDenoiserNet(flat_dim(teacher, "fake_score 'mlp_denoiser'"), teacher.sigma_data, config.width, config.depth,
                                        input_features=config.input_features, input_scale=config.input_scale)
 
     def forward(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None, *, x_clean: Optional[Tensor] = None) -> Tensor:
@@ -98,22 +109,28 @@ class MLPFakeScore(FakeScore):
 class MLPGenerator(Generator):
     """An MLP generator ``x = G(z)`` for flat data, with ``z ~ N(0, I)`` of the data's dimension."""
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        width: int = Field(128, ge=1, description="hidden units per layer")
-        depth: int = Field(3, ge=1, description="hidden layers")
-        input_features: int = Field(0, ge=0, description="random Fourier features of z, 0 for none")
-        input_scale: float = Field(1.0, gt=0, description="frequency scale of those features")
+    class Config(MLPConfig):
+        pass
 
     def __init__(self, config: "MLPGenerator.Config", ctx: BuildContext) -> None:
         super().__init__()
-        teacher = ctx.teacher
-        if len(teacher.data_shape) != 1:
-            raise UserError(f"generator 'mlp_generator' needs flat data; the teacher's data shape is {teacher.data_shape}")
-        self.latent_shape = teacher.data_shape
-        d = teacher.data_shape[0]
+        d = flat_dim(ctx.teacher, "generator 'mlp_generator'")
+        self.latent_shape = (d,)
         self.features = FourierEmbedding(config.input_features, config.input_scale, in_dim=d, seed=2) if config.input_features else None
         self.net = mlp(d + config.input_features, d, config.width, config.depth)
 
     def forward(self, z: Tensor, cond: Optional[Tensor] = None) -> Tensor:
         return self.net(torch.cat([z, self.features(z)], dim=1) if self.features is not None else z)
+
+    def export(self, folder, provenance) -> None:
+        """A diffusers ``OneStepMLPGenerator`` (:mod:`scoredistill.export_models`) with these exact weights."""
+        from scoredistill.export import README, mlp_sampling_readme, save_diffusers_model
+        from scoredistill.export_models import OneStepMLPGenerator
+
+        linears = [m for m in self.net if isinstance(m, nn.Linear)]
+        features = 0 if self.features is None else 2 * self.features.freqs.shape[1]
+        model = OneStepMLPGenerator(dim=self.latent_shape[0], width=linears[0].out_features, depth=len(linears) - 1,
+                                    input_features=features)
+        model.load_state_dict(self.state_dict())
+        save_diffusers_model(model, folder)
+        (folder / README).write_text(mlp_sampling_readme(provenance, type(model).__name__))

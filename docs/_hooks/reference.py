@@ -351,7 +351,7 @@ def methods_page() -> str:
             f"- **plugin**: `{p.method_source.get(name, '?')}`",
             f"- **run it**: `scoredistill run {name} --preset toy2d`",
             "",
-            "**Method config** (merged under the preset, then ablations, then `--set`):",
+            "**Method config** (merged over the preset's problem settings, then the preset retunes its loss terms, then ablations, then `--set`):",
             "",
             yaml_block(m.config),
             "",
@@ -382,8 +382,9 @@ def presets_page() -> str:
         "# Presets",
         "",
         "A preset is a problem setting (teacher, networks, budget) that any method runs on: "
-        "`--preset NAME`. It is merged over the method's config; it may retune a loss term the "
-        "method has (for example the regression distance) but never adds one. "
+        "`--preset NAME`. The method's config is merged over it (the method's role choices and "
+        "training settings win), then the preset retunes the loss terms the method has (for example "
+        "the regression distance) but never adds one. "
         "Generated from the registry at build time.",
         "",
         "| preset | summary | plugin |",
