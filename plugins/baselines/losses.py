@@ -18,12 +18,12 @@ from __future__ import annotations
 from typing import Literal, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from scoredistill.registry import component
 from scoredistill.roles import BuildContext, GeneratorBatch, GeneratorLoss, Models, append_dims
-from scoredistill_dmd.losses import distribution_matching_loss, timestep_sigmas
+from scoredistill_dmd.losses import TimestepRange, distribution_matching_loss
 
 
 def sds_direction(x: Tensor, real: Tensor, sigma: Tensor, weighting: str = "dreamfusion") -> Tensor:
@@ -74,19 +74,10 @@ class SDSGradient(GeneratorLoss):
     the same ``w(t)``.
     """
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        min_timestep_ratio: float = Field(0.02, ge=0, le=1, description="t >= min_ratio * T (DreamFusion: 0.02)")
-        max_timestep_ratio: float = Field(0.98, ge=0, le=1, description="t <= max_ratio * T (DreamFusion: 0.98)")
+    class Config(TimestepRange):
         weighting: Literal["dreamfusion", "uniform"] = Field(
             "dreamfusion", description="w(t): 'dreamfusion' = sigma_t^2 = s^2/(1+s^2) (VP form); 'uniform' = 1"
         )
-
-        @model_validator(mode="after")
-        def _ordered(self):
-            if self.min_timestep_ratio > self.max_timestep_ratio:
-                raise ValueError("min_timestep_ratio must be <= max_timestep_ratio")
-            return self
 
     def __init__(self, config: "SDSGradient.Config", ctx: Optional[BuildContext] = None) -> None:
         super().__init__()
@@ -95,7 +86,7 @@ class SDSGradient(GeneratorLoss):
     def forward(self, batch: GeneratorBatch, models: Models) -> Tensor:
         x, c = batch.x, self.config
         with torch.no_grad():
-            sigma = timestep_sigmas(models.teacher, len(x), c.min_timestep_ratio, c.max_timestep_ratio)
+            sigma = c.sigmas(models.teacher, len(x))
             x_noisy = x + append_dims(sigma, x.ndim) * torch.randn_like(x)
             real = models.teacher(x_noisy, sigma, batch.cond)
             grad = sds_direction(x, real, sigma, c.weighting)

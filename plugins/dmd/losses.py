@@ -47,21 +47,29 @@ def timestep_sigmas(teacher: Teacher, n: int, min_ratio: float, max_ratio: float
     return teacher.sigmas[t]
 
 
+class TimestepRange(BaseModel):
+    """``t ~ U{min_ratio T, ..., max_ratio T}`` on the teacher's schedule (DMD and DreamFusion: 0.02-0.98)."""
+
+    model_config = ConfigDict(extra="forbid")
+    min_timestep_ratio: float = Field(0.02, ge=0, le=1, description="t >= min_ratio * T (paper: 0.02)")
+    max_timestep_ratio: float = Field(0.98, ge=0, le=1, description="t <= max_ratio * T (paper: 0.98)")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.min_timestep_ratio > self.max_timestep_ratio:
+            raise ValueError("min_timestep_ratio must be <= max_timestep_ratio")
+        return self
+
+    def sigmas(self, teacher: Teacher, n: int) -> Tensor:
+        return timestep_sigmas(teacher, n, self.min_timestep_ratio, self.max_timestep_ratio)
+
+
 @component("kl_gradient", role="generator_loss", paper="Yin et al. 2024 (DMD), eq. 7-8 and Algorithm 2")
 class KLGradient(GeneratorLoss):
     """DMD's distribution-matching term: the KL gradient from real and fake denoisers (Algorithm 2)."""
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        min_timestep_ratio: float = Field(0.02, ge=0, le=1, description="t >= min_ratio * T (paper: 0.02)")
-        max_timestep_ratio: float = Field(0.98, ge=0, le=1, description="t <= max_ratio * T (paper: 0.98)")
+    class Config(TimestepRange):
         normalize: bool = Field(True, description="per-sample weight 1 / mean|x - D_real| (eq. 8)")
-
-        @model_validator(mode="after")
-        def _ordered(self):
-            if self.min_timestep_ratio > self.max_timestep_ratio:
-                raise ValueError("min_timestep_ratio must be <= max_timestep_ratio")
-            return self
 
     def __init__(self, config: "KLGradient.Config", ctx: Optional[BuildContext] = None) -> None:
         super().__init__()
@@ -71,7 +79,7 @@ class KLGradient(GeneratorLoss):
         x = batch.x
         c = self.config
         with torch.no_grad():
-            sigma = timestep_sigmas(models.teacher, len(x), c.min_timestep_ratio, c.max_timestep_ratio)
+            sigma = c.sigmas(models.teacher, len(x))
             x_noisy = x + append_dims(sigma, x.ndim) * torch.randn_like(x)
             real = models.teacher(x_noisy, sigma, batch.cond)
             fake = models.fake_score(x_noisy, sigma, batch.cond, x_clean=x)
