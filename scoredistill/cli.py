@@ -1,16 +1,23 @@
 """The ``scoredistill`` command line.
 
     scoredistill run METHOD [--preset P] [--ablate NAME]... [--set key=value]... [--out DIR]
-    scoredistill sample RUN_DIR --num N --out FILE.npy [--seed S]
+    scoredistill run --resume RUN_DIR [--set train.steps=N]...
+    scoredistill sample RUN_DIR --num N --out FILE.npy [--seed S] [--online]
+    scoredistill export RUN_DIR OUT [--online]
     scoredistill compare SPEC [SPEC ...] [--preset P] [--seeds K] [--ablate NAME]... [--out DIR]
     scoredistill list
 
 A user mistake prints one line (what is wrong, what is allowed) and exits with 2.
+A run stopped by a non-finite loss exits with 1; one interrupted by SIGINT / SIGTERM
+saves a checkpoint, prints one line and exits with 130 / 143.
+
+Several processes: ``torchrun --nproc_per_node N -m scoredistill.cli run ...``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,11 +52,14 @@ def make_parser(hooks=None) -> argparse.ArgumentParser:
     _plugin_option(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="train a one-step generator with a method")
+    p = sub.add_parser("run", help="train a one-step generator with a method (or continue a run: --resume RUN_DIR)")
     p.set_defaults(func=cmd_run)
-    p.add_argument("method", help="method name; see 'scoredistill list'")
+    p.add_argument("method", nargs="?", default=None, help="method name; see 'scoredistill list' (not with --resume)")
     _add_run_options(p)
     p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/METHOD-PRESET-TIME)")
+    p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                   help="continue RUN_DIR exactly from its newest checkpoint (or from the checkpoint file given); "
+                        "--set may only change train.steps and logging settings")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("sample", help="draw samples from a trained run's generator")
@@ -58,6 +68,13 @@ def make_parser(hooks=None) -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, required=True, help="number of samples")
     p.add_argument("--out", type=Path, required=True, help="output .npy file (float32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise z (default: 0)")
+    p.add_argument("--online", action="store_true", help="use the online weights of a run trained with EMA")
+
+    p = sub.add_parser("export", help="write a run's one-step generator as a diffusers model folder with a README")
+    p.set_defaults(func=cmd_export)
+    p.add_argument("run_dir", type=Path, help="a finished run folder (from 'scoredistill run')")
+    p.add_argument("out", type=Path, help="new folder for the model (must not exist, or be empty)")
+    p.add_argument("--online", action="store_true", help="export the online weights of a run trained with EMA")
 
     p = sub.add_parser("compare", help="run several methods (or ablations) on one preset and tabulate them")
     p.set_defaults(func=cmd_compare)
@@ -86,17 +103,38 @@ def _timestamp() -> str:
 
 def cmd_run(args, hooks) -> int:
     from scoredistill.config import resolve
-    from scoredistill.trainer import execute
+    from scoredistill.trainer import RunInterrupted, execute, resume_config
 
     overrides = list(args.overrides) + (["runtime.progress=false"] if args.quiet else [])
-    config = resolve(hooks.registry, args.method, args.preset, args.ablate, overrides)
-    tag = "".join(f"-no-{a}" for a in args.ablate)
-    out = args.out or Path("runs") / f"{args.method}{tag}-{args.preset}-{_timestamp()}"
-    result = execute(config, hooks, out)
-    from rich.console import Console
+    checkpoint = None
+    if args.resume is not None:
+        if args.method is not None or args.ablate or args.preset != DEFAULT_PRESET:
+            raise UserError("give either METHOD (a new run) or --resume RUN_DIR, not both: a resumed run keeps its method, preset and ablations")
+        if args.out is not None:
+            raise UserError("--out cannot be used with --resume: the run continues in its own folder")
+        config, checkpoint, out = resume_config(hooks, args.resume, overrides)
+    else:
+        if args.method is None:
+            raise UserError("the following arguments are required: METHOD (see 'scoredistill list'), or --resume RUN_DIR")
+        config = resolve(hooks.registry, args.method, args.preset, args.ablate, overrides)
+        tag = "".join(f"-no-{a}" for a in args.ablate)
+        out = args.out or Path("runs") / f"{args.method}{tag}-{args.preset}-{_timestamp()}"
+    try:
+        result = execute(config, hooks, out, resume=checkpoint)
+    except RunInterrupted as stop:
+        if _is_main_process():
+            sys.stderr.write(f"scoredistill: interrupted by {stop} at step {stop.step}; checkpoint saved: {stop.checkpoint}; "
+                             f"continue with: scoredistill run --resume {out}\n")
+        return stop.exit_code
+    if result is not None:
+        from rich.console import Console
 
-    Console(stderr=True).print(f"[green]done[/green]: {out}  " + _headline(result.metrics))
+        Console(stderr=True).print(f"[green]done[/green]: {out}  " + _headline(result.metrics))
     return 0
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _headline(metrics: dict) -> str:
@@ -114,10 +152,18 @@ def cmd_sample(args, hooks) -> int:
         raise UserError(f"--num must be a positive integer (got {args.num})")
     if args.out.suffix != ".npy":
         raise UserError(f"--out must be a .npy file (got '{args.out}')")
-    run = load_run(args.run_dir, hooks)
+    run = load_run(args.run_dir, hooks, online=args.online)
     samples = generate(run, args.num, args.seed).numpy().astype("float32")
     atomic_write(args.out, lambda p: np.save(open(p, "wb"), samples))
     print(f"wrote {args.out}: {samples.shape[0]} samples of shape {tuple(samples.shape[1:])}")
+    return 0
+
+
+def cmd_export(args, hooks) -> int:
+    from scoredistill.export import export_run
+
+    info = export_run(args.run_dir, args.out, hooks, online=args.online)
+    print(f"wrote {args.out}: {info['generator']} ({info['weights']} weights) as a diffusers model; see {args.out / 'README.md'}")
     return 0
 
 

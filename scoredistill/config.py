@@ -21,6 +21,7 @@ import copy
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -316,7 +317,7 @@ def load_run_config(registry: Registry, path: Path) -> RunConfig:
     """Re-validate a run folder's ``config.yaml``."""
     try:
         raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    except (OSError, OmegaConfBaseException) as exc:
+    except (OSError, OmegaConfBaseException, yaml.YAMLError) as exc:
         raise UserError(f"cannot read run config {path}: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise UserError(f"run config {path} is not a mapping")

@@ -69,8 +69,11 @@ class Engine:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
         from accelerate.utils import DistributedDataParallelKwargs
 
+        if launched_processes() == 1:  # one process may run several runs (tests, compare): start from a clean state
+            AcceleratorState._reset_state(reset_partial_state=True)
         self.runtime = runtime
         self.accelerator = Accelerator(
             cpu=device.type == "cpu",
@@ -81,7 +84,7 @@ class Engine:
         self.rank, self.world_size, self.is_main = acc.process_index, acc.num_processes, acc.is_main_process
         self.distributed = self.world_size > 1
         self.fsdp = self.distributed and runtime.distributed == "fsdp"
-        self.device = acc.device if self.distributed else device
+        self.device = (acc.device if acc.device.type != "cpu" else torch.device("cpu")) if self.distributed else device
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=runtime.mixed_precision == "fp16")
 
     # -- lifecycle
@@ -100,6 +103,8 @@ class Engine:
     def wrap(self, net: nn.Module) -> nn.Module:
         """``net`` inside a :class:`Trainable`, wrapped for data parallelism (DDP or FSDP) when there are several processes."""
         module = Trainable(net)
+        if not self.distributed:
+            return module  # nothing to synchronise (autocast is the trainer's; accelerate's prepare would add ~1 s of imports)
         if not self.fsdp:
             return self.accelerator.prepare_model(module)
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -112,7 +117,7 @@ class Engine:
 
             policy = functools.partial(size_based_auto_wrap_policy, min_num_params=self.runtime.fsdp_min_params)
         return FSDP(module, device_id=self.device, sharding_strategy=ShardingStrategy[self.runtime.fsdp_sharding.upper()],
-                    auto_wrap_policy=policy, use_orig_params=True, sync_module_states=True)
+                    auto_wrap_policy=policy, use_orig_params=True, sync_module_states=self.device.type == "cuda")
 
     @staticmethod
     def inner(wrapper: nn.Module) -> nn.Module:
@@ -121,9 +126,9 @@ class Engine:
         return module.net
 
     @contextlib.contextmanager
-    def full_parameters(self, wrapper: nn.Module) -> Iterator[None]:
+    def full_parameters(self, wrapper: Optional[nn.Module]) -> Iterator[None]:
         """Within: every process holds the network's full parameters (a no-op unless FSDP). Collective."""
-        if not self.fsdp:
+        if not self.fsdp or wrapper is None:
             yield
             return
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -135,22 +140,21 @@ class Engine:
         return self.accelerator.autocast()
 
     # -- gradients
-    def grad_norm(self, wrapper: nn.Module, max_norm: Optional[float]) -> torch.Tensor:
-        """The total gradient norm of ``wrapper`` (after clipping it to ``max_norm`` when given); a device tensor."""
+    def grad_norm(self, wrapper: nn.Module, params: list[nn.Parameter], max_norm: Optional[float]) -> torch.Tensor:
+        """The total gradient norm of ``params`` (``wrapper``'s), clipped to ``max_norm`` when given; a device tensor."""
         if self.fsdp:
             return wrapper.clip_grad_norm_(max_norm if max_norm is not None else float("inf"))
-        params = [p for p in wrapper.parameters() if p.grad is not None]
         if max_norm is not None:
             return torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if not params:
-            return torch.zeros((), device=self.device)
-        return torch.nn.utils.get_total_norm([p.grad for p in params])
+        grads = [p.grad for p in params if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
 
     # -- state (collective under FSDP: every process must call these)
     def _options(self, **kw: Any):
         from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-        return StateDictOptions(full_state_dict=self.fsdp, cpu_offload=self.fsdp, **kw)
+        # cpu_offload only from GPUs: on CPU (gloo), torch 2.14 returns exp_avg and exp_avg_sq as one aliased tensor with it
+        return StateDictOptions(full_state_dict=self.fsdp, cpu_offload=self.fsdp and self.device.type != "cpu", **kw)
 
     def model_state(self, wrapper: nn.Module) -> dict[str, torch.Tensor]:
         """The network's full state dict (its own key names); empty on other ranks than 0 under FSDP."""
@@ -170,18 +174,33 @@ class Engine:
         set_model_state_dict(wrapper, {WRAPPED_PREFIX + k: v for k, v in state.items()}, options=self._options())
 
     def optimizer_state(self, wrapper: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """``{"state": {param name: {...}}, "param_groups": [...]}`` keyed by parameter name, not position."""
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+        """``{"state": {param name: {...}}, "param_groups": [...]}``, keyed by parameter name, not position."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        return get_optimizer_state_dict(wrapper, optimizer, options=self._options())
+            state = get_optimizer_state_dict(wrapper, optimizer, options=self._options())
+            return _renamed(state, lambda n: n[len(WRAPPED_PREFIX):]) if state else state
+        names = self._positions(wrapper, optimizer)
+        return _renamed(optimizer.state_dict(), lambda i: names[i])
 
     def load_optimizer_state(self, wrapper: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        set_optimizer_state_dict(wrapper, optimizer, state, options=self._options())
+            set_optimizer_state_dict(wrapper, optimizer, _renamed(state, lambda n: WRAPPED_PREFIX + n), options=self._options())
+            if not state["state"]:
+                optimizer.state.clear()  # it had not stepped yet (DCP initialises the state with a step)
+        else:
+            index = {name: i for i, name in enumerate(self._positions(wrapper, optimizer))}
+            optimizer.load_state_dict(_renamed(state, lambda n: index[n]))
         for group in optimizer.param_groups:  # JSON gives lists; torch's own state dicts hold tuples
             if isinstance(group.get("betas"), list):
                 group["betas"] = tuple(group["betas"])
+
+    def _positions(self, wrapper: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+        """The parameter names in the order of ``optimizer.state_dict()``'s indices."""
+        names = {id(p): n for n, p in self.inner(wrapper).named_parameters()}
+        return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
     # -- across processes
     def mean(self, values: torch.Tensor) -> torch.Tensor:
@@ -204,3 +223,9 @@ class Engine:
         out: list[Any] = [None] * self.world_size
         torch.distributed.all_gather_object(out, obj)
         return out
+
+
+def _renamed(state: dict, rename: Callable[[Any], Any]) -> dict:
+    """An optimiser state dict with its parameter keys mapped through ``rename`` (positions <-> names)."""
+    return {"state": {rename(k): v for k, v in state["state"].items()},
+            "param_groups": [{**g, "params": [rename(k) for k in g["params"]]} for g in state["param_groups"]]}

@@ -173,7 +173,7 @@ def scoredistill_train_start(run: Run) -> None:
 
 @hookspec
 def scoredistill_train_step_end(run: Run, step: int, logs: dict[str, float]) -> None:
-    """Called after every generator step with its detached scalar losses.
+    """Called every ``train.log_every`` generator steps (and after the last) with the scalar losses.
 
     ``logs`` is a fresh dict of Python floats; plugins may read it, not change
     the step. Keep implementations cheap: this is the hot path.

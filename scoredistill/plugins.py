@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 ENTRY_POINT_GROUP = "scoredistill"
 #: parts of the core that are plugins themselves, always registered (name -> module)
-CORE_PLUGINS: dict[str, str] = {"core": "scoredistill.builtin"}
+CORE_PLUGINS: dict[str, str] = {"core": "scoredistill.builtin", "images": "scoredistill.images.plugin"}
 ENV_DISABLE_AUTOLOAD = "SCOREDISTILL_DISABLE_PLUGIN_AUTOLOAD"
 ENV_PLUGINS = "SCOREDISTILL_PLUGINS"
 ENV_BLOCK = "SCOREDISTILL_BLOCK_PLUGINS"

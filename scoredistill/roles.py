@@ -88,6 +88,16 @@ class Generator(nn.Module):
     def forward(self, z: Tensor, cond: Optional[Tensor] = None) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def export(self, folder: Path, provenance: dict[str, Any]) -> None:
+        """Write this generator into the empty ``folder`` as a diffusers-loadable model, with a ``README.md``.
+
+        ``scoredistill export`` calls it with the run's provenance (method, preset,
+        weights, ``latent_shape``, ...) for the README. Helpers:
+        :func:`scoredistill.export.save_diffusers_model` (a ``ModelMixin`` with its code),
+        :func:`scoredistill.export.save_unet_generator` (a UNet copy plus ``sigma_max``).
+        """
+        raise UserError(f"generator '{type(self).__name__}' cannot be exported: it does not implement Generator.export")
+
 
 class FakeScore(nn.Module):
     """The fake denoiser ``D_fake`` of the generator's distribution (DMD Sec. 3.2).

@@ -10,23 +10,76 @@ Per generator step::
 
 Which terms, which fake score and which fake-score loss are the method's choice
 (its components); the loop has no knowledge of any particular method.
+
+Around the loop, and out of its way:
+
+* the :class:`~scoredistill.engine.Engine` (accelerate): one process, or data-parallel
+  processes under torchrun (DDP, or FSDP), mixed precision;
+* every update is ``backward -> unscale -> clip -> step`` (:func:`_update`); a
+  non-finite loss term or gradient either stops the run (checked at log and
+  checkpoint steps, so the loop never waits for the device) or skips the update
+  on the device (``train.on_nonfinite``);
+* checkpoints (:mod:`scoredistill.checkpoint`) every ``train.checkpoint_every``
+  steps and at the end; ``--resume`` continues bit for bit; SIGINT / SIGTERM save
+  one and stop;
+* logs (:mod:`scoredistill.runlog`): progress bar, ``history.json``, ``metrics.csv``,
+  TensorBoard, periodic sample pictures.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import Tensor, nn
 
-from scoredistill.config import RunConfig
+from scoredistill import checkpoint as ckpt
+from scoredistill.config import RunConfig, TrainConfig, load_run_config
+from scoredistill.engine import Engine, launched_processes, rank_seed
 from scoredistill.errors import UserError
 from scoredistill.io import environment_versions, load_tensors, save_tensors, write_json, write_text
 from scoredistill.plugins import Hooks
 from scoredistill.roles import BuildContext, FakeScoreLoss, GeneratorBatch, GeneratorLoss, Models, PairSource
+from scoredistill.runlog import METRICS_CSV, RunLog, check_tensorboard, weights_hash
+
+
+class TrainingStopped(UserError):
+    """A non-finite loss or gradient stopped the run (``train.on_nonfinite: stop``)."""
+
+    exit_code = 1
+
+
+class RunInterrupted(Exception):
+    """SIGINT or SIGTERM: a checkpoint was saved and the run stopped."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Optional[Path]) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+@dataclass
+class Trained:
+    """A network the run trains: the wrapper its updates run in (DDP/FSDP or plain), its optimiser and lr schedule."""
+
+    name: str
+    wrapper: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    params: list[nn.Parameter] = field(default_factory=list)
+
+    def __call__(self, objective: Callable[[nn.Module], Any]) -> Any:
+        """Run ``objective(network)`` as this network's forward (so DDP/FSDP see the whole update)."""
+        return self.wrapper(objective)
 
 
 @dataclass
@@ -43,15 +96,44 @@ class Run:
     history: list[dict[str, float]] = field(default_factory=list)
     step: int = 0
     ema: Optional[torch.optim.swa_utils.AveragedModel] = None
+    engine: Optional[Engine] = None
+    trained: dict[str, Trained] = field(default_factory=dict)
+    warmup_step: int = 0
+    guard: Optional["NonFiniteGuard"] = None
+    train_seconds: float = 0.0  # training time of earlier processes (a resumed run) and of this one once it ends
+    checkpoint_seconds: float = 0.0
+    last_checkpoint: Optional[Path] = None
+    started: Optional[float] = None  # perf_counter() when this process began training
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, over every process that worked on this run (resumes included)."""
+        return self.train_seconds + (time.perf_counter() - self.started if self.started is not None else 0.0)
 
     @property
     def sampling_generator(self) -> torch.nn.Module:
-        """The generator used for samples and evaluation: its EMA when ``train.ema_decay`` is set."""
-        return self.ema.module if self.ema is not None else self.models.generator
+        """The generator used for samples and evaluation: its EMA when ``train.ema_decay`` is set (and ``eval_with_ema``)."""
+        if self.ema is not None and self.config.train.eval_with_ema:
+            return self.ema.module
+        return self.models.generator
 
     @property
     def device(self) -> torch.device:
-        return torch.device(self.config.runtime.device)
+        return self.engine.device if self.engine is not None else torch.device(self.config.runtime.device)
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that writes files (the only one without torchrun)."""
+        return self.engine is None or self.engine.is_main
+
+    @property
+    def batch_size(self) -> int:
+        """Generator samples per step on this process: ``train.batch_size`` split over the processes."""
+        return self.config.train.batch_size // (self.engine.world_size if self.engine else 1)
+
+    @property
+    def pair_batch_size(self) -> int:
+        n = self.config.train.pair_batch_size or self.config.train.batch_size
+        return n // (self.engine.world_size if self.engine else 1)
 
     def trains_fake_score(self) -> bool:
         return self.fake_score_loss is not None and any(p.requires_grad for p in self.models.fake_score.parameters())
@@ -63,11 +145,11 @@ def _set_runtime(config: RunConfig) -> None:
     torch.manual_seed(config.seed)
 
 
-def build(config: RunConfig, hooks: Hooks, run_dir: Path, with_losses: bool = True) -> Run:
+def build(config: RunConfig, hooks: Hooks, run_dir: Path, with_losses: bool = True, device: Optional[torch.device] = None) -> Run:
     """Build every role's object through the role hooks (teacher first; it is frozen)."""
     hooks.configure(config=config)
     _set_runtime(config)
-    device = torch.device(config.runtime.device)
+    device = device if device is not None else torch.device(config.runtime.device)
     ctx = BuildContext(hooks=hooks, device=device, seed=config.seed, extra={"progress": config.runtime.progress})
     teacher = hooks.make_teacher(spec=config.teacher, ctx=ctx).to(device).eval().requires_grad_(False)
     ctx.teacher = teacher
@@ -88,45 +170,152 @@ def build(config: RunConfig, hooks: Hooks, run_dir: Path, with_losses: bool = Tr
     return Run(config, Path(run_dir), hooks, models, losses, fake_loss, pairs)
 
 
-def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params: list, clip: Optional[float]) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if clip is not None:
-        torch.nn.utils.clip_grad_norm_(params, clip)
-    optimizer.step()
+# --------------------------------------------------------------------------- one update
 
 
-def generator_step(run: Run, opt: torch.optim.Optimizer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+class NonFiniteGuard:
+    """Watches every update's loss terms and gradient norm for NaN and inf, without waiting for the device.
+
+    ``stop``: the values are kept (no device work) and :meth:`check`, at log and
+    checkpoint steps (one host sync), reports the first bad update by step and term; no
+    checkpoint is written after it, so the last one is good. ``skip``: the optimiser is
+    told on the device to skip the update (the fused Adam kernel's ``found_inf``); skips
+    are counted.
+    With fp16 loss scaling, gradient overflow is the scaler's business (it skips and
+    lowers the scale): only the losses are watched.
+    """
+
+    def __init__(self, mode: str, device: torch.device, watch_gradients: bool = True) -> None:
+        self.mode, self.watch_gradients = mode, watch_gradients
+        self.pending: list[tuple[str, str, list[str], list[Tensor]]] = []  # stop: the values, checked later
+        self.skipped = torch.zeros((), device=device)
+
+    def observe(self, where: str, network: str, terms: dict[str, Tensor], grad_norm: Tensor) -> Optional[Tensor]:
+        values = list(terms.values()) + ([grad_norm] if self.watch_gradients else [])
+        if self.mode == "stop":
+            self.pending.append((where, network, list(terms), values))  # no device work until check()
+            return None
+        bad = (~torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in values])).all()).float()
+        self.skipped += bad
+        return bad
+
+    def check(self, run: "Run") -> None:
+        """Raise :class:`TrainingStopped` for the first non-finite update since the last check (a host sync)."""
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        finite = torch.isfinite(torch.stack([v.detach().float().reshape(()) for *_, values in pending for v in values]))
+        if bool(finite.all()):
+            return
+        flags = iter(finite.tolist())
+        for where, network, terms, values in pending:
+            ok = [next(flags) for _ in values]
+            if not all(ok):
+                names = [f"loss term '{k}'" for k in terms] + [f"gradient of the {network.replace('_', ' ')}"]
+                bad = names[ok.index(False)]
+                last = run.last_checkpoint
+                keep = f"its last good checkpoint is {last}" if last is not None else "no checkpoint was written before it"
+                raise TrainingStopped(f"non-finite {bad} at {where}: the run stopped; {keep}; "
+                                      "set train.on_nonfinite=skip to skip such updates, or lower the learning rates")
+
+
+def _update(run: Run, net: Trained, loss: Tensor, terms: dict[str, Tensor], where: str) -> None:
+    """``backward -> unscale -> clip -> step`` of one network, watching for non-finite values."""
+    opt, scaler = net.optimizer, run.engine.scaler
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    grad_norm = run.engine.grad_norm(net.wrapper, net.params, run.config.train.grad_clip)
+    skip = run.guard.observe(where, net.name, terms, grad_norm)
+    if skip is not None:
+        opt.found_inf = skip  # read by the fused optimiser: it skips the update on the device
+    scaler.step(opt)
+    scaler.update()
+    if skip is not None and hasattr(opt, "found_inf"):
+        del opt.found_inf
+
+
+@contextlib.contextmanager
+def _frozen(module: nn.Module) -> Iterator[None]:
+    """Within: no gradient is accumulated into ``module``'s parameters (gradients still flow through it)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def generator_step(run: Run) -> tuple[Tensor, dict[str, Tensor]]:
     """One update of G on the weighted sum of the method's terms; returns ``sg(x)`` and the terms."""
-    cfg, models = run.config.train, run.models
-    g = models.generator
-    z = torch.randn((cfg.batch_size, *g.latent_shape), device=run.device)
-    batch = GeneratorBatch(z=z, x=g(z))
-    if run.pairs is not None:
-        batch.z_ref, batch.y_ref = run.pairs.sample(cfg.pair_batch_size or cfg.batch_size)
-    terms = {name: term(batch, models) for name, term in run.losses.items()}
-    total = sum(run.config.losses[name].weight * value for name, value in terms.items())
-    _step(opt, total, list(g.parameters()), cfg.grad_clip)
+    models = run.models
+
+    def objective(g: nn.Module) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        z = torch.randn((run.batch_size, *g.latent_shape), device=run.device)
+        batch = GeneratorBatch(z=z, x=g(z))
+        if run.pairs is not None:
+            batch.z_ref, batch.y_ref = run.pairs.sample(run.pair_batch_size)
+        terms = {name: term(batch, models) for name, term in run.losses.items()}
+        total = sum(run.config.losses[name].weight * value for name, value in terms.items())
+        return total, terms, batch.x.detach()
+
+    g, f = run.trained["generator"], run.trained.get("fake_score")
+    # D_fake is only read here (a GAN term back-propagates through it to x, not into its weights); FSDP: its full weights
+    with run.engine.full_parameters(f.wrapper if f else None), _frozen(models.fake_score):
+        with run.engine.autocast():
+            total, terms, x = g(objective)
+        terms = {k: v.detach() for k, v in terms.items()}
+        _update(run, g, total, terms, f"generator step {run.step + 1}")
     terms["generator"] = total.detach()
-    return batch.x.detach(), {k: v.detach() for k, v in terms.items()}
+    return x, terms
 
 
-def fake_score_step(run: Run, opt: torch.optim.Optimizer, x: Optional[torch.Tensor] = None) -> torch.Tensor:
+def fake_score_step(run: Run, x: Optional[Tensor] = None) -> Tensor:
     """One update of D_fake on detached generator samples (fresh ones when ``x`` is None)."""
-    cfg, models = run.config.train, run.models
+    models = run.models
+    g, f = run.trained["generator"], run.trained["fake_score"]
     if x is None:
-        with torch.no_grad():
-            x = models.generator(torch.randn((cfg.batch_size, *models.generator.latent_shape), device=run.device))
-    loss = run.fake_score_loss(x, None, models)
-    _step(opt, loss, list(models.fake_score.parameters()), cfg.grad_clip)
+        with torch.no_grad(), run.engine.autocast():
+            z = torch.randn((run.batch_size, *models.generator.latent_shape), device=run.device)
+            x = g(lambda gen: gen(z))
+    where = (f"fake-score warm-up update {run.warmup_step + 1}" if run.step == 0 and run.warmup_step < run.config.train.fake_score_warmup_steps
+             else f"a fake-score update of generator step {run.step + 1}")
+    with run.engine.full_parameters(g.wrapper):  # FSDP: G's weights for this update
+        with run.engine.autocast():
+            loss = f(lambda fake: run.fake_score_loss(x, None, models))
+        _update(run, f, loss, {"fake_score": loss.detach()}, where)
     return loss.detach()
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[losses]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), transient=False, disable=not enabled,
-    )
+# --------------------------------------------------------------------------- set-up
+
+
+def _make_optimizer(cfg: TrainConfig, name: str, wrapper: nn.Module, net: nn.Module, lr: float, fused: bool) -> torch.optim.Optimizer:
+    """Adam(W) over ``wrapper``'s parameters; submodules named in ``train.module_lr`` get their own group."""
+    params = [p for p in wrapper.parameters() if p.requires_grad]
+    groups: list[dict[str, Any]] = []
+    taken: set[int] = set()
+    for key, module_lr in cfg.module_lr.items():
+        owner, _, sub = key.partition(".")
+        if owner != name:
+            continue
+        try:
+            module = net.get_submodule(sub)
+        except AttributeError:
+            children = ", ".join(n for n, _ in net.named_children()) or "(none)"
+            raise UserError(f"train.module_lr: the {name} has no submodule '{sub}'; its submodules: {children}") from None
+        ids = {id(p) for p in module.parameters()}
+        groups.append({"params": [p for p in params if id(p) in ids], "lr": module_lr})
+        taken |= ids
+    rest = [p for p in params if id(p) not in taken]
+    groups = ([{"params": rest}] if rest else []) + groups
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    kwargs: dict[str, Any] = {"lr": lr, "betas": cfg.adam_betas, "eps": cfg.adam_eps, "weight_decay": cfg.weight_decay}
+    if fused:
+        kwargs["fused"] = True
+    return cls(groups if len(groups) > 1 else groups[0]["params"], **kwargs)
 
 
 def _lr_schedule(opt: torch.optim.Optimizer, kind: str, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
@@ -135,45 +324,215 @@ def _lr_schedule(opt: torch.optim.Optimizer, kind: str, steps: int) -> torch.opt
     return torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
 
 
-def train(run: Run) -> None:
-    """Run ``train.steps`` generator steps (after the fake-score warm-up), recording losses."""
-    cfg = run.config.train
-    models = run.models
-    opt_g = torch.optim.Adam(models.generator.parameters(), lr=cfg.generator_lr, betas=cfg.adam_betas)
-    optimizers = [opt_g]
-    opt_f = None
-    if run.trains_fake_score():
-        opt_f = torch.optim.Adam(models.fake_score.parameters(), lr=cfg.fake_score_lr, betas=cfg.adam_betas)
-        optimizers.append(opt_f)
-    schedules = [_lr_schedule(opt, cfg.lr_schedule, cfg.steps) for opt in optimizers]
+def setup(run: Run) -> None:
+    """Engine, EMA, wrapped networks, optimisers, schedules and the non-finite guard (every process)."""
+    cfg, models = run.config.train, run.models
+    engine = run.engine
+    if cfg.batch_size % engine.world_size or (cfg.pair_batch_size or cfg.batch_size) % engine.world_size:
+        raise UserError(f"train.batch_size={cfg.batch_size} (and pair_batch_size) must divide evenly over "
+                        f"{engine.world_size} processes")
     if cfg.ema_decay is not None:
         run.ema = torch.optim.swa_utils.AveragedModel(
             models.generator, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay))
+    fused = cfg.on_nonfinite == "skip"
+    nets = {"generator": (models.generator, cfg.generator_lr)}
+    if run.trains_fake_score():
+        nets["fake_score"] = (models.fake_score, cfg.fake_score_lr)
+    for name, (net, lr) in nets.items():
+        wrapper = engine.wrap(net)
+        opt = _make_optimizer(cfg, name, wrapper, net, lr, fused)
+        params = [p for p in wrapper.parameters() if p.requires_grad]
+        run.trained[name] = Trained(name, wrapper, opt, _lr_schedule(opt, cfg.lr_schedule, cfg.steps), params)
+    run.guard = NonFiniteGuard(cfg.on_nonfinite, engine.device, watch_gradients=not engine.scaler.is_enabled())
+
+
+def _update_ema(run: Run) -> None:
+    if run.ema is not None:
+        with run.engine.full_parameters(run.trained["generator"].wrapper):
+            run.ema.update_parameters(run.models.generator)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(run: Run) -> Path:
+    """Write a checkpoint of the run as it is now (every process calls this; the main one writes)."""
+    t0 = time.perf_counter()
+    run.guard.check(run)  # never after a non-finite update
+    engine, cfg = run.engine, run.config.train
+    tensors: dict[str, Tensor] = {}
+    opt_meta: dict[str, Any] = {}
+    for name, net in run.trained.items():
+        tensors.update({f"{name}.{k}": v for k, v in engine.model_state(net.wrapper).items()})
+        flat, opt_meta[name] = ckpt.optimizer_to_flat(name, engine.optimizer_state(net.wrapper, net.optimizer))
+        tensors.update(flat)
+    if run.ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in run.ema.state_dict().items()})
+    rng = engine.gather(ckpt.capture_rng(run.device))
+    name = ckpt.checkpoint_name(run.step, run.warmup_step, cfg.fake_score_warmup_steps)
+    skipped = float(run.guard.skipped)
+    if engine.is_main:
+        rng_tensors, rng_meta = ckpt.rng_to_flat(rng)
+        state = {
+            "step": run.step, "warmup_step": run.warmup_step, "world_size": engine.world_size,
+            "optimizers": opt_meta, "schedules": {n: t.schedule.state_dict() for n, t in run.trained.items()},
+            "scaler": engine.scaler.state_dict(), "rng": rng_meta, "history": run.history, "skipped": skipped,
+            "train_seconds": run.elapsed(),
+            "checkpoint_seconds": run.checkpoint_seconds,
+        }
+        ckpt.save(run.dir, name, {**tensors, **rng_tensors}, state, run.config.to_yaml(), cfg.keep_checkpoints)
+    engine.barrier()
+    run.last_checkpoint = run.dir / name
+    run.checkpoint_seconds += time.perf_counter() - t0
+    return run.last_checkpoint
+
+
+def restore(run: Run, checkpoint: ckpt.Checkpoint) -> None:
+    """Put the run back exactly as it was when ``checkpoint`` was written (after :func:`setup`)."""
+    engine, state, tensors = run.engine, checkpoint.state, checkpoint.tensors
+    try:
+        for name, net in run.trained.items():
+            engine.load_model_state(net.wrapper, ckpt.prefixed(tensors, name))
+            flat = ckpt.optimizer_from_flat(name, tensors, state["optimizers"][name])
+            engine.load_optimizer_state(net.wrapper, net.optimizer, flat)
+            net.schedule.load_state_dict(state["schedules"][name])
+        if run.ema is not None:
+            run.ema.load_state_dict(ckpt.prefixed(tensors, "ema"))
+        if state["scaler"]:
+            engine.scaler.load_state_dict(state["scaler"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise UserError(f"checkpoint {checkpoint.path} does not fit this run's networks: {str(exc).splitlines()[0]}") from None
+    run.step, run.warmup_step, run.history = state["step"], state["warmup_step"], list(state["history"])
+    run.guard.skipped.fill_(state["skipped"])
+    run.train_seconds, run.checkpoint_seconds = state["train_seconds"], state["checkpoint_seconds"]
+    run.last_checkpoint = checkpoint.path
+    if state["world_size"] == engine.world_size:
+        ckpt.restore_rng(ckpt.rng_from_flat(tensors, state["rng"], engine.rank), run.device)
+    else:
+        if engine.is_main:
+            import sys
+
+            sys.stderr.write(f"scoredistill: warning: the checkpoint was written by {state['world_size']} process(es), this run has "
+                             f"{engine.world_size}: random streams are re-seeded, so the result will not equal an uninterrupted run\n")
+        torch.manual_seed(rank_seed(run.config.seed + run.step, engine.rank))
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@contextlib.contextmanager
+def _signals() -> Iterator[list[int]]:
+    """SIGINT and SIGTERM are noted (the loop then saves a checkpoint and stops); a second SIGINT aborts."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def note(signum: int, frame: Any) -> None:
+        if received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _due(step: int, every: Optional[int]) -> bool:
+    return every is not None and step % every == 0
+
+
+def _debug_hashes(run: Run) -> dict[str, str]:
+    """Hashes of every trained network's full weights as this process sees them, and of its RNG state."""
+    out = {}
+    for name, net in run.trained.items():
+        with run.engine.full_parameters(net.wrapper):
+            out[name] = weights_hash(run.engine.inner(net.wrapper).state_dict())
+    out["rng"] = weights_hash({"torch": torch.get_rng_state()})
+    return out
+
+
+@torch.no_grad()
+def _periodic_samples(run: Run) -> Optional[Tensor]:
+    cfg = run.config.train
+    with run.engine.full_parameters(run.trained["generator"].wrapper):
+        return generate(run, cfg.sample_count, run.config.eval.seed) if run.is_main else None
+
+
+def train(run: Run, resume: Optional[ckpt.Checkpoint] = None) -> None:
+    """Run ``train.steps`` generator steps (after the fake-score warm-up), recording losses; resumable."""
+    cfg = run.config.train
+    if run.engine is None:  # a bare build(): one process
+        run.engine = Engine(run.config.runtime)
+    setup(run)
+    engine = run.engine
+    if resume is not None:
+        restore(run, resume)
+        if run.is_main and (run.dir / CONFIG_FILE).read_text() != run.config.to_yaml():
+            write_text(run.dir / CONFIG_FILE, run.config.to_yaml())  # e.g. a longer train.steps
+    elif engine.rank > 0:
+        torch.manual_seed(rank_seed(run.config.seed, engine.rank))  # each process draws its own noise
     run.hooks.train_start(run=run)
-    start = time.perf_counter()
-    with _progress(run.config.runtime.progress) as bar:
-        if opt_f is not None and cfg.fake_score_warmup_steps:
-            task = bar.add_task("fake-score warm-up", total=cfg.fake_score_warmup_steps, losses="")
-            for _ in range(cfg.fake_score_warmup_steps):
-                fake_score_step(run, opt_f)
-                bar.advance(task)
-        task = bar.add_task(f"{run.config.method}", total=cfg.steps, losses="")
-        for step in range(cfg.steps):
-            x, logs = generator_step(run, opt_g)
-            if opt_f is not None:
+    run.started = time.perf_counter()
+    check_every = 1 if not engine.distributed else cfg.log_every  # processes agree on a stop at log steps only
+
+    def stop_requested(counter: int) -> bool:
+        return counter % check_every == 0 and engine.any(bool(received))
+
+    def interrupt() -> None:
+        path = save_checkpoint(run)
+        raise RunInterrupted(received[0] if received else signal.SIGTERM, run.step, path)
+
+    fake = run.trained.get("fake_score")
+    with _signals() as received, RunLog(run) as log:
+        # 1. fake-score warm-up: fit D_fake to the initial generator before G moves
+        if fake is not None and cfg.fake_score_warmup_steps and run.step == 0:
+            log.start_warmup(cfg.fake_score_warmup_steps, run.warmup_step)
+            while run.warmup_step < cfg.fake_score_warmup_steps:
+                fake_score_step(run)
+                run.warmup_step += 1
+                log.advance()
+                if stop_requested(run.warmup_step):
+                    interrupt()
+        # 2. generator steps
+        log.start_training(cfg.steps, run.step)
+        while run.step < cfg.steps:
+            x, logs = generator_step(run)
+            if fake is not None:
                 for k in range(cfg.fake_updates_per_step):
-                    logs["fake_score"] = fake_score_step(run, opt_f, x if k == 0 else None)
-            for schedule in schedules:
-                schedule.step()
-            if run.ema is not None:
-                run.ema.update_parameters(models.generator)
-            run.step = step + 1
+                    logs["fake_score"] = fake_score_step(run, x if k == 0 else None)
+            for net in run.trained.values():
+                net.schedule.step()
+            _update_ema(run)
+            run.step += 1
+
             if run.step % cfg.log_every == 0 or run.step == cfg.steps:
-                record = {"step": run.step, "time": time.perf_counter() - start, **{k: float(v) for k, v in logs.items()}}
+                run.guard.check(run)
+                values = engine.mean(torch.stack([v.float().reshape(()) for v in logs.values()])).tolist()
+                record = {"step": run.step, "time": run.elapsed(), **dict(zip(logs, values))}
+                if cfg.on_nonfinite == "skip":
+                    record["skipped"] = float(run.guard.skipped)
                 run.history.append(record)
+                log.record(record)
                 run.hooks.train_step_end(run=run, step=run.step, logs=dict(record))
-                bar.update(task, losses="  ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in ("step", "time")))
-            bar.advance(task)
+            log.advance()
+            if run.config.runtime.debug_weight_hashes:
+                log.weight_hashes(run.step, _debug_hashes(run))
+            if _due(run.step, cfg.sample_every):
+                samples = _periodic_samples(run)
+                if samples is not None:
+                    log.picture(run.step, samples)
+            if _due(run.step, cfg.checkpoint_every) and run.step < cfg.steps:
+                save_checkpoint(run)
+            if stop_requested(run.step):
+                interrupt()
+        run.guard.check(run)
+        run.train_seconds, run.started = run.elapsed(), None
+        if run.last_checkpoint is None or run.last_checkpoint.name != ckpt.checkpoint_name(run.step, 0, 0):
+            save_checkpoint(run)  # the end of the run (also what a longer run resumes from)
     run.hooks.train_end(run=run)
 
 
@@ -194,13 +553,19 @@ def generate(run: Run, n: int, seed: int, batch_size: int = 4096) -> torch.Tenso
 
 CONFIG_FILE, METRICS_FILE, HISTORY_FILE, VERSIONS_FILE = "config.yaml", "metrics.json", "history.json", "versions.json"
 GENERATOR_FILE, FAKE_SCORE_FILE = "generator.safetensors", "fake_score.safetensors"
-ONLINE_GENERATOR_FILE = "generator_online.safetensors"
+ONLINE_GENERATOR_FILE, EMA_GENERATOR_FILE = "generator_online.safetensors", "generator_ema.safetensors"
+METRICS_CSV_FILE = METRICS_CSV
+
+
+def check_run_dir_free(path: Path) -> None:
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UserError(f"run folder '{path}' already exists and is not empty; choose another --out")
 
 
 def prepare_run_dir(path: Path) -> Path:
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise UserError(f"run folder '{path}' already exists and is not empty; choose another --out")
+    check_run_dir_free(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -212,44 +577,135 @@ class RunResult:
     metrics: dict
 
 
-def execute(config: RunConfig, hooks: Hooks, run_dir: Path) -> RunResult:
-    """Build, train, save, evaluate and report one run into ``run_dir``."""
-    run_dir = prepare_run_dir(run_dir)
-    write_text(run_dir / CONFIG_FILE, config.to_yaml())
-    write_json(run_dir / VERSIONS_FILE, environment_versions())
+def execute(config: RunConfig, hooks: Hooks, run_dir: Path, resume: Optional[ckpt.Checkpoint] = None) -> Optional[RunResult]:
+    """Build, train, save, evaluate and report one run into ``run_dir`` (or continue one from ``resume``).
+
+    Under several processes every process calls this; only the main one writes files,
+    evaluates and returns a :class:`RunResult` (the others return ``None``).
+    """
+    check_tensorboard(config.runtime.tensorboard)
+    if launched_processes() == 1 and resume is None:
+        check_run_dir_free(run_dir)  # before accelerate starts: nothing to undo on a mistake
+    engine = Engine(config.runtime)
+    try:
+        return _execute(config, hooks, Path(run_dir), engine, resume)
+    finally:
+        engine.close()
+
+
+def _execute(config: RunConfig, hooks: Hooks, run_dir: Path, engine: Engine, resume: Optional[ckpt.Checkpoint]) -> Optional[RunResult]:
+    if resume is None:
+        check_run_dir_free(run_dir)  # every process looks before any writes
+        engine.barrier()
+        if engine.is_main:
+            prepare_run_dir(run_dir)
+            write_text(run_dir / CONFIG_FILE, config.to_yaml())
+            write_json(run_dir / VERSIONS_FILE, environment_versions())
+        engine.barrier()
     t0 = time.perf_counter()
-    run = build(config, hooks, run_dir)
-    train(run)
-    train_seconds = time.perf_counter() - t0
-    save_tensors(run_dir / GENERATOR_FILE, run.sampling_generator.state_dict())
-    if run.ema is not None:
-        save_tensors(run_dir / ONLINE_GENERATOR_FILE, run.models.generator.state_dict())
-    if run.trains_fake_score():
-        save_tensors(run_dir / FAKE_SCORE_FILE, run.models.fake_score.state_dict())
-    write_json(run_dir / HISTORY_FILE, run.history)
-    samples = generate(run, config.eval.num_samples, config.eval.seed)
-    metrics = {"method": config.method, "preset": config.preset, "ablations": list(config.ablations),
-               "train_seconds": round(train_seconds, 3), **hooks.evaluate(run=run, samples=samples)}
-    write_json(run_dir / METRICS_FILE, metrics)
-    hooks.report(run=run, samples=samples, metrics=metrics)
-    return RunResult(run, samples, metrics)
+    run = build(config, hooks, run_dir, device=engine.device)
+    run.engine = engine
+    build_seconds = time.perf_counter() - t0
+    train(run, resume)
+    train_seconds = build_seconds + run.train_seconds
+
+    g = run.trained["generator"]
+    online = engine.model_state(g.wrapper)
+    fake = engine.model_state(run.trained["fake_score"].wrapper) if "fake_score" in run.trained else None
+    with engine.full_parameters(g.wrapper):
+        samples = generate(run, config.eval.num_samples, config.eval.seed) if engine.is_main else None
+    result = None
+    if engine.is_main:
+        ema = run.ema.module.state_dict() if run.ema is not None else None
+        use_ema = ema is not None and config.train.eval_with_ema
+        save_tensors(run_dir / GENERATOR_FILE, ema if use_ema else online)
+        if use_ema:
+            save_tensors(run_dir / ONLINE_GENERATOR_FILE, online)
+        elif ema is not None:
+            save_tensors(run_dir / EMA_GENERATOR_FILE, ema)
+        if fake is not None:
+            save_tensors(run_dir / FAKE_SCORE_FILE, fake)
+        write_json(run_dir / HISTORY_FILE, run.history)
+        metrics = {"method": config.method, "preset": config.preset, "ablations": list(config.ablations),
+                   "train_seconds": round(train_seconds, 3),
+                   "trainer": {"processes": engine.world_size, "checkpoint_seconds": round(run.checkpoint_seconds, 3),
+                               "skipped_updates": int(run.guard.skipped)},
+                   **hooks.evaluate(run=run, samples=samples)}
+        write_json(run_dir / METRICS_FILE, metrics)
+        hooks.report(run=run, samples=samples, metrics=metrics)
+        result = RunResult(run, samples, metrics)
+    return result  # no barrier: the other processes need not wait (and time out) while the main one evaluates
 
 
-def load_run(run_dir: Path, hooks: Hooks) -> Run:
-    """Rebuild a finished run's generator (and teacher) from its folder."""
-    from scoredistill.config import load_run_config
+# --------------------------------------------------------------------------- resuming and loading
 
+
+#: ``--set`` keys a resumed run may change: they do not change its numbers (train.steps extends it)
+RESUMABLE_OVERRIDES = ("train.steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
+                       "train.sample_every", "train.sample_count", "runtime.progress", "runtime.tensorboard",
+                       "runtime.debug_weight_hashes")
+
+
+def resume_config(hooks: Hooks, target: Path, overrides: list[str]) -> tuple[RunConfig, ckpt.Checkpoint, Path]:
+    """The config, checkpoint and run folder to continue from ``target`` (a run folder or one of its checkpoints).
+
+    Everything is checked (the checkpoint against its manifest included) before anything is written.
+    """
+    from omegaconf import OmegaConf
+
+    from scoredistill.config import parse_overrides, validate
+
+    target = Path(target)
+    run_dir = target.parent if ckpt.is_checkpoint_path(target) else target
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise UserError(f"'{run_dir}' is not a run folder: it has no {CONFIG_FILE}")
+    base = load_run_config(hooks.registry, run_dir / CONFIG_FILE)
+    changes = parse_overrides(overrides)
+    flat = {k for k in _dotted(changes)}
+    for key in sorted(flat):
+        if key not in RESUMABLE_OVERRIDES:
+            raise UserError(f"--set {key} cannot change on --resume (it would change the run's numbers); "
+                            f"allowed: {', '.join(RESUMABLE_OVERRIDES)}; start a new run to change it")
+    merged = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(base.to_dict()), OmegaConf.create(changes)), resolve=True)
+    config = validate(hooks.registry, merged)
+    checkpoint = ckpt.load(ckpt.locate(target))
+    step = checkpoint.state["step"]
+    if config.train.steps < step:
+        raise UserError(f"train.steps={config.train.steps} is below the checkpoint's step {step}")
+    if config.train.steps != base.train.steps and config.train.lr_schedule == "cosine":
+        raise UserError("train.steps cannot change on --resume with train.lr_schedule=cosine (its horizon is the original train.steps)")
+    if step >= config.train.steps and (run_dir / GENERATOR_FILE).is_file():
+        raise UserError(f"run '{run_dir}' is already finished at step {step}; to train longer: --set train.steps=N with N > {step}")
+    return config, checkpoint, run_dir
+
+
+def _dotted(d: dict, prefix: str = "") -> Iterator[str]:
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            yield from _dotted(v, key + ".")
+        else:
+            yield key
+
+
+def load_run(run_dir: Path, hooks: Hooks, online: bool = False) -> Run:
+    """Rebuild a finished run's generator (and teacher) from its folder (``online``: the non-EMA weights)."""
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
         raise UserError(f"'{run_dir}' is not a run folder: it has no {CONFIG_FILE}")
     if not (run_dir / GENERATOR_FILE).is_file():
         raise UserError(f"run folder '{run_dir}' has no {GENERATOR_FILE} (did the run finish?)")
     config = load_run_config(hooks.registry, run_dir / CONFIG_FILE)
+    weights = GENERATOR_FILE
+    if online and config.train.ema_decay is not None and config.train.eval_with_ema:
+        weights = ONLINE_GENERATOR_FILE
+    elif online and config.train.ema_decay is None:
+        raise UserError(f"run '{run_dir}' used no EMA (train.ema_decay is null): its only weights are {GENERATOR_FILE}; drop --online")
     config = config.model_copy(update={"runtime": config.runtime.model_copy(update={"progress": False})})
     run = build(config, hooks, run_dir, with_losses=False)
     try:
-        state = load_tensors(run_dir / GENERATOR_FILE)
+        state = load_tensors(run_dir / weights)
         run.models.generator.load_state_dict(state)
     except Exception as exc:  # corrupt or mismatched file
-        raise UserError(f"cannot load {run_dir / GENERATOR_FILE}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"cannot load {run_dir / weights}: {str(exc).splitlines()[0]}") from None
     return run

@@ -68,7 +68,7 @@ def test_resolved_config_round_trips_through_yaml(hooks, tmp_path):
     "method, preset, ablations, overrides, message",
     [
         ("dmdx", "toy2d", [], [], "unknown method 'dmdx'; allowed: "),
-        ("dmd", "toy3d", [], [], "unknown preset 'toy3d'; allowed: toy2d"),
+        ("dmd", "toy3d", [], [], "unknown preset 'toy3d'; allowed: "),
         ("dmd", "toy2d", ["gan"], [], "unknown ablation 'gan' for method 'dmd'; allowed: distribution_matching, fake_score, regression"),
         ("dmd", "toy2d", [], ["generator.component=resnet"], "unknown generator component 'resnet'; allowed: "),
         ("dmd", "toy2d", [], ["train.stepz=3"], "unknown config key 'train.stepz'; allowed here: "),

@@ -1,0 +1,65 @@
+"""Fault injection for testing a run's resilience: a plugin loaded only on request (``-p scoredistill.faults``).
+
+* ``SCOREDISTILL_FAULT_SIGNAL=STEP:SIGNAL`` (e.g. ``25:SIGKILL``, ``25:SIGTERM``): the main
+  process sends itself SIGNAL when generator step STEP is logged (``train.log_every``
+  must divide STEP);
+* the generator-loss component ``nan_at``: zero, except at the listed calls (generator
+  steps, counted from 1 in this process), where it is NaN, or has a NaN gradient with a
+  finite value (``gradient_only: true``)::
+
+      --set losses.boom.component=nan_at --set losses.boom.steps=[17]
+
+Used by the test suite and ``scripts/check_resume_exact.py``; harmless unless enabled.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from scoredistill.hookspecs import hookimpl
+from scoredistill.registry import component
+from scoredistill.roles import GeneratorLoss
+
+ENV_SIGNAL = "SCOREDISTILL_FAULT_SIGNAL"
+
+
+@component("nan_at", role="generator_loss", paper="(fault injection for tests)")
+class NaNAt(GeneratorLoss):
+    """A zero loss term that is NaN (or has a NaN gradient) at chosen generator steps: for testing train.on_nonfinite."""
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        steps: list[int] = Field(default_factory=list, description="calls (1 = first generator step of this process) that go wrong")
+        gradient_only: bool = Field(False, description="a finite value (0) with a NaN gradient instead of a NaN value")
+
+    def __init__(self, config: "NaNAt.Config", ctx=None) -> None:
+        super().__init__()
+        self.config = config
+        self.calls = 0
+
+    def forward(self, batch, models) -> torch.Tensor:
+        self.calls += 1
+        if self.calls not in self.config.steps:
+            return (batch.x * 0).sum()
+        if self.config.gradient_only:
+            return (batch.x * 0).abs().sqrt().sum()  # 0, with gradient 0 * inf = NaN
+        return (batch.x * float("nan")).sum()
+
+
+@hookimpl
+def scoredistill_add_components() -> list[type]:
+    return [NaNAt]
+
+
+@hookimpl
+def scoredistill_train_step_end(run, step: int, logs: dict) -> None:
+    spec = os.environ.get(ENV_SIGNAL)
+    if not spec or not run.is_main:
+        return
+    at, _, name = spec.partition(":")
+    if step == int(at):
+        os.kill(os.getpid(), getattr(signal, name or "SIGKILL"))

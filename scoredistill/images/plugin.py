@@ -1,0 +1,211 @@
+"""The images plugin: image teachers, UNet generator / fake score, sharded ODE pairs, image metrics, commands.
+
+Registered by the core (``CORE_PLUGINS["images"]``). Hooks:
+
+* components: ``diffusers_unet`` and ``digits_unet`` (teachers), ``unet_generator``,
+  ``unet_denoiser`` (fake score); preset ``digits``;
+* ``scoredistill_make_pair_source``: ``ode_pairs`` for an image teacher is built as
+  resumable safetensors shards (:mod:`scoredistill.images.pairs`);
+* ``scoredistill_evaluate`` / ``scoredistill_report`` for image teachers: FID (digits
+  classifier; Inception where cached), class histogram, ``samples.png`` (teacher vs
+  generator on the same noise) and ``class_histogram.png``;
+* commands ``scoredistill teacher train`` and ``scoredistill eval RUN_DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from pydantic import ValidationError
+
+from scoredistill.errors import UserError
+from scoredistill.hookspecs import hookimpl
+from scoredistill.registry import Preset
+
+from scoredistill.images.networks import UNetFakeScore, UNetGenerator
+from scoredistill.images.teachers import DiffusersTeacher, DigitsTeacher, ImageTeacher
+
+PRESET_DIR = Path(__file__).parent / "presets"
+IMAGE_TEACHERS = ("diffusers_unet", "digits_unet")
+IMAGE_NETWORKS = {"generator": ("unet_generator",), "fake_score": ("unet_denoiser",)}
+FLAT_NETWORKS = {"generator": ("mlp_generator",), "fake_score": ("mlp_denoiser",)}
+EVAL_FILE = "eval.json"
+
+
+def _log(msg: str) -> None:
+    print(f"scoredistill: {msg}", file=sys.stderr)
+
+
+@hookimpl
+def scoredistill_add_components() -> list[type]:
+    return [DiffusersTeacher, DigitsTeacher, UNetGenerator, UNetFakeScore]
+
+
+@hookimpl
+def scoredistill_add_presets() -> list[Preset]:
+    return [Preset.from_yaml(p) for p in sorted(PRESET_DIR.glob("*.yaml"))]
+
+
+@hookimpl
+def scoredistill_configure(config) -> None:
+    """Refuse teacher / network combinations that cannot work, before a teacher is trained or loaded."""
+    image_teacher = config.teacher.component in IMAGE_TEACHERS
+    for role in ("generator", "fake_score"):
+        name = getattr(config, role).component
+        if name in IMAGE_NETWORKS[role] and not image_teacher:
+            raise UserError(f"{role} '{name}' copies an image teacher's UNet but the teacher is '{config.teacher.component}': "
+                            f"use teacher.component {' or '.join(IMAGE_TEACHERS)}")
+        if name in FLAT_NETWORKS[role] and image_teacher:
+            raise UserError(f"{role} '{name}' is for flat (2-D) data but the teacher '{config.teacher.component}' makes images: "
+                            f"use {role}.component={IMAGE_NETWORKS[role][0]}")
+
+
+@hookimpl
+def scoredistill_make_pair_source(spec, ctx):
+    if spec.component == "ode_pairs" and isinstance(ctx.teacher, ImageTeacher):
+        from scoredistill.images.pairs import ShardedODEPairs
+
+        return ShardedODEPairs(spec.config, ctx)
+    return None
+
+
+# --------------------------------------------------------------------------- evaluation and report
+
+
+@hookimpl
+def scoredistill_evaluate(run, samples):
+    teacher = run.models.teacher
+    if not isinstance(teacher, ImageTeacher):
+        return None
+    from scoredistill.images.metrics import evaluate_images, option
+
+    return evaluate_images(teacher, samples, seed=option("seed", run.config.eval.seed), inception=option("inception", "auto"),
+                           log=_log)
+
+
+@hookimpl
+def scoredistill_report(run, samples, metrics):
+    teacher = run.models.teacher
+    if not isinstance(teacher, ImageTeacher):
+        return
+    from scoredistill.images import plots
+    from scoredistill.images.metrics import option, teacher_samples
+
+    seed = option("seed", run.config.eval.seed)
+    t_samples = teacher_samples(teacher, len(samples), seed)
+    tm = metrics.get("teacher") or {}
+
+    def fid(m: dict) -> str:
+        return f", FID {m['fid']:.3g}" if isinstance(m.get("fid"), (int, float)) else ""
+
+    title = run.config.method + (f" (ablate {', '.join(run.config.ablations)})" if run.config.ablations else "")
+    plots.sample_grids([(f"teacher: Heun, {teacher.sampler_nfe} NFE{fid(tm)}", t_samples),
+                        (f"generator: 1 NFE{fid(metrics)}", samples)], run.dir / "samples.png", f"{title} (same noise)")
+    if "class_histogram" in metrics:
+        series = [("generator", metrics["class_histogram"])]
+        if "class_histogram" in tm:
+            series.append(("teacher", tm["class_histogram"]))
+        if "class_histogram" in (metrics.get("target") or {}):
+            series.append(("real train split", metrics["target"]["class_histogram"]))
+        plots.class_histogram(series, run.dir / "class_histogram.png", title)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@hookimpl
+def scoredistill_add_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("teacher", help="train the embedded digits teacher (cached, resumable)")
+    actions = p.add_subparsers(dest="teacher_command", required=True, metavar="ACTION")
+    t = actions.add_parser("train", help="train a preset's digits teacher into its cache folder (resumes if interrupted)")
+    t.set_defaults(func=cmd_teacher_train)
+    t.add_argument("--preset", default="digits", help="preset whose teacher to train (default: digits)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a teacher setting, e.g. teacher.train_steps=3000 (repeatable)")
+    t.add_argument("--out", type=Path, default=None, help="teacher folder (default: $SCOREDISTILL_DIGITS_TEACHER or the cache)")
+    t.add_argument("--threads", type=int, default=None, help="torch threads")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    e = subparsers.add_parser("eval", help="evaluate a finished image run: FID, class coverage, sample grid")
+    e.set_defaults(func=cmd_eval)
+    e.add_argument("run_dir", type=Path, help="a finished run folder (from 'scoredistill run')")
+    e.add_argument("--num", type=int, default=None, help="generated samples (default: the run's eval.num_samples)")
+    e.add_argument("--seed", type=int, default=None, help="noise seed (default: the run's eval.seed)")
+    e.add_argument("--inception", choices=("auto", "require", "off"), default="auto",
+                   help="Inception FID: where its weights are cached (auto), or fail without them (require), or never")
+    e.add_argument("--out", type=Path, default=None, help=f"metrics file (default: RUN_DIR/{EVAL_FILE})")
+
+
+def _teacher_config(hooks, preset: str, overrides: list[str]) -> DigitsTeacher.Config:
+    from scoredistill.config import parse_overrides
+
+    section = dict(hooks.registry.preset(preset).config.get("teacher") or {})
+    if section.get("component") != "digits_unet":
+        raise UserError(f"preset '{preset}' has teacher '{section.get('component')}'; 'teacher train' trains digits_unet "
+                        "teachers only (bring other teachers as diffusers folders: teacher.path=FOLDER)")
+    extra = parse_overrides(overrides)
+    unknown = [k for k in extra if k != "teacher"]
+    if unknown:
+        raise UserError(f"'teacher train' takes teacher.KEY=VALUE overrides only (got '{unknown[0]}')")
+    merged = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(section), OmegaConf.create(extra.get("teacher") or {})))
+    merged.pop("component")
+    try:
+        return DigitsTeacher.Config.model_validate(merged)
+    except ValidationError as err:
+        e = err.errors()[0]
+        raise UserError(f"invalid teacher setting 'teacher.{'.'.join(map(str, e['loc']))}': {e['msg']}") from None
+
+
+def cmd_teacher_train(args, hooks) -> int:
+    import torch
+
+    from scoredistill.images.training import is_complete, train_digits_teacher
+
+    config = _teacher_config(hooks, args.preset, args.overrides)
+    folder = args.out or DigitsTeacher.folder(config)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if is_complete(folder):
+        print(f"digits teacher already trained: {folder}")
+        return 0
+    t0 = time.perf_counter()
+    train_digits_teacher(DigitsTeacher.settings(config), folder, progress=not args.quiet, log=_log)
+    print(f"digits teacher trained in {time.perf_counter() - t0:.0f} s: {folder}")
+    return 0
+
+
+def cmd_eval(args, hooks) -> int:
+    from rich.console import Console
+
+    from scoredistill.io import write_json
+    from scoredistill.images.metrics import EVAL_OPTIONS
+    from scoredistill.trainer import generate, load_run
+
+    if args.num is not None and args.num < 2:
+        raise UserError(f"--num must be at least 2 (got {args.num})")
+    run = load_run(args.run_dir, hooks)
+    if not isinstance(run.models.teacher, ImageTeacher):
+        raise UserError(f"'scoredistill eval' evaluates image runs; the teacher of '{args.run_dir}' is "
+                        f"'{run.config.teacher.component}' (its metrics are in metrics.json)")
+    n = args.num or run.config.eval.num_samples
+    seed = run.config.eval.seed if args.seed is None else args.seed
+    token = EVAL_OPTIONS.set({"inception": args.inception, "seed": seed})
+    try:
+        samples = generate(run, n, seed)
+        metrics = {"run": str(args.run_dir), "num_samples": n, "seed": seed, **hooks.evaluate(run=run, samples=samples)}
+        out = args.out or Path(args.run_dir) / EVAL_FILE
+        write_json(out, metrics)
+        hooks.report(run=run, samples=samples, metrics=metrics)
+    finally:
+        EVAL_OPTIONS.reset(token)
+    tm = metrics.get("teacher") or {}
+    keys = ("fid", "fid_train", "fid_inception", "class_coverage", "classes_present")
+    line = "  ".join(f"{k}={metrics[k]}" for k in keys if k in metrics and metrics[k] is not None)
+    tline = "  ".join(f"{k}={tm[k]}" for k in keys if k in tm and tm[k] is not None)
+    Console(stderr=True).print(f"[green]evaluated[/green] {args.run_dir} -> {out}\n  generator (1 NFE): {line}\n"
+                               f"  teacher ({tm.get('sampler', '?')}): {tline}")
+    return 0
