@@ -122,11 +122,19 @@ class RuntimeConfig(BaseModel):
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
         "no", description="autocast the forward passes: bf16, or fp16 with dynamic loss scaling (CUDA only); weights stay fp32")
     tf32: bool = Field(True, description="allow TF32 matrix products and convolutions on CUDA GPUs that have them")
+    compile: bool = Field(False, description="torch.compile the teacher, generator and fake score for training (GPUs: faster after a warm-up of minutes)")
+    compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = Field(None, description="torch.compile mode: null (default), 'reduce-overhead' (CUDA graphs) or 'max-autotune'")
+    channels_last: bool = Field(False, description="keep the networks' 4-D weights in channels-last memory format (convolutional UNets on GPUs)")
     find_unused_parameters: bool = Field(False, description="DDP: allow trained parameters that a step does not use (slower)")
     tensorboard: Optional[bool] = Field(
         None, description="write TensorBoard scalars to RUN/tensorboard; null: when the tensorboard package is installed")
     debug_weight_hashes: bool = Field(
         False, description="debug: after every step, each process appends a hash of its weights to RUN/debug/weights.rankR.txt")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML reads a bare 'no' (--set runtime.mixed_precision=no) as false
 
 
 class RunConfig(BaseModel):

@@ -289,6 +289,23 @@ def fake_score_step(run: Run, x: Optional[Tensor] = None) -> Tensor:
     return loss.detach()
 
 
+def train_iteration(run: Run) -> dict[str, Tensor]:
+    """One training iteration (Algorithm 1): a generator step, ``train.fake_updates_per_step`` fake-score
+    steps (the first on the generator step's own samples), the lr schedules and the EMA.
+
+    Returns the logged values as device tensors: nothing here waits for the device.
+    """
+    x, logs = generator_step(run)
+    if "fake_score" in run.trained:
+        for k in range(run.config.train.fake_updates_per_step):
+            logs["fake_score"] = fake_score_step(run, x if k == 0 else None)
+    for net in run.trained.values():
+        net.schedule.step()
+    _update_ema(run)
+    run.step += 1
+    return logs
+
+
 # --------------------------------------------------------------------------- set-up
 
 
@@ -324,17 +341,62 @@ def _lr_schedule(opt: torch.optim.Optimizer, kind: str, steps: int) -> torch.opt
     return torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
 
 
+class EMA(torch.optim.swa_utils.AveragedModel):
+    """An exponential moving average of the generator's weights, ``ema <- ema + (1 - decay) (w - ema)``.
+
+    :class:`~torch.optim.swa_utils.AveragedModel` (same state dict, so checkpoints are
+    interchangeable) whose update never waits for the device: its ``n_averaged == 0``
+    test is kept on the host, read from the device once (after a resume).
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        super().__init__(model, use_buffers=False)
+        self.decay = decay
+        self._count: Optional[int] = None
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        if self._count is None:
+            self._count = int(self.n_averaged)  # once: 0 for a new run, the checkpoint's count after a resume
+        mine = [p.detach() for p in self.module.parameters()]
+        theirs = [p.detach().to(q.device) for p, q in zip(model.parameters(), mine)]
+        if self._count == 0:
+            torch._foreach_copy_(mine, theirs)
+        else:
+            torch._foreach_lerp_(mine, theirs, 1.0 - self.decay)
+        self.n_averaged += 1
+        self._count += 1
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self._count = None
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _speed_options(run: Run) -> None:
+    """``runtime.channels_last`` and ``runtime.compile``: on the networks themselves, after the EMA copy is made."""
+    rt, models = run.config.runtime, run.models
+    nets = [models.teacher, models.generator, models.fake_score]
+    if rt.channels_last:
+        for net in nets:
+            net.to(memory_format=torch.channels_last)
+    if rt.compile:
+        for net in nets:
+            net.compile(mode=rt.compile_mode, dynamic=False)  # in place: state dict keys are unchanged
+
+
 def setup(run: Run) -> None:
-    """Engine, EMA, wrapped networks, optimisers, schedules and the non-finite guard (every process)."""
+    """Engine, EMA, speed options, wrapped networks, optimisers, schedules and the non-finite guard (every process)."""
     cfg, models = run.config.train, run.models
+    if run.engine is None:  # a bare build(): one process
+        run.engine = Engine(run.config.runtime)
     engine = run.engine
     if cfg.batch_size % engine.world_size or (cfg.pair_batch_size or cfg.batch_size) % engine.world_size:
         raise UserError(f"train.batch_size={cfg.batch_size} (and pair_batch_size) must divide evenly over "
                         f"{engine.world_size} processes")
     if cfg.ema_decay is not None:
-        run.ema = torch.optim.swa_utils.AveragedModel(
-            models.generator, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay))
-    fused = cfg.on_nonfinite == "skip"
+        run.ema = EMA(models.generator, cfg.ema_decay)
+    _speed_options(run)
+    fused = cfg.on_nonfinite == "skip" or engine.device.type == "cuda"  # one kernel per step on GPUs
     nets = {"generator": (models.generator, cfg.generator_lr)}
     if run.trains_fake_score():
         nets["fake_score"] = (models.fake_score, cfg.fake_score_lr)
@@ -465,8 +527,6 @@ def _periodic_samples(run: Run) -> Optional[Tensor]:
 def train(run: Run, resume: Optional[ckpt.Checkpoint] = None) -> None:
     """Run ``train.steps`` generator steps (after the fake-score warm-up), recording losses; resumable."""
     cfg = run.config.train
-    if run.engine is None:  # a bare build(): one process
-        run.engine = Engine(run.config.runtime)
     setup(run)
     engine = run.engine
     if resume is not None:
@@ -500,14 +560,7 @@ def train(run: Run, resume: Optional[ckpt.Checkpoint] = None) -> None:
         # 2. generator steps
         log.start_training(cfg.steps, run.step)
         while run.step < cfg.steps:
-            x, logs = generator_step(run)
-            if fake is not None:
-                for k in range(cfg.fake_updates_per_step):
-                    logs["fake_score"] = fake_score_step(run, x if k == 0 else None)
-            for net in run.trained.values():
-                net.schedule.step()
-            _update_ema(run)
-            run.step += 1
+            logs = train_iteration(run)
 
             if run.step % cfg.log_every == 0 or run.step == cfg.steps:
                 run.guard.check(run)

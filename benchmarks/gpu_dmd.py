@@ -1,0 +1,223 @@
+"""DMD iterations on a CIFAR-sized diffusers UNet teacher: images/s, peak memory, share of the card's bf16 peak.
+
+    python benchmarks/gpu_dmd.py                      # on a CUDA machine: the issue-7 table
+    python benchmarks/gpu_dmd.py --device cpu --tiny  # a smoke test of the script itself
+
+Everything goes through scoredistill's own code path: a ``diffusers_unet`` teacher saved
+to a folder (random weights: the speed does not depend on them), ``unet_generator`` and
+``unet_denoiser`` copies of it, the DMD method with its ``regression`` ablation (no ODE
+pairs), and :func:`scoredistill.trainer.train_iteration` (a generator step through the
+distribution-matching gradient, then one fake-score step, fused AdamW on CUDA). No EMA,
+as in the reference loop of issue 7.
+
+The architecture is the DDPM CIFAR-10 ``UNet2DModel`` (35.7 M parameters), EDM
+preconditioning, 32x32x3. For each setting (precision, ``torch.compile``, batch) the
+script warms up, then times ``--iters`` iterations between two device synchronisations.
+FLOPs per image are counted, not assumed: :class:`torch.utils.flop_counter.FlopCounterMode`
+over one iteration (matrix products, convolutions and attention, forward and backward).
+The card's bf16 rate is measured here too (an 8192^3 bf16 matrix product), and the top
+CUDA kernels of a bf16 iteration are profiled, so the table says where the time goes.
+Writes ``--out`` (JSON) and ``--profile-out`` (text).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+CIFAR_UNET = dict(  # the DDPM CIFAR-10 UNet2DModel (google/ddpm-cifar10-32)
+    block_out_channels=(128, 256, 256, 256), layers_per_block=2,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+)
+TINY_UNET = dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                 down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+
+#: (name, mixed precision, tf32, compile, channels_last, batch multiplier)
+SETTINGS = [
+    ("fp32", "no", False, False, False, 1),
+    ("tf32", "no", True, False, False, 1),
+    ("bf16", "bf16", True, False, False, 1),
+    ("bf16+channels_last", "bf16", True, False, True, 1),
+    ("bf16+compile", "bf16", True, True, False, 1),
+    ("bf16 batch x4", "bf16", True, False, False, 4),
+]
+
+
+def save_teacher(folder: Path, arch: dict, size: int) -> Path:
+    """A random-weight UNet2DModel with an EDM scheduler config, saved as a user would."""
+    import diffusers
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=size, in_channels=3, out_channels=3, **arch)
+    unet.save_pretrained(folder / "unet")
+    diffusers.EDMEulerScheduler(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5).save_pretrained(folder / "scheduler")
+    return folder
+
+
+def make_run(teacher: Path, batch: int, device: str, precision: str, tf32: bool, compile_: bool, channels_last: bool):
+    from scoredistill.config import resolve
+    from scoredistill.plugins import Hooks
+    from scoredistill.trainer import build, setup
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    hooks = Hooks()
+    overrides = [f"teacher.component=diffusers_unet", f"teacher.path={teacher}", "generator.component=unet_generator",
+                 "fake_score.component=unet_denoiser", f"train.batch_size={batch}", "train.ema_decay=null",
+                 "train.lr_schedule=constant", f"runtime.device={device}", f"runtime.mixed_precision={precision}",
+                 f"runtime.tf32={str(tf32).lower()}", f"runtime.compile={str(compile_).lower()}",
+                 f"runtime.channels_last={str(channels_last).lower()}", "runtime.progress=false", "runtime.num_threads=null"]
+    config = resolve(hooks.registry, "dmd", "digits", ["regression"], overrides)
+    run = build(config, hooks, Path(tempfile.mkdtemp(prefix="gpu_dmd_")))
+    setup(run)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32  # the engine may have set them
+    return run
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_setting(teacher: Path, device: str, batch: int, precision: str, tf32: bool, compile_: bool, channels_last: bool,
+                 warmup: int, iters: int) -> dict:
+    from scoredistill.trainer import train_iteration
+
+    run = make_run(teacher, batch, device, precision, tf32, compile_, channels_last)
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        logs = train_iteration(run)
+    _sync(device)
+    warm = time.perf_counter() - t0
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        logs = train_iteration(run)
+    _sync(device)
+    sec = (time.perf_counter() - t0) / iters
+    finite = all(bool(torch.isfinite(v).all()) for v in logs.values())
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
+    del run
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return {"batch": batch, "seconds_per_iteration": sec, "iterations_per_s": 1 / sec, "images_per_s": batch / sec,
+            "peak_gib": peak, "warmup_seconds": warm, "losses_finite": finite}
+
+
+def count_flops(teacher: Path, device: str, batch: int) -> float:
+    """FLOPs of one training iteration per image, counted by torch's FlopCounterMode (fp32, eager)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from scoredistill.trainer import train_iteration
+
+    run = make_run(teacher, batch, device, "no", False, False, False)
+    train_iteration(run)  # lazy state (optimiser moments) outside the count
+    counter = FlopCounterMode(display=False)
+    with counter:
+        train_iteration(run)
+    return counter.get_total_flops() / batch
+
+
+def matmul_peak(device: str, n: int = 8192, reps: int = 10) -> float:
+    """Measured bf16 matrix-product rate (TFLOP/s) on random data: the card's practical ceiling."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def profile_kernels(teacher: Path, device: str, batch: int, top: int = 25) -> str:
+    """The top CUDA kernels of three bf16 iterations (eager), by total device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from scoredistill.trainer import train_iteration
+
+    run = make_run(teacher, batch, device, "bf16", True, False, False)
+    for _ in range(3):
+        train_iteration(run)
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            train_iteration(run)
+        _sync(device)
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--tiny", action="store_true", help="a tiny UNet at 8x8 (smoke test)")
+    p.add_argument("--only", nargs="*", default=None, help="setting names to run (default: all)")
+    p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_dmd.json"))
+    p.add_argument("--profile-out", type=Path, default=None)
+    args = p.parse_args()
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        sys.exit("gpu_dmd: no CUDA device here; use --device cpu --tiny for a smoke test")
+    arch, size = (TINY_UNET, 8) if args.tiny else (CIFAR_UNET, 32)
+    teacher = save_teacher(Path(tempfile.mkdtemp(prefix="gpu_dmd_teacher_")), arch, size)
+
+    import diffusers
+
+    n_params = sum(p.numel() for p in diffusers.UNet2DModel.from_pretrained(str(teacher / "unet")).parameters())
+    card = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
+    result = {"device": card, "torch": torch.__version__, "diffusers": diffusers.__version__,
+              "unet": {**{k: list(v) if isinstance(v, tuple) else v for k, v in arch.items()}, "image": [3, size, size],
+                       "parameters": n_params},
+              "settings": {}}
+    flops = count_flops(teacher, args.device, min(args.batch, 8))
+    result["gflop_per_image"] = flops / 1e9
+    result["measured_bf16_tflops"] = matmul_peak(args.device) if cuda else None
+    print(f"{card}: UNet {n_params / 1e6:.1f} M parameters, {size}x{size}x3; one DMD iteration = "
+          f"{flops / 1e9:.1f} GFLOP per image; bf16 matrix peak {result['measured_bf16_tflops'] or float('nan'):.0f} TFLOP/s",
+          flush=True)
+
+    profiled = False
+    for name, precision, tf32, compile_, channels_last, mult in SETTINGS:
+        if args.only is not None and name not in args.only:
+            continue
+        if compile_ and cuda and not args.no_profile and not profiled:  # the profile before the long compile warm-up
+            write_profile(teacher, args)
+            profiled = True
+        r = time_setting(teacher, args.device, args.batch * mult, precision, tf32, compile_, channels_last, args.warmup, args.iters)
+        if result["measured_bf16_tflops"]:
+            r["share_of_bf16_peak"] = r["images_per_s"] * flops / (result["measured_bf16_tflops"] * 1e12)
+        result["settings"][name] = r
+        print(f"  {name:<20} batch {r['batch']:>4}: {r['images_per_s']:8.1f} images/s  {r['iterations_per_s']:6.2f} it/s  "
+              f"peak {r['peak_gib']:5.1f} GiB  share of bf16 peak {r.get('share_of_bf16_peak', float('nan')):.1%}  "
+              f"(warm-up {r['warmup_seconds']:.0f} s)", flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")  # after each setting: partial results survive
+
+    if cuda and not args.no_profile and not profiled:
+        write_profile(teacher, args)
+
+
+def write_profile(teacher: Path, args: argparse.Namespace) -> None:
+    table = profile_kernels(teacher, args.device, args.batch)
+    if args.profile_out:
+        args.profile_out.write_text(table)
+    print(table, flush=True)
+
+
+if __name__ == "__main__":
+    main()

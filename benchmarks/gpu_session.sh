@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One call on a lent CUDA machine (no internet): install the carried wheels, run the GPU
+# benchmark, then the digits settings sweep on the same GPU. Results land in $OUT.
+#
+#   carry: .whl (this package built with `pip wheel --no-deps -w .whl .`, and wheels of diffusers, importlib_metadata, omegaconf, pydantic(-core),
+#          annotated-types, typing-inspection, clean-fid, lpips for the machine's Python)
+#          .sdcache (a SCOREDISTILL_CACHE holding the digits teacher, classifier, pairs)
+#   run:   bash benchmarks/gpu_session.sh
+set -u
+OUT=${OUT:-/tmp/gpu_session}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 NO_MKDOCS_2_WARNING=1 HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/nvidia_smi.txt"
+python3 -c "import torch, diffusers, scoredistill; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
+
+# 1. issue 7: the GPU table (fp32, tf32, bf16, bf16+channels_last, bf16+compile, bf16 at 4x batch) and a kernel profile
+timeout "${GPU_BENCH_TIMEOUT:-320}" python3 benchmarks/gpu_dmd.py --out "$OUT/gpu_dmd.json" --profile-out "$OUT/gpu_profile.txt" \
+    2>&1 | grep -v -e "UserWarning" -e "warn_once" -e "^$" -e "This call originates" -e "File \"" -e "is_torch_version" -e "\^\^\^" \
+    | tee "$OUT/gpu_dmd.log"
+
+# 2. issue 3: digits settings, every variant at once on the GPU (ranked by FID against the train split)
+cp -r .sdcache /tmp/sdcache
+SCOREDISTILL_CACHE=/tmp/sdcache timeout "${SWEEP_TIMEOUT:-250}" python3 benchmarks/digits_sweep.py --out /tmp/sweep --parallel 16 \
+    --timeout "$(( ${SWEEP_TIMEOUT:-250} - 15 ))" --set runtime.device=cuda 2>&1 | tee "$OUT/sweep.log"
+cp /tmp/sweep/sweep.json /tmp/sweep/sweep.md "$OUT/" 2>/dev/null
+tail -n 5 /tmp/sweep/base.log > "$OUT/sweep_base_tail.txt" 2>/dev/null
+exit 0
