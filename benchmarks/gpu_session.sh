@@ -24,5 +24,5 @@ cp -r .sdcache /tmp/sdcache
 SCOREDISTILL_CACHE=/tmp/sdcache timeout "${SWEEP_TIMEOUT:-250}" python3 benchmarks/digits_sweep.py --out /tmp/sweep --parallel 16 \
     --timeout "$(( ${SWEEP_TIMEOUT:-250} - 15 ))" --set runtime.device=cuda 2>&1 | tee "$OUT/sweep.log"
 cp /tmp/sweep/sweep.json /tmp/sweep/sweep.md "$OUT/" 2>/dev/null
-tail -n 5 /tmp/sweep/base.log > "$OUT/sweep_base_tail.txt" 2>/dev/null
+tar czf "$OUT/sweep_logs.tgz" -C /tmp/sweep $(cd /tmp/sweep && ls *.log) 2>/dev/null  # every run's log, failures too
 exit 0

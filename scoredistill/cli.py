@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 from scoredistill.errors import UserError
 
-DEFAULT_PRESET = "toy2d"
+DEFAULT_PRESET = "digits"  # the embedded image default (issue 3); toy2d is the 2-D analytic one
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,7 +35,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default=DEFAULT_PRESET, help=f"problem setting (default: {DEFAULT_PRESET}); see 'scoredistill list'")
+    p.add_argument("--preset", default=None, help=f"problem setting (default: {DEFAULT_PRESET}); see 'scoredistill list'")
     p.add_argument("--ablate", action="append", default=[], metavar="NAME", help="ablation of the method (repeatable)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. train.steps=500 or teacher.weights=[0.5,0.5] (repeatable)")
@@ -108,7 +108,7 @@ def cmd_run(args, hooks) -> int:
     overrides = list(args.overrides) + (["runtime.progress=false"] if args.quiet else [])
     checkpoint = None
     if args.resume is not None:
-        if args.method is not None or args.ablate or args.preset != DEFAULT_PRESET:
+        if args.method is not None or args.ablate or args.preset is not None:
             raise UserError("give either METHOD (a new run) or --resume RUN_DIR, not both: a resumed run keeps its method, preset and ablations")
         if args.out is not None:
             raise UserError("--out cannot be used with --resume: the run continues in its own folder")
@@ -116,9 +116,10 @@ def cmd_run(args, hooks) -> int:
     else:
         if args.method is None:
             raise UserError("the following arguments are required: METHOD (see 'scoredistill list'), or --resume RUN_DIR")
-        config = resolve(hooks.registry, args.method, args.preset, args.ablate, overrides)
+        preset = args.preset or DEFAULT_PRESET
+        config = resolve(hooks.registry, args.method, preset, args.ablate, overrides)
         tag = "".join(f"-no-{a}" for a in args.ablate)
-        out = args.out or Path("runs") / f"{args.method}{tag}-{args.preset}-{_timestamp()}"
+        out = args.out or Path("runs") / f"{args.method}{tag}-{preset}-{_timestamp()}"
     try:
         result = execute(config, hooks, out, resume=checkpoint)
     except RunInterrupted as stop:
@@ -138,7 +139,8 @@ def _is_main_process() -> bool:
 
 
 def _headline(metrics: dict) -> str:
-    keys = ("mode_coverage", "max_mass_error", "within_3std", "energy_distance", "train_seconds")
+    keys = ("mode_coverage", "max_mass_error", "within_3std", "energy_distance",  # toy2d
+            "fid", "fid_ratio_to_teacher", "classes_present", "train_seconds")  # images
     return "  ".join(f"{k}={metrics[k]}" for k in keys if k in metrics)
 
 
@@ -174,8 +176,9 @@ def cmd_compare(args, hooks) -> int:
         raise UserError(f"--seeds must be >= 1 (got {args.seeds})")
     specs = [parse_spec(s, extra_ablations=args.ablate) for s in args.specs]
     overrides = list(args.overrides) + (["runtime.progress=false"] if args.quiet else [])
-    out = args.out or Path("runs") / f"compare-{args.preset}-{_timestamp()}"
-    table = compare(hooks, specs, args.preset, args.seeds, overrides, out)
+    preset = args.preset or DEFAULT_PRESET
+    out = args.out or Path("runs") / f"compare-{preset}-{_timestamp()}"
+    table = compare(hooks, specs, preset, args.seeds, overrides, out)
     print(table)
     return 0
 

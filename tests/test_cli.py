@@ -12,7 +12,7 @@ import pytest
 
 from scoredistill.cli import main
 
-TINY = ["--set", "train.steps=30", "--set", "train.fake_score_warmup_steps=10", "--set", "train.batch_size=128",
+TINY = ["--preset", "toy2d", "--set", "train.steps=30", "--set", "train.fake_score_warmup_steps=10", "--set", "train.batch_size=128",
         "--set", "pairs.num_pairs=256", "--set", "eval.num_samples=400", "--quiet"]
 
 
@@ -73,7 +73,7 @@ def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
         (["run", "dmd", "--set", "generator.component=resnet"], "unknown generator component 'resnet'"),
         (["run", "dmd", "--set", "train.stepz=1"], "unknown config key 'train.stepz'"),
         (["run", "dmd", "--set", "train.steps=lots"], "invalid config value 'train.steps'"),
-        (["run", "dmd", "--set", "teacher.weights=[1,1,1,1,1,1,1,1]"], "sum to 1"),
+        (["run", "dmd", "--preset", "toy2d", "--set", "teacher.weights=[1,1,1,1,1,1,1,1]"], "sum to 1"),
         (["run", "dmd", "--ablate", "regression", "--ablate", "distribution_matching"], "nothing would train the generator"),
         (["run"], "the following arguments are required"),
         (["frobnicate"], "invalid choice"),

@@ -11,7 +11,7 @@ from scoredistill.cli import main
 from scoredistill.compare import parse_spec
 from scoredistill.errors import UserError
 
-TINY = ["--set", "train.steps=15", "--set", "train.fake_score_warmup_steps=5", "--set", "train.batch_size=64",
+TINY = ["--preset", "toy2d", "--set", "train.steps=15", "--set", "train.fake_score_warmup_steps=5", "--set", "train.batch_size=64",
         "--set", "pairs.num_pairs=200", "--set", "eval.num_samples=300", "--quiet"]
 
 

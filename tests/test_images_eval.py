@@ -160,3 +160,24 @@ def test_speed_benchmark_script_runs(teacher_dir, tmp_path):
                    capture_output=True)
     result = json.loads(out.read_text())
     assert result["teacher_nfe"] == 35 and result["speedup"] > 1
+
+
+def test_a_digits_run_exports_a_loadable_one_step_generator(digits_run, teacher_dir, monkeypatch, tmp_path):
+    """``scoredistill export`` of a UNet run: the folder loads back and gives the run's own samples."""
+    monkeypatch.setenv(ENV_DIGITS_TEACHER, str(teacher_dir))
+    from scoredistill.export import export_run
+    from scoredistill.images.denoisers import load_denoiser
+    from scoredistill.plugins import Hooks
+    from scoredistill.trainer import generate, load_run
+
+    hooks = Hooks()
+    export_run(digits_run, tmp_path / "exported", hooks)
+    info = json.loads((tmp_path / "exported" / "scoredistill_generator.json").read_text())
+    D = load_denoiser(str(tmp_path / "exported")).denoiser.eval()
+    run = load_run(digits_run, hooks)
+    z = torch.randn((5, *run.models.generator.latent_shape), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = run.sampling_generator.eval()(z)
+        got = D(info["sigma_max"] * z, torch.full((5,), info["sigma_max"]))
+    assert torch.allclose(got, want, atol=1e-5)
+    assert "load_denoiser" in (tmp_path / "exported" / "README.md").read_text()

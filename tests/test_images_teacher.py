@@ -68,6 +68,20 @@ def test_digits_teacher_component_uses_env_folder_and_refuses_an_empty_path(teac
         DigitsTeacher(cfg.model_copy(update={"path": str(tmp_path / "none")}), build_context())
 
 
+def test_a_damaged_cached_teacher_says_to_delete_and_retrain(teacher_dir, monkeypatch, tmp_path):
+    import shutil
+
+    damaged = tmp_path / "digits"
+    shutil.copytree(teacher_dir, damaged)
+    for weights in (damaged / "unet").glob("*.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:100])
+    monkeypatch.setenv(ENV_DIGITS_TEACHER, str(damaged))
+    cfg = DigitsTeacher.Config(**tiny_teacher_settings().model_dump(), sampler_steps=3)
+    with pytest.raises(UserError, match=f"delete {damaged} and run again to retrain it") as err:
+        DigitsTeacher(cfg, build_context())
+    assert "\n" not in str(err.value)
+
+
 def test_digits_data_on_a_wrong_shape_teacher_is_a_clear_error(tmp_path):
     import diffusers
 

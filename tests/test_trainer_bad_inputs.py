@@ -18,7 +18,7 @@ import pytest
 from scoredistill.cli import main
 from scoredistill.runlog import tensorboard_writer_class
 
-TINY = ["--set", "train.steps=20", "--set", "pairs.num_pairs=300", "--set", "eval.num_samples=200",
+TINY = ["--preset", "toy2d", "--set", "train.steps=20", "--set", "pairs.num_pairs=300", "--set", "eval.num_samples=200",
         "--set", "train.batch_size=64", "--set", "train.fake_score_warmup_steps=10", "--set", "train.checkpoint_every=10",
         "--set", "train.sample_every=null", "--quiet"]
 

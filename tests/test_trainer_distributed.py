@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from scoredistill.cli import main
 
-TINY = ["--set", "train.steps=30", "--set", "pairs.num_pairs=300", "--set", "eval.num_samples=400",
+TINY = ["--preset", "toy2d", "--set", "train.steps=30", "--set", "pairs.num_pairs=300", "--set", "eval.num_samples=400",
         "--set", "train.batch_size=64", "--set", "train.fake_score_warmup_steps=20", "--set", "train.log_every=10",
         "--set", "train.sample_every=null", "--set", "train.ema_decay=0.9", "--set", "runtime.debug_weight_hashes=true", "--quiet"]
 

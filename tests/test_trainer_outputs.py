@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from scoredistill.cli import main
 from scoredistill.runlog import tensorboard_writer_class
 
-TINY = ["--set", "train.steps=30", "--set", "pairs.num_pairs=300", "--set", "eval.num_samples=300",
+TINY = ["--preset", "toy2d", "--set", "train.steps=30", "--set", "pairs.num_pairs=300", "--set", "eval.num_samples=300",
         "--set", "train.batch_size=64", "--set", "train.fake_score_warmup_steps=10", "--set", "train.log_every=5",
         "--set", "train.checkpoint_every=10", "--quiet"]
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from scoredistill import trainer
 from scoredistill.cli import main
 
-TINY = ["--set", "train.steps=40", "--set", "pairs.num_pairs=300", "--set", "eval.num_samples=300",
+TINY = ["--preset", "toy2d", "--set", "train.steps=40", "--set", "pairs.num_pairs=300", "--set", "eval.num_samples=300",
         "--set", "train.batch_size=64", "--set", "train.fake_score_warmup_steps=20", "--set", "train.checkpoint_every=10",
         "--set", "train.log_every=5", "--set", "train.sample_every=null", "--quiet"]
 # EMA and a cosine schedule (their states must come back too); DMD2: GAN head, 5 fake-score updates per step,

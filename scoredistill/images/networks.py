@@ -22,6 +22,7 @@ from scoredistill.errors import UserError
 from scoredistill.registry import component
 from scoredistill.roles import BuildContext, FakeScore, Generator
 
+from scoredistill.images.denoisers import EDMDenoiser
 from scoredistill.images.teachers import ImageTeacher
 
 
@@ -47,10 +48,46 @@ class UNetGenerator(Generator):
         self.denoiser = teacher.denoiser.trainable_copy()
         self.sigma = float(config.sigma or teacher.sigma_max)
         self.latent_shape = tuple(teacher.data_shape)
+        self.scheduler_config = dict(teacher.scheduler_config)
 
     def forward(self, z: Tensor, cond: Optional[Tensor] = None) -> Tensor:
         sigma = torch.full((z.shape[0],), self.sigma, device=z.device, dtype=z.dtype)
         return self.denoiser(z * self.sigma, sigma, cond)
+
+    def export(self, folder, provenance) -> None:
+        """``unet/`` + ``scheduler/`` (the teacher's: how the UNet's output becomes ``D``) + ``sigma_max``."""
+        import json
+
+        from scoredistill.export import readme, save_unet_generator
+
+        den = self.denoiser
+        pre = {"type": "edm" if isinstance(den, EDMDenoiser) else "vp", "prediction_type": den.prediction_type}
+        if isinstance(den, EDMDenoiser):
+            pre["sigma_data"] = den.sigma_data
+        body = UNET_SAMPLING.format(shape=", ".join(map(str, self.latent_shape)), sigma=self.sigma)
+        save_unet_generator(folder, den.unet, sigma_max=self.sigma, preconditioning=pre,
+                            how_to_sample=readme(f"{provenance['method']} one-step generator ({provenance['preset']})", provenance, body))
+        (folder / "scheduler").mkdir()
+        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(self.scheduler_config, indent=2) + "\n")
+
+
+UNET_SAMPLING = """## Sampling
+
+`unet/` is a diffusers UNet and `scheduler/` the teacher's scheduler config, which says how
+the UNet's output becomes the clean estimate `D(x, sigma)`. The generator is
+`G(z) = D(sigma_max * z, sigma_max)` with `sigma_max = {sigma}` (`scoredistill_generator.json`). With
+scoredistill installed:
+
+```python
+import torch
+from scoredistill.images.denoisers import load_denoiser
+
+D = load_denoiser("PATH/TO/THIS/FOLDER").denoiser.eval()
+z = torch.randn(16, {shape})
+with torch.no_grad():
+    x = D({sigma} * z, torch.full((16,), {sigma}))   # images in [-1, 1]
+```
+"""
 
 
 @component("unet_denoiser", role="fake_score", paper="Yin et al. 2024 (DMD), Sec. 3.2: the fake score, initialised from the teacher")

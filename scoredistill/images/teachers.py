@@ -37,6 +37,7 @@ class ImageTeacher(Teacher):
         self.denoiser: UNetDenoiser = loaded.denoiser
         self.register_buffer("sigmas", loaded.sigmas.float())
         self.kind = loaded.kind
+        self.scheduler_config = dict(loaded.scheduler_config)  # exports ship it next to the UNet
         self.data_shape = tuple(self.denoiser.data_shape)
         self.sigma_data = float(getattr(self.denoiser, "sigma_data", 0.5))
         self.sampler_steps = sampler_steps
@@ -158,7 +159,12 @@ class DigitsTeacher(ImageTeacher):
             print(f"scoredistill: no cached digits teacher at {folder}: training it now (about 10 minutes on 2 CPU cores; "
                   "'scoredistill teacher train --preset digits' does this ahead of time)", file=sys.stderr)
             train_digits_teacher(self.settings(config), folder, progress=progress)
-        loaded = load_denoiser(str(folder))
+        try:
+            loaded = load_denoiser(str(folder))
+        except UserError as err:
+            if config.path:
+                raise
+            raise UserError(f"{err}; this cached digits teacher is damaged: delete {folder} and run again to retrain it") from None
         if tuple(loaded.denoiser.data_shape) != DIGITS_SHAPE:
             raise UserError(f"the digits teacher in {folder} makes {loaded.denoiser.data_shape} images, not 1x8x8: delete it to retrain")
         super().__init__(loaded, "digits", config.sampler_steps, source=str(folder))
