@@ -3,7 +3,8 @@
     python benchmarks/speed.py [--run RUN_DIR] [--preset digits] [--batch 500] [--repeats 5] [--threads 1]
 
 Both are timed on the same batch of noise, in the same process, after one warm-up call
-each, taking the median of ``--repeats`` timed calls. The generator is the run's (if
+each, alternating (generator, teacher, generator, ...), taking the median of
+``--repeats`` timed calls of each. The generator is the run's (if
 ``--run`` is given) or a fresh copy of the teacher's UNet (``unet_generator`` before
 training: the same network, so the same cost). The teacher samples with its own sampler
 (deterministic Heun, ``sampler_steps`` steps = ``2 * steps - 1`` function evaluations).
@@ -23,14 +24,18 @@ from pathlib import Path
 import torch
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def _time_alternating(fns, repeats: int) -> list[float]:
+    """Median seconds of each of ``fns``, timed in turn (A B A B ...) after one warm-up call each,
+    so that a change in the machine's load touches both alike."""
+    for fn in fns:
+        fn()  # warm-up
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
 def main() -> None:
@@ -63,8 +68,7 @@ def main() -> None:
     z = torch.randn((args.batch, *teacher.data_shape), generator=torch.Generator().manual_seed(0))
 
     with torch.no_grad():
-        t_gen = _time(lambda: generator(z), args.repeats)
-        t_teacher = _time(lambda: teacher.sample(z), args.repeats)
+        t_gen, t_teacher = _time_alternating([lambda: generator(z), lambda: teacher.sample(z)], args.repeats)
     nfe = teacher.sampler_nfe
     speedup = t_teacher / t_gen
     result = {

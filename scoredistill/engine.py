@@ -125,18 +125,17 @@ class Engine:
         module = wrapper.module if isinstance(wrapper, torch.nn.parallel.DistributedDataParallel) else wrapper
         return module.net
 
-    @contextlib.contextmanager
-    def full_parameters(self, wrapper: Optional[nn.Module]) -> Iterator[None]:
+    def full_parameters(self, wrapper: Optional[nn.Module]) -> contextlib.AbstractContextManager:
         """Within: every process holds the network's full parameters (a no-op unless FSDP). Collective."""
         if not self.fsdp or wrapper is None:
-            yield
-            return
+            return contextlib.nullcontext()
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-        with FSDP.summon_full_params(wrapper, writeback=False):
-            yield
+        return FSDP.summon_full_params(wrapper, writeback=False)
 
     def autocast(self) -> contextlib.AbstractContextManager:
+        if self.runtime.mixed_precision == "no":
+            return contextlib.nullcontext()  # accelerate would rebuild its state object on every call
         return self.accelerator.autocast()
 
     # -- gradients
@@ -146,8 +145,8 @@ class Engine:
             return wrapper.clip_grad_norm_(max_norm if max_norm is not None else float("inf"))
         if max_norm is not None:
             return torch.nn.utils.clip_grad_norm_(params, max_norm)
-        grads = [p.grad for p in params if p.grad is not None]
-        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        grads = [p.grad for p in params if p.grad is not None]  # one device, one dtype: no grouping needed
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros((), device=self.device)
 
     # -- state (collective under FSDP: every process must call these)
     def _options(self, **kw: Any):

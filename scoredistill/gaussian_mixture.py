@@ -57,6 +57,9 @@ class GaussianMixtureTeacher(Teacher):
         self.register_buffer("means", torch.tensor(config.means, dtype=torch.float64))
         self.register_buffer("stds", torch.tensor(config.stds, dtype=torch.float64))
         self.register_buffer("weights", torch.tensor(config.weights, dtype=torch.float64))
+        # per-call constants, computed once (not in the state dict)
+        self.register_buffer("_log_weights", self.weights.log()[None], persistent=False)  # (1, K)
+        self.register_buffer("_vars", self.stds[None, :] ** 2, persistent=False)  # (1, K)
         ramp = torch.linspace(0, 1, config.num_timesteps, dtype=torch.float64)
         inv = 1.0 / config.rho
         sig = (config.sigma_min**inv + ramp * (config.sigma_max**inv - config.sigma_min**inv)) ** config.rho
@@ -79,9 +82,13 @@ class GaussianMixtureTeacher(Teacher):
         """``log pi_k + log N(x; mu_k, (s_k^2 + sigma^2) I)`` for each sample and component, ``(N, K)``."""
         x = x.to(torch.float64)
         sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1, 1)
-        var = self.stds[None, :] ** 2 + sigma**2  # (N or 1, K)
-        sq = ((x[:, None, :] - self.means[None]) ** 2).sum(-1)  # (N, K)
-        return self.weights.log()[None] - 0.5 * self.dim * torch.log(2 * math.pi * var) - 0.5 * sq / var
+        var = self._vars + sigma**2  # (N or 1, K)
+        return self._log_probs(x[:, None, :] - self.means[None], var)
+
+    def _log_probs(self, diff: Tensor, var: Tensor) -> Tensor:
+        """``log pi_k + log N`` from ``diff = x - mu_k`` ``(N, K, d)`` and the variances ``(N or 1, K)``."""
+        sq = (diff**2).sum(-1)  # (N, K)
+        return self._log_weights - 0.5 * diff.shape[-1] * torch.log(2 * math.pi * var) - 0.5 * sq / var
 
     def log_prob(self, x: Tensor, sigma: Tensor | float = 0.0) -> Tensor:
         return torch.logsumexp(self.component_log_probs(x, sigma), dim=1)
@@ -103,9 +110,11 @@ class GaussianMixtureTeacher(Teacher):
     def forward(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
         x = x_noisy.to(torch.float64)
         s = sigma.to(torch.float64).reshape(-1, 1).expand(x.shape[0], 1)
-        r = self.responsibilities(x, s)  # (N, K)
-        shrink = self.stds[None] ** 2 / (self.stds[None] ** 2 + s**2)  # (N, K)
-        cond_means = self.means[None] + shrink[..., None] * (x[:, None, :] - self.means[None])  # (N, K, d)
+        var = self._vars + s**2  # (N, K), and x - mu_k once: the same numbers as responsibilities(x, s)
+        diff = x[:, None, :] - self.means[None]  # (N, K, d)
+        r = torch.softmax(self._log_probs(diff, var), dim=1)  # (N, K)
+        shrink = self._vars / var  # (N, K)
+        cond_means = self.means[None] + shrink[..., None] * diff  # (N, K, d)
         return (r[..., None] * cond_means).sum(1).to(x_noisy.dtype)
 
     def fingerprint(self) -> str:

@@ -7,6 +7,7 @@ noise level the network's target has unit variance.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Optional
 
@@ -38,8 +39,13 @@ class FourierEmbedding(nn.Module):
         self.register_buffer("freqs", torch.randn(in_dim, dim // 2, generator=g) * scale)
 
     def forward(self, t: Tensor) -> Tensor:
-        arg = 2 * math.pi * (t.reshape(t.shape[0], -1) @ self.freqs)
-        return torch.cat([arg.cos(), arg.sin()], dim=1)
+        return fourier_features(t, self.freqs)
+
+
+def fourier_features(t: Tensor, freqs: Tensor) -> Tensor:
+    """``[cos 2pi t B, sin 2pi t B]`` of ``(N,)`` or ``(N, d)`` inputs ``t`` and frequencies ``B`` ``(d, F/2)``."""
+    arg = 2 * math.pi * (t.reshape(t.shape[0], -1) @ freqs)
+    return torch.cat([arg.cos(), arg.sin()], dim=1)
 
 
 class MLPDenoiserNet(nn.Module):
@@ -53,18 +59,26 @@ class MLPDenoiserNet(nn.Module):
         self.input_embed = FourierEmbedding(input_features, input_scale, in_dim=dim, seed=1) if input_features else None
         self.net = mlp(dim + embed_dim + input_features, dim, width, depth)
 
+    def _hidden(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The last hidden layer ``(N, width)`` at ``(x, sigma)``, with ``c_skip`` and ``c_out`` (one preconditioning)."""
+        sigma = sigma.to(x.dtype).expand(x.shape[0])
+        c_skip, c_out, c_in, c_noise = edm_preconditioning(sigma, self.sigma_data)
+        h = append_dims(c_in, x.ndim) * x
+        parts = [h, fourier_features(c_noise, self.embed.freqs)]
+        if self.input_embed is not None:
+            parts.append(fourier_features(h, self.input_embed.freqs))
+        h = torch.cat(parts, dim=1)
+        for layer in itertools.islice(self.net, len(self.net) - 1):  # (slicing a Sequential builds a new module per call)
+            h = layer(h)
+        return h, c_skip, c_out
+
     def features(self, x: Tensor, sigma: Tensor) -> Tensor:
         """The last hidden layer ``(N, width)`` at ``(x, sigma)``."""
-        sigma = sigma.to(x.dtype).expand(x.shape[0])
-        _, _, c_in, c_noise = edm_preconditioning(sigma, self.sigma_data)
-        h = append_dims(c_in, x.ndim) * x
-        parts = [h, self.embed(c_noise)] + ([self.input_embed(h)] if self.input_embed is not None else [])
-        return self.net[:-1](torch.cat(parts, dim=1))
+        return self._hidden(x, sigma)[0]
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
-        sigma = sigma.to(x.dtype).expand(x.shape[0])
-        c_skip, c_out, _, _ = edm_preconditioning(sigma, self.sigma_data)
-        f = self.net[-1](self.features(x, sigma))
+        h, c_skip, c_out = self._hidden(x, sigma)
+        f = self.net[-1](h)
         return append_dims(c_skip, x.ndim) * x + append_dims(c_out, x.ndim) * f
 
 

@@ -51,11 +51,23 @@ class Teacher(nn.Module):
 
     @property
     def sigma_min(self) -> float:
-        return float(self.sigmas[0])
+        return self._sigma_range()[0]
 
     @property
     def sigma_max(self) -> float:
-        return float(self.sigmas[-1])
+        return self._sigma_range()[1]
+
+    def _sigma_range(self) -> tuple[float, float]:
+        """``(sigmas[0], sigmas[-1])`` as floats, read from the device once (not a host sync per training step).
+
+        Re-read when ``sigmas`` is replaced (``.to(device)``) or changed in place (its version counter).
+        """
+        sigmas = self.sigmas
+        cached = self.__dict__.get("_sigma_range_cache")
+        if cached is None or cached[0] is not sigmas or cached[1] != sigmas._version:
+            cached = (sigmas, sigmas._version, (float(sigmas[0]), float(sigmas[-1])))
+            self.__dict__["_sigma_range_cache"] = cached
+        return cached[2]
 
     @property
     def num_timesteps(self) -> int:
@@ -139,9 +151,13 @@ class GeneratorLoss(nn.Module):
     """A term of the generator objective: ``term(batch, models) -> scalar``.
 
     Set ``needs_pairs = True`` to receive ``batch.z_ref`` / ``batch.y_ref``.
+    Set ``differentiates_fake_score = True`` if the term back-propagates through
+    ``models.fake_score`` (a GAN term on its features): the trainer then freezes the fake
+    score's weights during the generator step, so that no gradient reaches them.
     """
 
     needs_pairs: ClassVar[bool] = False
+    differentiates_fake_score: ClassVar[bool] = False
 
     def forward(self, batch: GeneratorBatch, models: Models) -> Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -161,7 +177,8 @@ class PairSource:
     y: Tensor
 
     def sample(self, n: int) -> tuple[Tensor, Tensor]:
-        idx = torch.randint(0, len(self.z), (n,))
+        # drawn on the pairs' device: CPU indices into GPU pairs would be a blocking host-to-device copy every step
+        idx = torch.randint(0, len(self.z), (n,), device=self.z.device)
         return self.z[idx], self.y[idx]
 
 
@@ -202,9 +219,11 @@ def stable_hash(*parts: Any) -> str:
 def edm_preconditioning(sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """EDM (Karras et al. 2022, Table 1): ``c_skip, c_out, c_in, c_noise`` for noise level ``sigma``."""
     sd2 = sigma_data**2
-    c_skip = sd2 / (sigma**2 + sd2)
-    c_out = sigma * sigma_data / (sigma**2 + sd2).sqrt()
-    c_in = 1.0 / (sigma**2 + sd2).sqrt()
+    var = sigma**2 + sd2  # computed once (small per-sample tensors: each op costs microseconds of dispatch)
+    root = var.sqrt()
+    c_skip = sd2 / var
+    c_out = sigma * sigma_data / root
+    c_in = 1.0 / root
     c_noise = sigma.log() / 4.0
     return c_skip, c_out, c_in, c_noise
 

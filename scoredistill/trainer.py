@@ -222,15 +222,22 @@ class NonFiniteGuard:
 def _update(run: Run, net: Trained, loss: Tensor, terms: dict[str, Tensor], where: str) -> None:
     """``backward -> unscale -> clip -> step`` of one network, watching for non-finite values."""
     opt, scaler = net.optimizer, run.engine.scaler
+    scaling = scaler.is_enabled()  # fp16 only
     opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.unscale_(opt)
+    if scaling:
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+    else:
+        loss.backward()
     grad_norm = run.engine.grad_norm(net.wrapper, net.params, run.config.train.grad_clip)
     skip = run.guard.observe(where, net.name, terms, grad_norm)
     if skip is not None:
         opt.found_inf = skip  # read by the fused optimiser: it skips the update on the device
-    scaler.step(opt)
-    scaler.update()
+    if scaling:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
     if skip is not None and hasattr(opt, "found_inf"):
         del opt.found_inf
 
@@ -263,7 +270,8 @@ def generator_step(run: Run) -> tuple[Tensor, dict[str, Tensor]]:
 
     g, f = run.trained["generator"], run.trained.get("fake_score")
     # D_fake is only read here (a GAN term back-propagates through it to x, not into its weights); FSDP: its full weights
-    with run.engine.full_parameters(f.wrapper if f else None), _frozen(models.fake_score):
+    freeze = any(term.differentiates_fake_score for term in run.losses.values())
+    with run.engine.full_parameters(f.wrapper if f else None), (_frozen(models.fake_score) if freeze else contextlib.nullcontext()):
         with run.engine.autocast():
             total, terms, x = g(objective)
         terms = {k: v.detach() for k, v in terms.items()}
@@ -358,8 +366,10 @@ class EMA(torch.optim.swa_utils.AveragedModel):
     def update_parameters(self, model: nn.Module) -> None:
         if self._count is None:
             self._count = int(self.n_averaged)  # once: 0 for a new run, the checkpoint's count after a resume
-        mine = [p.detach() for p in self.module.parameters()]
-        theirs = [p.detach().to(q.device) for p, q in zip(model.parameters(), mine)]
+        lists = self.__dict__.get("_lists")
+        if lists is None or lists[0] is not model:  # built once (the Parameter objects: FSDP swaps their data)
+            lists = self.__dict__["_lists"] = (model, list(self.module.parameters()), list(model.parameters()))
+        _, mine, theirs = lists
         if self._count == 0:
             torch._foreach_copy_(mine, theirs)
         else:

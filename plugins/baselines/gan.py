@@ -94,6 +94,8 @@ class GANGenerator(GeneratorLoss):
     (whose parameters the generator step does not update). Paper weight: 3e-3.
     """
 
+    differentiates_fake_score = True  # the generator is scored through D_fake's features
+
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
