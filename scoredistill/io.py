@@ -56,6 +56,17 @@ def save_figure(fig, path: Path) -> None:
     atomic_write(path, lambda p: fig.savefig(p, format=path.suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight"))
 
 
+def finish_figure(fig, path: Path, title: str | None = None) -> None:
+    """Title (optional), tight layout, atomic save, close: the last lines of every picture."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
 def environment_versions() -> dict[str, str]:
     """Versions of Python and of the packages a run's numbers depend on."""
     out = {"python": platform.python_version(), "platform": platform.platform()}

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from scoredistill.gaussian_mixture import GaussianMixtureTeacher  # noqa: E402
-from scoredistill.io import save_figure  # noqa: E402
+from scoredistill.io import finish_figure  # noqa: E402
 
 
 def _extent(teacher: GaussianMixtureTeacher, pad: float = 3.5) -> tuple[float, float, float, float]:
@@ -41,8 +41,7 @@ def draw_scatter(ax, teacher: GaussianMixtureTeacher, samples: torch.Tensor, tit
 def scatter_over_density(teacher: GaussianMixtureTeacher, samples: torch.Tensor, path: Path, title: str = "") -> None:
     fig, ax = plt.subplots(figsize=(5, 5))
     draw_scatter(ax, teacher, samples, title)
-    save_figure(fig, path)
-    plt.close(fig)
+    finish_figure(fig, path)  # the title is the axes'
 
 
 def loss_curves(history: Sequence[dict], path: Path, title: str = "") -> None:
@@ -56,11 +55,7 @@ def loss_curves(history: Sequence[dict], path: Path, title: str = "") -> None:
         ax.set_xlabel("step")
         if all(h[key] > 0 for h in history):
             ax.set_yscale("log")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
+    finish_figure(fig, path, title)
 
 
 def scatter_panels(teacher: GaussianMixtureTeacher, panels: Sequence[tuple[str, torch.Tensor]], path: Path, title: Optional[str] = None) -> None:
@@ -69,8 +64,4 @@ def scatter_panels(teacher: GaussianMixtureTeacher, panels: Sequence[tuple[str, 
     fig, axes = plt.subplots(1, n, figsize=(3.0 * n, 3.2), squeeze=False)
     for ax, (label, samples) in zip(axes[0], panels):
         draw_scatter(ax, teacher, samples, label)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
+    finish_figure(fig, path, title)

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from scoredistill.io import save_figure  # noqa: E402
+from scoredistill.io import finish_figure  # noqa: E402
 
 
 def make_grid(images: Tensor, nrow: int, pad: int = 1) -> Tensor:
@@ -38,11 +38,7 @@ def sample_grids(panels: Sequence[tuple[str, Tensor]], path: Path, title: Option
                   interpolation="nearest")
         ax.set_title(label, fontsize=9)
         ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
+    finish_figure(fig, path, title)
 
 
 def class_histogram(series: Sequence[tuple[str, Sequence[float]]], path: Path, title: Optional[str] = None) -> None:
@@ -58,6 +54,4 @@ def class_histogram(series: Sequence[tuple[str, Sequence[float]]], path: Path, t
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
+    finish_figure(fig, path)
