@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -70,7 +69,7 @@ def make_run(teacher: Path, batch: int, device: str, precision: str, tf32: bool,
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     hooks = Hooks()
-    overrides = [f"teacher.component=diffusers_unet", f"teacher.path={teacher}", "generator.component=unet_generator",
+    overrides = ["teacher.component=diffusers_unet", f"teacher.path={teacher}", "generator.component=unet_generator",
                  "fake_score.component=unet_denoiser", f"train.batch_size={batch}", "train.ema_decay=null",
                  "train.lr_schedule=constant", f"runtime.device={device}", f"runtime.mixed_precision={precision}",
                  f"runtime.tf32={str(tf32).lower()}", f"runtime.compile={str(compile_).lower()}",
@@ -78,7 +77,6 @@ def make_run(teacher: Path, batch: int, device: str, precision: str, tf32: bool,
     config = resolve(hooks.registry, "dmd", "digits", ["regression"], overrides)
     run = build(config, hooks, Path(tempfile.mkdtemp(prefix="gpu_dmd_")))
     setup(run)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32  # the engine may have set them
     return run
 
 

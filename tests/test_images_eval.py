@@ -168,7 +168,7 @@ def test_a_digits_run_exports_a_loadable_one_step_generator(digits_run, teacher_
     from scoredistill.export import export_run
     from scoredistill.images.denoisers import load_denoiser
     from scoredistill.plugins import Hooks
-    from scoredistill.trainer import generate, load_run
+    from scoredistill.trainer import load_run
 
     hooks = Hooks()
     export_run(digits_run, tmp_path / "exported", hooks)
