@@ -15,9 +15,9 @@ eps; grad clip if set), lr schedule (cosine if set), EMA decay and data (the sam
 
 * ``train``: ``trainer.train_iteration(run)`` (generator step on kl_gradient + regression, the
   fake-score step, lr schedules, EMA) against the bare iteration doing the same arithmetic:
-  ``z``; ``x = G(z)``; pairs; ``sigma`` on the teacher's discrete schedule; teacher and fake
+  ``z``; pairs; ``x, x_ref = G(cat(z, z_ref))`` (one call); ``sigma`` on the teacher's discrete schedule; teacher and fake
   denoiser under ``no_grad``; the DMD gradient with its per-sample normalisation; the surrogate
-  loss; L2 regression on ``G(z_ref)``; Adam; the fake-score denoising loss with the teacher's
+  loss; L2 regression on ``x_ref``; Adam; the fake-score denoising loss with the teacher's
   weighting; Adam; lr schedules; EMA lerp.
 * ``sample``: the generator role object ``run.sampling_generator(z)`` under ``no_grad`` (what
   ``trainer.generate`` calls) against the bare network forward on the same ``z``.
@@ -193,10 +193,12 @@ class Bare:
     # -- one iteration
     def iteration(self) -> dict[str, Tensor]:
         z = torch.randn((self.batch, *self.latent_shape))
-        x = self.G(z)
-        if self.w_reg is not None:
+        if self.w_reg is not None:  # G(z) and G(z_ref) in one call
             idx = torch.randint(0, len(self.pz), (self.pair_batch,))
             z_ref, y_ref = self.pz[idx], self.py[idx]
+            x, x_ref = self.G(torch.cat([z, z_ref])).split([len(z), len(z_ref)])
+        else:
+            x = self.G(z)
         terms = {}
         for kind in self.order:
             if kind == "kl_gradient":
@@ -210,7 +212,7 @@ class Bare:
                     grad = torch.nan_to_num(diff)
                 terms["dm"] = self.w_dm * (0.5 * F.mse_loss(x, (x - grad).detach()))
             else:
-                terms["reg"] = self.w_reg * ((self.G(z_ref) - y_ref) ** 2).flatten(1).mean(1).mean()
+                terms["reg"] = self.w_reg * ((x_ref - y_ref) ** 2).flatten(1).mean(1).mean()
         loss = sum(terms.values())
         self.g_opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -138,13 +138,21 @@ class Models:
 
 @dataclass
 class GeneratorBatch:
-    """One generator step's inputs: ``x = G(z)`` (with grad) and, if needed, ODE pairs."""
+    """One generator step's inputs: ``x = G(z)`` (with grad) and, if a term needs them, ODE pairs.
+
+    With pairs, the trainer evaluates ``G`` once on ``cat(z, z_ref)`` (DMD, Algorithm 1 runs
+    ``G(z)`` and ``G(z_ref)`` as two passes; one batched call is the same arithmetic per sample for
+    a generator whose samples do not interact, and cheaper) and hands both halves over:
+    ``x`` and ``x_ref = G(z_ref)``, both with grad. A term built by hand may leave ``x_ref``
+    empty; :class:`PairRegression`-style terms then call the generator themselves.
+    """
 
     z: Tensor
     x: Tensor
     cond: Optional[Tensor] = None
     z_ref: Optional[Tensor] = None
     y_ref: Optional[Tensor] = None
+    x_ref: Optional[Tensor] = None
 
 
 class GeneratorLoss(nn.Module):

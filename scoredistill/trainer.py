@@ -261,9 +261,12 @@ def generator_step(run: Run) -> tuple[Tensor, dict[str, Tensor]]:
 
     def objective(g: nn.Module) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         z = torch.randn((run.batch_size, *g.latent_shape), device=run.device)
-        batch = GeneratorBatch(z=z, x=g(z))
-        if run.pairs is not None:
-            batch.z_ref, batch.y_ref = run.pairs.sample(run.pair_batch_size)
+        if run.pairs is None:
+            batch = GeneratorBatch(z=z, x=g(z))
+        else:  # G(z) and G(z_ref) in one batched call (DMD's two generator passes, Algorithm 1)
+            z_ref, y_ref = run.pairs.sample(run.pair_batch_size)
+            x, x_ref = g(torch.cat([z, z_ref])).split([len(z), len(z_ref)])
+            batch = GeneratorBatch(z=z, x=x, z_ref=z_ref, y_ref=y_ref, x_ref=x_ref)
         terms = {name: term(batch, models) for name, term in run.losses.items()}
         total = sum(run.config.losses[name].weight * value for name, value in terms.items())
         return total, terms, batch.x.detach()

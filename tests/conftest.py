@@ -11,6 +11,9 @@ from scoredistill.plugins import Hooks, make_plugin_manager
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SCOREDISTILL_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    # one thread per test worker (pytest -n 2 on 2 cores), in this process and in the CLIs it starts:
+    # presets that leave runtime.num_threads to torch would otherwise take every core in each worker
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
 
 
