@@ -64,7 +64,8 @@ def main() -> None:
         while todo and len(running) < args.parallel:
             name = todo.pop(0)
             log = open(args.out / f"{name}.log", "w")
-            running[name] = subprocess.Popen(command(name, VARIANTS[name], args.out / name, args.overrides), stdout=log, stderr=log)
+            extra = (["runtime.num_threads=1"] if args.parallel > 1 else []) + args.overrides  # no OpenMP contention
+            running[name] = subprocess.Popen(command(name, VARIANTS[name], args.out / name, extra), stdout=log, stderr=log)
         for name, proc in list(running.items()):
             if proc.poll() is not None:
                 print(f"{name}: exit {proc.returncode} after {time.perf_counter() - t0:.0f} s", flush=True)

@@ -144,7 +144,7 @@ class GeneratorBatch:
     ``G(z)`` and ``G(z_ref)`` as two passes; one batched call is the same arithmetic per sample for
     a generator whose samples do not interact, and cheaper) and hands both halves over:
     ``x`` and ``x_ref = G(z_ref)``, both with grad. A term built by hand may leave ``x_ref``
-    empty; :class:`PairRegression`-style terms then call the generator themselves.
+    empty; the regression terms (``l2_regression``, ...) then call the generator themselves.
     """
 
     z: Tensor

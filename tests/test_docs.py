@@ -93,13 +93,20 @@ def test_every_command_and_option_is_documented(site):
 
     html = page(site, "reference/cli")
     parser = make_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    for command, subparser in sub.choices.items():
-        assert f'id="{command}"' in html, f"command {command} is missing"
+
+    def commands(p: argparse.ArgumentParser, prefix: str = ""):  # nested ones too: 'teacher train'
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield f"{prefix}{name}", sub
+                    yield from commands(sub, f"{prefix}{name} ")
+
+    found = list(commands(parser))
+    assert "teacher train" in dict(found)
+    for command, subparser in found:
+        assert f'id="{command.replace(" ", "-")}"' in html, f"command {command} is missing"
         for action in subparser._actions:
-            if isinstance(action, argparse._HelpAction):
-                continue
-            for option in action.option_strings:
+            for option in action.option_strings if not isinstance(action, argparse._HelpAction) else ():
                 assert f"<code>{option}</code>" in html, f"option {command} {option} is missing"
 
 

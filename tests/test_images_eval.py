@@ -88,9 +88,13 @@ def test_digits_run_reports_fid_classes_and_pictures(digits_run):
 def test_eval_command(digits_run, teacher_dir, monkeypatch, capsys):
     monkeypatch.setenv(ENV_DIGITS_TEACHER, str(teacher_dir))
     out = digits_run / "eval_small.json"
+    own = {name: (digits_run / name).read_bytes() for name in ("samples.png", "class_histogram.png", "metrics.json")}
     assert main(["eval", str(digits_run), "--num", "30", "--seed", "3", "--out", str(out)]) == 0
     m = json.loads(out.read_text())
     assert m["num_samples"] == 30 and m["seed"] == 3 and "fid" in m and "fid" in m["teacher"]
+    for name in ("eval_small_samples.png", "eval_small_class_histogram.png"):  # its pictures sit beside its metrics
+        assert (digits_run / name).stat().st_size > 1000, name
+    assert all((digits_run / name).read_bytes() == data for name, data in own.items())  # the run's own are untouched
     assert main(["eval", str(digits_run), "--num", "30", "--inception", "require"]) == 2
     assert "inception-2015-12-05.pt" in capsys.readouterr().err
 

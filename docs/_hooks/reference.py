@@ -475,6 +475,20 @@ def _usage(parser: argparse.ArgumentParser) -> str:
             os.environ["COLUMNS"] = old
 
 
+def _command_sections(sub_action: argparse._SubParsersAction, prefix: str) -> list[str]:
+    """A section per command, and per action of a command that has its own (``teacher train``)."""
+    out: list[str] = []
+    helps = {a.dest: a.help for a in sub_action._choices_actions}
+    for name, sub in sub_action.choices.items():
+        out += [f"## `{prefix}{name}`", "", (helps.get(name) or "").rstrip(".") + ".", "", "```text", _usage(sub), "```", ""]
+        actions = [a for a in sub._actions if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))]
+        if actions:
+            out += ["| argument | meaning | default |", "|---|---|---|", *map(_action_row, actions), ""]
+        for nested in (a for a in sub._actions if isinstance(a, argparse._SubParsersAction)):
+            out += _command_sections(nested, f"{prefix}{name} ")
+    return out
+
+
 def cli_page() -> str:
     from scoredistill import cli
 
@@ -505,12 +519,7 @@ def cli_page() -> str:
             out.append(_action_row(action))
     out.append("")
     assert sub_action is not None
-    helps = {a.dest: a.help for a in sub_action._choices_actions}
-    for name, sub in sub_action.choices.items():
-        out += [f"## `{name}`", "", (helps.get(name) or "").rstrip(".") + ".", "", "```text", _usage(sub), "```", ""]
-        rows = [_action_row(a) for a in sub._actions if not isinstance(a, argparse._HelpAction)]
-        if rows:
-            out += ["| argument | meaning | default |", "|---|---|---|", *rows, ""]
+    out += _command_sections(sub_action, "")
     out += [
         "## Exit status",
         "",

@@ -98,20 +98,22 @@ def scoredistill_report(run, samples, metrics):
     seed = option("seed", run.config.eval.seed)
     t_samples = teacher_samples(teacher, len(samples), seed)
     tm = metrics.get("teacher") or {}
+    # a run's own pictures, or (scoredistill eval) PREFIX_samples.png next to its metrics file: never the run's
+    folder, prefix = Path(option("pictures_dir", run.dir)), option("pictures_prefix", "")
 
     def fid(m: dict) -> str:
         return f", FID {m['fid']:.3g}" if isinstance(m.get("fid"), (int, float)) else ""
 
     title = run.config.method + (f" (ablate {', '.join(run.config.ablations)})" if run.config.ablations else "")
     plots.sample_grids([(f"teacher: Heun, {teacher.sampler_nfe} NFE{fid(tm)}", t_samples),
-                        (f"generator: 1 NFE{fid(metrics)}", samples)], run.dir / "samples.png", f"{title} (same noise)")
+                        (f"generator: 1 NFE{fid(metrics)}", samples)], folder / f"{prefix}samples.png", f"{title} (same noise)")
     if "class_histogram" in metrics:
         series = [("generator", metrics["class_histogram"])]
         if "class_histogram" in tm:
             series.append(("teacher", tm["class_histogram"]))
         if "class_histogram" in (metrics.get("target") or {}):
             series.append(("real train split", metrics["target"]["class_histogram"]))
-        plots.class_histogram(series, run.dir / "class_histogram.png", title)
+        plots.class_histogram(series, folder / f"{prefix}class_histogram.png", title)
 
 
 # --------------------------------------------------------------------------- commands
@@ -193,11 +195,13 @@ def cmd_eval(args, hooks) -> int:
                         f"'{run.config.teacher.component}' (its metrics are in metrics.json)")
     n = args.num or run.config.eval.num_samples
     seed = run.config.eval.seed if args.seed is None else args.seed
-    token = EVAL_OPTIONS.set({"inception": args.inception, "seed": seed})
+    out = args.out or Path(args.run_dir) / EVAL_FILE
+    token = EVAL_OPTIONS.set({"inception": args.inception, "seed": seed, "pictures_dir": out.parent,
+                              "pictures_prefix": f"{out.stem}_"})
     try:
         samples = generate(run, n, seed)
         metrics = {"run": str(args.run_dir), "num_samples": n, "seed": seed, **hooks.evaluate(run=run, samples=samples)}
-        out = args.out or Path(args.run_dir) / EVAL_FILE
+        out.parent.mkdir(parents=True, exist_ok=True)
         write_json(out, metrics)
         hooks.report(run=run, samples=samples, metrics=metrics)
     finally:
@@ -206,6 +210,6 @@ def cmd_eval(args, hooks) -> int:
     keys = ("fid", "fid_train", "fid_inception", "class_coverage", "classes_present")
     line = "  ".join(f"{k}={metrics[k]}" for k in keys if k in metrics and metrics[k] is not None)
     tline = "  ".join(f"{k}={tm[k]}" for k in keys if k in tm and tm[k] is not None)
-    Console(stderr=True).print(f"[green]evaluated[/green] {args.run_dir} -> {out}\n  generator (1 NFE): {line}\n"
+    Console(stderr=True).print(f"[green]evaluated[/green] {args.run_dir} -> {out} (pictures: {out.stem}_*.png)\n  generator (1 NFE): {line}\n"
                                f"  teacher ({tm.get('sampler', '?')}): {tline}")
     return 0
