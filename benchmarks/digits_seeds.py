@@ -1,0 +1,128 @@
+"""Run-to-run spread of the digits FID: one setting, several training seeds, several EMA decays per run.
+
+    python benchmarks/digits_seeds.py [--seeds 0 1 2 3] [--ablate A ...] [--set key=value ...]
+                                      [--decays 0.99 0.995 0.998 0.999] [--parallel 2] [--out FILE]
+
+Each seed trains ``dmd --preset digits`` (with ``--ablate`` and ``--set`` applied) through the
+public API: ``config.resolve`` -> ``trainer.build`` -> ``trainer.setup`` -> ``train_iteration``
+``train.steps`` times. That is the arithmetic and the random stream of ``scoredistill run``
+(same seed, same thread count: the same FID to the last digit), without its checkpoints and
+logs. Beside the preset's own EMA, the script keeps an EMA per ``--decays`` entry, and at the
+end evaluates the online weights and each EMA on the FID protocol (1,500 samples from
+``eval.seed``, digits-classifier features, against the held-out test split and the train
+split), so that one training answers "which EMA" too.
+
+Writes one JSON line per seed to ``--out`` (default ``benchmarks/results/digits_seeds.jsonl``;
+a seed already there with the same settings is skipped) and prints a table: per weights, the
+FID of each seed, the mean and the standard deviation. ``--parallel N`` trains N seeds at once
+in child processes, one torch thread each (on 2 cores: 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_OUT = Path(__file__).parent / "results" / "digits_seeds.jsonl"
+
+
+def train_and_evaluate(seed: int, ablations: list[str], overrides: list[str], decays: list[float]) -> dict[str, Any]:
+    import torch
+
+    from scoredistill import config as config_mod
+    from scoredistill import trainer
+    from scoredistill.images.metrics import evaluate_images
+    from scoredistill.plugins import Hooks
+
+    hooks = Hooks()
+    config = config_mod.resolve(hooks.registry, "dmd", "digits", ablations,
+                                ["runtime.progress=false", f"seed={seed}", *overrides])
+    run = trainer.build(config, hooks, Path(tempfile.mkdtemp(prefix="digits-seed-")))
+    trainer.setup(run)
+    emas = {d: trainer.EMA(run.models.generator, d) for d in decays}
+    t0 = time.perf_counter()
+    for step in range(config.train.steps):
+        trainer.train_iteration(run)
+        for ema in emas.values():
+            ema.update_parameters(run.models.generator)
+        if (step + 1) % 500 == 0:
+            print(f"seed {seed}: step {step + 1}, {time.perf_counter() - t0:.0f} s", flush=True)
+    result: dict[str, Any] = {"seed": seed, "ablations": ablations, "overrides": overrides, "steps": config.train.steps,
+                              "threads": torch.get_num_threads(), "train_s": round(time.perf_counter() - t0, 1)}
+    weights = {"online": run.models.generator, **{f"ema{d}": e.module for d, e in emas.items()}}
+    for name, module in weights.items():
+        module.eval()
+        gen = torch.Generator().manual_seed(config.eval.seed)
+        z = torch.randn((config.eval.num_samples, *module.latent_shape), generator=gen)
+        with torch.no_grad():
+            samples = module(z).float()
+        m = evaluate_images(run.models.teacher, samples, seed=config.eval.seed, inception="off")
+        result[name] = {"fid": m["fid"], "fid_train": m["fid_train"], "ratio": m["fid_ratio_to_teacher"],
+                        "classes": m["classes_present"]}
+        result["teacher"] = {"fid": m["teacher"]["fid"], "fid_train": m["teacher"]["fid_train"]}
+    return result
+
+
+def _key(r: dict[str, Any]) -> tuple:
+    """Seed and setting; the thread count only changes rounding (recorded as ``threads``)."""
+    return r["seed"], tuple(r["ablations"]), _setting(r["overrides"])
+
+
+def _setting(overrides: list[str]) -> tuple:
+    return tuple(o for o in overrides if not o.startswith("runtime.num_threads="))
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    names = [k for k in results[0] if isinstance(results[0][k], dict) and "ratio" in results[0][k]]
+    head = "| weights | " + " | ".join(f"seed {r['seed']}" for r in results) + " | mean | sd | mean / teacher |"
+    rows = [head, "|" + "---|" * (len(results) + 4)]
+    teacher = results[0]["teacher"]["fid"]
+    for name in names:
+        fids = [r[name]["fid"] for r in results]
+        sd = statistics.stdev(fids) if len(fids) > 1 else float("nan")
+        mean = statistics.fmean(fids)
+        rows.append(f"| {name} | " + " | ".join(f"{f:.3f}" for f in fids) + f" | {mean:.3f} | {sd:.3f} | {mean / teacher:.2f} |")
+    return "\n".join(rows) + f"\n\nFID against the held-out test split; teacher (Heun, 35 NFE): {teacher:.3f}."
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    p.add_argument("--ablate", action="append", default=[], metavar="ABLATION")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--decays", type=float, nargs="*", default=[0.99, 0.995, 0.998, 0.999])
+    p.add_argument("--parallel", type=int, default=1)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = p.parse_args(argv)
+    done = [json.loads(line) for line in args.out.read_text().splitlines()] if args.out.is_file() else []
+    wanted = {(s, tuple(args.ablate), _setting(args.overrides)) for s in args.seeds}
+    todo = [s for s in args.seeds if (s, tuple(args.ablate), _setting(args.overrides)) not in {_key(r) for r in done}]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.parallel > 1 and len(todo) > 1:  # children, one thread each; each appends its own line
+        base = [sys.executable, __file__, "--out", str(args.out), "--decays", *map(str, args.decays)]
+        base += [a for x in args.ablate for a in ("--ablate", x)]
+        base += [a for x in ["runtime.num_threads=1", *args.overrides] for a in ("--set", x)]
+        for i in range(0, len(todo), args.parallel):
+            procs = [subprocess.Popen(base + ["--seeds", str(s)]) for s in todo[i : i + args.parallel]]
+            if any(proc.wait() for proc in procs):
+                raise SystemExit("a seed failed (see its output above)")
+    else:
+        for seed in todo:
+            result = train_and_evaluate(seed, args.ablate, args.overrides, args.decays)
+            with args.out.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+    results = [json.loads(line) for line in args.out.read_text().splitlines()]
+    mine = sorted((r for r in results if _key(r) in wanted), key=lambda r: r["seed"])
+    print(table(mine))
+    return mine
+
+
+if __name__ == "__main__":
+    main()
