@@ -106,7 +106,9 @@ def test_every_command_and_option_is_documented(site):
     for command, subparser in found:
         assert f'id="{command.replace(" ", "-")}"' in html, f"command {command} is missing"
         for action in subparser._actions:
-            for option in action.option_strings if not isinstance(action, argparse._HelpAction) else ():
+            if isinstance(action, argparse._HelpAction):
+                continue
+            for option in action.option_strings:
                 assert f"<code>{option}</code>" in html, f"option {command} {option} is missing"
 
 
