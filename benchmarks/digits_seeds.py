@@ -2,6 +2,7 @@
 
     python benchmarks/digits_seeds.py [--seeds 0 1 2 3] [--ablate A ...] [--set key=value ...]
                                       [--decays 0.99 0.995 0.998 0.999] [--parallel 2] [--out FILE]
+                                      [--eval-at 500 1000 1500]
 
 Each seed trains ``dmd --preset digits`` (with ``--ablate`` and ``--set`` applied) through the
 public API: ``config.resolve`` -> ``trainer.build`` -> ``trainer.setup`` -> ``train_iteration``
@@ -33,12 +34,28 @@ from typing import Any
 DEFAULT_OUT = Path(__file__).parent / "results" / "digits_seeds.jsonl"
 
 
-def train_and_evaluate(seed: int, ablations: list[str], overrides: list[str], decays: list[float]) -> dict[str, Any]:
+def _evaluate(run, module, config) -> dict[str, Any]:
+    """The FID protocol on ``module`` (a generator): 1,500 samples from ``eval.seed``, digits-classifier features."""
+    import torch
+
+    from scoredistill.images.metrics import evaluate_images
+
+    was_training = module.training
+    module.eval()
+    gen = torch.Generator().manual_seed(config.eval.seed)
+    z = torch.randn((config.eval.num_samples, *module.latent_shape), generator=gen)
+    with torch.no_grad():
+        samples = module(z).float()
+    module.train(was_training)
+    return evaluate_images(run.models.teacher, samples, seed=config.eval.seed, inception="off")
+
+
+def train_and_evaluate(seed: int, ablations: list[str], overrides: list[str], decays: list[float],
+                       eval_at: tuple[int, ...] = ()) -> dict[str, Any]:
     import torch
 
     from scoredistill import config as config_mod
     from scoredistill import trainer
-    from scoredistill.images.metrics import evaluate_images
     from scoredistill.plugins import Hooks
 
     hooks = Hooks()
@@ -47,25 +64,26 @@ def train_and_evaluate(seed: int, ablations: list[str], overrides: list[str], de
     run = trainer.build(config, hooks, Path(tempfile.mkdtemp(prefix="digits-seed-")))
     trainer.setup(run)
     emas = {d: trainer.EMA(run.models.generator, d) for d in decays}
-    t0 = time.perf_counter()
+    t0, during = time.perf_counter(), {}
     for step in range(config.train.steps):
         trainer.train_iteration(run)
         for ema in emas.values():
             ema.update_parameters(run.models.generator)
+        if step + 1 in eval_at:  # the online weights' trajectory; the training stream is left as it was
+            rng = torch.random.get_rng_state()
+            during[step + 1] = round(_evaluate(run, run.models.generator, config)["fid"], 4)
+            torch.random.set_rng_state(rng)
         if (step + 1) % 500 == 0:
             print(f"seed {seed}: step {step + 1}, {time.perf_counter() - t0:.0f} s", flush=True)
     result: dict[str, Any] = {"seed": seed, "ablations": ablations, "overrides": overrides, "steps": config.train.steps,
                               "threads": torch.get_num_threads(), "train_s": round(time.perf_counter() - t0, 1)}
     weights = {"online": run.models.generator, **{f"ema{d}": e.module for d, e in emas.items()}}
+    if during:
+        result["online_fid_during"] = during
     for name, module in weights.items():
-        module.eval()
-        gen = torch.Generator().manual_seed(config.eval.seed)
-        z = torch.randn((config.eval.num_samples, *module.latent_shape), generator=gen)
-        with torch.no_grad():
-            samples = module(z).float()
-        m = evaluate_images(run.models.teacher, samples, seed=config.eval.seed, inception="off")
+        m = _evaluate(run, module, config)
         result[name] = {"fid": m["fid"], "fid_train": m["fid_train"], "ratio": m["fid_ratio_to_teacher"],
-                        "classes": m["classes_present"]}
+                        "classes": m["classes_present"], "max_class_share": round(m["max_class_share"], 4)}
         result["teacher"] = {"fid": m["teacher"]["fid"], "fid_train": m["teacher"]["fid_train"]}
     return result
 
@@ -99,6 +117,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--decays", type=float, nargs="*", default=[0.99, 0.995, 0.998, 0.999])
     p.add_argument("--parallel", type=int, default=1)
+    p.add_argument("--eval-at", type=int, nargs="*", default=[], metavar="STEP",
+                   help="also evaluate the online weights at these steps (FID trajectory)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
     done = [json.loads(line) for line in args.out.read_text().splitlines()] if args.out.is_file() else []
@@ -106,7 +126,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     todo = [s for s in args.seeds if (s, tuple(args.ablate), _setting(args.overrides)) not in {_key(r) for r in done}]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.parallel > 1 and len(todo) > 1:  # children, one thread each; each appends its own line
-        base = [sys.executable, __file__, "--out", str(args.out), "--decays", *map(str, args.decays)]
+        base = [sys.executable, __file__, "--out", str(args.out), "--decays", *map(str, args.decays),
+                "--eval-at", *map(str, args.eval_at)]
         base += [a for x in args.ablate for a in ("--ablate", x)]
         base += [a for x in ["runtime.num_threads=1", *args.overrides] for a in ("--set", x)]
         for i in range(0, len(todo), args.parallel):
@@ -115,7 +136,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 raise SystemExit("a seed failed (see its output above)")
     else:
         for seed in todo:
-            result = train_and_evaluate(seed, args.ablate, args.overrides, args.decays)
+            result = train_and_evaluate(seed, args.ablate, args.overrides, args.decays, tuple(args.eval_at))
             with args.out.open("a") as f:
                 f.write(json.dumps(result) + "\n")
     results = [json.loads(line) for line in args.out.read_text().splitlines()]

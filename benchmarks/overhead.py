@@ -101,7 +101,7 @@ class Bare:
             self.means, self.stds2 = teacher.means.clone(), teacher.stds.clone() ** 2
             self.log_w = teacher.weights.log()
             self.teacher = self._gmm_denoiser
-            self.train_sigma = lambda n: self.sigmas[torch.randint(0, len(self.sigmas), (n,))]
+            self.train_sigma = None  # uniform over the timesteps (below)
         elif isinstance(teacher, ImageTeacher) and teacher.kind == "edm" and teacher.denoiser.prediction_type == "epsilon":
             self.t_unet = copy.deepcopy(teacher.denoiser.unet).eval().requires_grad_(False)
             self.teacher = lambda x, s: self._unet_denoiser(self.t_unet, x, s)
@@ -109,6 +109,9 @@ class Bare:
             self.train_sigma = lambda n: (pm + ps * torch.randn((n,))).exp().clamp(lo, hi)
         else:
             raise SystemExit(f"overhead.py: no bare loop for teacher {type(teacher).__name__}")
+        # the fake score's noise levels: uniform over the timesteps unless noise_levels is 'teacher'
+        if self.train_sigma is None or getattr(run.fake_score_loss, "noise_levels", "timesteps") == "timesteps":
+            self.train_sigma = lambda n: self.sigmas[torch.randint(0, len(self.sigmas), (n,))]
 
         # -- the generator G
         g = m.generator

@@ -140,13 +140,31 @@ def test_fake_score_loss_at_the_exact_denoiser_is_the_posterior_variance():
     sigma = 0.8
     ms.teacher.training_sigmas = lambda n: torch.full((n,), sigma)
     x = torch.tensor(M_FAKE) + S0 * torch.randn(200_000, 2)
-    loss = FakeScoreDenoise(FakeScoreDenoise.Config())(x, None, ms)
+    teacher_levels = FakeScoreDenoise.Config(noise_levels="teacher")
+    loss = FakeScoreDenoise(teacher_levels)(x, None, ms)
     lam = ms.teacher.loss_weight(torch.tensor(sigma)).item()
     expected = lam * S0**2 * sigma**2 / (S0**2 + sigma**2)
     assert loss.item() == pytest.approx(expected, rel=0.01)
     # a wrong denoiser (the real one) scores worse: the loss can tell them apart
     ms.fake_score = ExactFakeScore(ms.teacher)
-    assert FakeScoreDenoise(FakeScoreDenoise.Config())(x, None, ms).item() > 1.2 * expected
+    assert FakeScoreDenoise(teacher_levels)(x, None, ms).item() > 1.2 * expected
+
+
+def test_fake_score_loss_on_timesteps_averages_over_the_teachers_schedule():
+    """``noise_levels: timesteps``: s uniform over the T discrete levels, so the loss at the exact
+    denoiser is the schedule's mean of lambda(s) s0^2 s^2 / (s0^2 + s^2); ``training_sigmas`` is not used."""
+    torch.manual_seed(0)
+    ms = models()
+    ms.teacher.training_sigmas = lambda n: torch.full((n,), 0.8)  # would give another value
+    # unit weights: EDM's lambda(s) with sigma_data = s0 makes every level's term 1, which would hide the levels
+    ms.teacher.loss_weight = lambda sigma: torch.ones_like(sigma)
+    x = torch.tensor(M_FAKE) + S0 * torch.randn(400_000, 2)
+    loss = FakeScoreDenoise(FakeScoreDenoise.Config(noise_levels="timesteps"))(x, None, ms)
+    s = ms.teacher.sigmas.double()
+    expected = (S0**2 * s**2 / (S0**2 + s**2)).mean().item()
+    at_08 = S0**2 * 0.64 / (S0**2 + 0.64)
+    assert abs(expected - at_08) > 0.05 * expected  # the two distributions are told apart
+    assert loss.item() == pytest.approx(expected, rel=0.01)
 
 
 def test_teacher_loss_weight_is_edm():
