@@ -10,7 +10,7 @@ framework (target: framework / bare <= 1.05 on CPU, for ``toy2d`` and ``digits``
 For each preset one run is built through the public API (``config.resolve`` -> ``trainer.build``
 -> ``trainer.setup``), and a hand-written loop is given deep copies of the same inner networks
 (MLP ``nn.Sequential`` stacks and Fourier frequencies, or the diffusers ``UNet2DModel``; the
-analytic Gaussian-mixture denoiser written out), the same optimisers' settings (Adam lr, betas,
+analytic Gaussian-mixture denoiser written out), the same optimisers' settings (Adam lr, betas, fused or not,
 eps; grad clip if set), lr schedule (cosine if set), EMA decay and data (the same ODE pairs):
 
 * ``train``: ``trainer.train_iteration(run)`` (generator step on kl_gradient + regression, the
@@ -155,7 +155,8 @@ class Bare:
         self.pz, self.py = (run.pairs.z, run.pairs.y) if self.w_reg is not None else (None, None)
         if tr.optimizer != "adam" or tr.module_lr or tr.fake_updates_per_step != 1:
             raise SystemExit("overhead.py: the bare loop has one Adam per network and one fake-score update per step")
-        adam = dict(betas=tr.adam_betas, eps=tr.adam_eps, weight_decay=tr.weight_decay)
+        adam = dict(betas=tr.adam_betas, eps=tr.adam_eps, weight_decay=tr.weight_decay,
+                    fused=bool(run.trained["generator"].optimizer.defaults.get("fused")))  # the trainer's kernel choice
         self.g_params = list(self.g_net.parameters())
         self.f_params = list(self.f_net.parameters())
         self.g_opt = torch.optim.Adam(self.g_params, lr=tr.generator_lr, **adam)
@@ -372,14 +373,14 @@ def breakdown(run, iters: int) -> dict[str, float]:
                 acc[name] = acc.get(name, 0.0) + clock() - t0
         return wrapper
 
-    targets = [(engine_mod.Engine, "grad_norm", "engine.grad_norm", timed),
+    targets = [(engine_mod.Engine, "grad_norms", "engine.grad_norms", timed),
                (engine_mod.Engine, "autocast", "engine.autocast", timed_cm),
                (engine_mod.Engine, "full_parameters", "engine.full_parameters", timed_cm),
                (trainer, "_frozen", "trainer._frozen", timed_cm),
                (trainer.NonFiniteGuard, "observe", "guard.observe", timed),
                (trainer, "_update_ema", "trainer._update_ema (EMA)", timed)]
     targets += [(run.engine.scaler, m, f"scaler.{m}", timed) for m in ("scale", "unscale_", "update")]
-    targets += [(net.schedule, "step", "lr schedule.step", timed) for net in run.trained.values()]
+    targets += [(net.schedule, "step", "lr schedule.step", timed) for net in run.trained.values() if net.schedule is not None]
     saved = []
     for owner, attr, name, wrap in targets:
         if hasattr(owner, attr):

@@ -73,7 +73,8 @@ class TrainConfig(BaseModel):
     ema_decay: Optional[float] = Field(None, ge=0, lt=1, description="EMA of the generator's weights, used for sampling and evaluation")
     pair_batch_size: Optional[int] = Field(None, ge=1, description="regression batch; default: batch_size")
     log_every: int = Field(10, ge=1, description="record losses (history.json, metrics.csv, TensorBoard, progress bar, hooks) every N generator steps")
-    optimizer: Literal["adam", "adamw"] = Field("adam", description="optimiser of every trained network (adamw: decoupled weight decay)")
+    optimizer: Literal["adam", "adamw"] = Field("adam", description="optimiser of every trained network (adamw: decoupled weight decay); "
+                                                                 "torch's fused kernel on CUDA and in a single CPU process (torch >= 2.4)")
     adam_eps: float = Field(1e-8, gt=0, description="epsilon of both optimisers")
     weight_decay: float = Field(0.0, ge=0, description="weight decay of both optimisers")
     module_lr: dict[str, Annotated[float, Field(gt=0)]] = Field(

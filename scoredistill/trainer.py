@@ -74,7 +74,7 @@ class Trained:
     name: str
     wrapper: nn.Module
     optimizer: torch.optim.Optimizer
-    schedule: torch.optim.lr_scheduler.LRScheduler
+    schedule: Optional[torch.optim.lr_scheduler.LRScheduler]  # None: a constant lr
     params: list[nn.Parameter] = field(default_factory=list)
 
     def __call__(self, objective: Callable[[nn.Module], Any]) -> Any:
@@ -190,10 +190,13 @@ class NonFiniteGuard:
         self.pending: list[tuple[str, str, list[str], list[Tensor]]] = []  # stop: the values, checked later
         self.skipped = torch.zeros((), device=device)
 
-    def observe(self, where: str, network: str, terms: dict[str, Tensor], grad_norm: Tensor) -> Optional[Tensor]:
-        values = list(terms.values()) + ([grad_norm] if self.watch_gradients else [])
+    def observe(self, where: str, network: str, terms: dict[str, Tensor], grad_norms: list[Tensor]) -> Optional[Tensor]:
+        """Record (``stop``) or act on (``skip``) one update's loss terms and gradient norms (0-d tensors)."""
+        grads = grad_norms if self.watch_gradients else []
+        values = list(terms.values()) + grads
         if self.mode == "stop":
-            self.pending.append((where, network, list(terms), values))  # no device work until check()
+            names = [f"loss term '{k}'" for k in terms] + [f"gradient of the {network.replace('_', ' ')}"] * len(grads)
+            self.pending.append((where, names, values))  # no device work until check()
             return None
         bad = (~torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in values])).all()).float()
         self.skipped += bad
@@ -208,10 +211,9 @@ class NonFiniteGuard:
         if bool(finite.all()):
             return
         flags = iter(finite.tolist())
-        for where, network, terms, values in pending:
+        for where, names, values in pending:
             ok = [next(flags) for _ in values]
             if not all(ok):
-                names = [f"loss term '{k}'" for k in terms] + [f"gradient of the {network.replace('_', ' ')}"]
                 bad = names[ok.index(False)]
                 last = run.last_checkpoint
                 keep = f"its last good checkpoint is {last}" if last is not None else "no checkpoint was written before it"
@@ -229,8 +231,8 @@ def _update(run: Run, net: Trained, loss: Tensor, terms: dict[str, Tensor], wher
         scaler.unscale_(opt)
     else:
         loss.backward()
-    grad_norm = run.engine.grad_norm(net.wrapper, net.params, run.config.train.grad_clip)
-    skip = run.guard.observe(where, net.name, terms, grad_norm)
+    grad_norms = run.engine.grad_norms(net.wrapper, net.params, run.config.train.grad_clip)
+    skip = run.guard.observe(where, net.name, terms, grad_norms)
     if skip is not None:
         opt.found_inf = skip  # read by the fused optimiser: it skips the update on the device
     if scaling:
@@ -311,7 +313,8 @@ def train_iteration(run: Run) -> dict[str, Tensor]:
         for k in range(run.config.train.fake_updates_per_step):
             logs["fake_score"] = fake_score_step(run, x if k == 0 else None)
     for net in run.trained.values():
-        net.schedule.step()
+        if net.schedule is not None:
+            net.schedule.step()
     _update_ema(run)
     run.step += 1
     return logs
@@ -346,10 +349,11 @@ def _make_optimizer(cfg: TrainConfig, name: str, wrapper: nn.Module, net: nn.Mod
     return cls(groups if len(groups) > 1 else groups[0]["params"], **kwargs)
 
 
-def _lr_schedule(opt: torch.optim.Optimizer, kind: str, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+def _lr_schedule(opt: torch.optim.Optimizer, kind: str, steps: int) -> Optional[torch.optim.lr_scheduler.LRScheduler]:
+    """Cosine annealing over ``steps``, or None for a constant lr (nothing to step)."""
     if kind == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
-    return torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+    return None
 
 
 class EMA(torch.optim.swa_utils.AveragedModel):
@@ -409,7 +413,7 @@ def setup(run: Run) -> None:
     if cfg.ema_decay is not None:
         run.ema = EMA(models.generator, cfg.ema_decay)
     _speed_options(run)
-    fused = cfg.on_nonfinite == "skip" or engine.device.type == "cuda"  # one kernel per step on GPUs
+    fused = cfg.on_nonfinite == "skip" or engine.fused_adam  # one kernel per tensor: faster on CPUs too
     nets = {"generator": (models.generator, cfg.generator_lr)}
     if run.trains_fake_score():
         nets["fake_score"] = (models.fake_score, cfg.fake_score_lr)
@@ -450,7 +454,7 @@ def save_checkpoint(run: Run) -> Path:
         rng_tensors, rng_meta = ckpt.rng_to_flat(rng)
         state = {
             "step": run.step, "warmup_step": run.warmup_step, "world_size": engine.world_size,
-            "optimizers": opt_meta, "schedules": {n: t.schedule.state_dict() for n, t in run.trained.items()},
+            "optimizers": opt_meta, "schedules": {n: t.schedule.state_dict() for n, t in run.trained.items() if t.schedule is not None},
             "scaler": engine.scaler.state_dict(), "rng": rng_meta, "history": run.history, "skipped": skipped,
             "train_seconds": run.elapsed(),
             "checkpoint_seconds": run.checkpoint_seconds,
@@ -470,7 +474,8 @@ def restore(run: Run, checkpoint: ckpt.Checkpoint) -> None:
             engine.load_model_state(net.wrapper, ckpt.prefixed(tensors, name))
             flat = ckpt.optimizer_from_flat(name, tensors, state["optimizers"][name])
             engine.load_optimizer_state(net.wrapper, net.optimizer, flat)
-            net.schedule.load_state_dict(state["schedules"][name])
+            if net.schedule is not None:
+                net.schedule.load_state_dict(state["schedules"][name])
         if run.ema is not None:
             run.ema.load_state_dict(ckpt.prefixed(tensors, "ema"))
         if state["scaler"]:
