@@ -75,7 +75,8 @@ def train_and_evaluate(seed: int, ablations: list[str], overrides: list[str], de
             torch.random.set_rng_state(rng)
         if (step + 1) % 500 == 0:
             print(f"seed {seed}: step {step + 1}, {time.perf_counter() - t0:.0f} s", flush=True)
-    result: dict[str, Any] = {"seed": seed, "ablations": ablations, "overrides": overrides, "steps": config.train.steps,
+    result: dict[str, Any] = {"seed": seed, "ablations": ablations, "overrides": overrides,
+                              "config_digest": config_digest(ablations, overrides), "steps": config.train.steps,
                               "threads": torch.get_num_threads(), "train_s": round(time.perf_counter() - t0, 1)}
     weights = {"online": run.models.generator, **{f"ema{d}": e.module for d, e in emas.items()}}
     if during:
@@ -89,12 +90,23 @@ def train_and_evaluate(seed: int, ablations: list[str], overrides: list[str], de
 
 
 def _key(r: dict[str, Any]) -> tuple:
-    """Seed and setting; the thread count only changes rounding (recorded as ``threads``)."""
-    return r["seed"], tuple(r["ablations"]), _setting(r["overrides"])
+    """Seed and setting: the digest of the resolved config (the preset as it was then, with the
+    run's ablations and overrides). Lines written before the digest was recorded match nothing."""
+    return r["seed"], r.get("config_digest")
 
 
-def _setting(overrides: list[str]) -> tuple:
-    return tuple(o for o in overrides if not o.startswith("runtime.num_threads="))
+def config_digest(ablations: list[str], overrides: list[str]) -> str:
+    """A digest of the resolved training config, without the seed and the runtime section
+    (the thread count only changes rounding; it is recorded as ``threads``)."""
+    import json as json_mod
+
+    from scoredistill import config as config_mod
+    from scoredistill.plugins import Hooks
+    from scoredistill.roles import stable_hash
+
+    config = config_mod.resolve(Hooks().registry, "dmd", "digits", ablations, ["seed=0", *overrides])
+    settings = config.model_dump(mode="json", exclude={"seed", "runtime"})
+    return stable_hash(json_mod.dumps(settings, sort_keys=True))
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -122,8 +134,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
     done = [json.loads(line) for line in args.out.read_text().splitlines()] if args.out.is_file() else []
-    wanted = {(s, tuple(args.ablate), _setting(args.overrides)) for s in args.seeds}
-    todo = [s for s in args.seeds if (s, tuple(args.ablate), _setting(args.overrides)) not in {_key(r) for r in done}]
+    digest = config_digest(args.ablate, args.overrides)
+    wanted = {(s, digest) for s in args.seeds}
+    todo = [s for s in args.seeds if (s, digest) not in {_key(r) for r in done}]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.parallel > 1 and len(todo) > 1:  # children, one thread each; each appends its own line
         base = [sys.executable, __file__, "--out", str(args.out), "--decays", *map(str, args.decays),
