@@ -195,8 +195,7 @@ class NonFiniteGuard:
         grads = grad_norms if self.watch_gradients else []
         values = list(terms.values()) + grads
         if self.mode == "stop":
-            names = [f"loss term '{k}'" for k in terms] + [f"gradient of the {network.replace('_', ' ')}"] * len(grads)
-            self.pending.append((where, names, values))  # no device work until check()
+            self.pending.append((where, network, list(terms), values))  # no device work until check()
             return None
         bad = (~torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in values])).all()).float()
         self.skipped += bad
@@ -211,10 +210,11 @@ class NonFiniteGuard:
         if bool(finite.all()):
             return
         flags = iter(finite.tolist())
-        for where, names, values in pending:
+        for where, network, terms, values in pending:
             ok = [next(flags) for _ in values]
             if not all(ok):
-                bad = names[ok.index(False)]
+                i = ok.index(False)  # the loss terms come first, then the gradient norms
+                bad = f"loss term '{terms[i]}'" if i < len(terms) else f"gradient of the {network.replace('_', ' ')}"
                 last = run.last_checkpoint
                 keep = f"its last good checkpoint is {last}" if last is not None else "no checkpoint was written before it"
                 raise TrainingStopped(f"non-finite {bad} at {where}: the run stopped; {keep}; "
