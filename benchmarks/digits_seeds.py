@@ -61,6 +61,7 @@ def train_and_evaluate(seed: int, ablations: list[str], overrides: list[str], de
     hooks = Hooks()
     config = config_mod.resolve(hooks.registry, "dmd", "digits", ablations,
                                 ["runtime.progress=false", f"seed={seed}", *overrides])
+    digest = config_digest(config)
     run = trainer.build(config, hooks, Path(tempfile.mkdtemp(prefix="digits-seed-")))
     trainer.setup(run)
     emas = {d: trainer.EMA(run.models.generator, d) for d in decays}
@@ -76,7 +77,7 @@ def train_and_evaluate(seed: int, ablations: list[str], overrides: list[str], de
         if (step + 1) % 500 == 0:
             print(f"seed {seed}: step {step + 1}, {time.perf_counter() - t0:.0f} s", flush=True)
     result: dict[str, Any] = {"seed": seed, "ablations": ablations, "overrides": overrides,
-                              "config_digest": config_digest(ablations, overrides), "steps": config.train.steps,
+                              "config_digest": digest, "steps": config.train.steps,
                               "threads": torch.get_num_threads(), "train_s": round(time.perf_counter() - t0, 1)}
     weights = {"online": run.models.generator, **{f"ema{d}": e.module for d, e in emas.items()}}
     if during:
@@ -95,18 +96,20 @@ def _key(r: dict[str, Any]) -> tuple:
     return r["seed"], r.get("config_digest")
 
 
-def config_digest(ablations: list[str], overrides: list[str]) -> str:
-    """A digest of the resolved training config, without the seed and the runtime section
-    (the thread count only changes rounding; it is recorded as ``threads``)."""
-    import json as json_mod
-
-    from scoredistill import config as config_mod
-    from scoredistill.plugins import Hooks
+def config_digest(config) -> str:
+    """A digest of a resolved config without its seed and runtime section (the thread count only
+    changes rounding; it is recorded as ``threads``)."""
     from scoredistill.roles import stable_hash
 
-    config = config_mod.resolve(Hooks().registry, "dmd", "digits", ablations, ["seed=0", *overrides])
     settings = config.model_dump(mode="json", exclude={"seed", "runtime"})
-    return stable_hash(json_mod.dumps(settings, sort_keys=True))
+    return stable_hash(json.dumps(settings, sort_keys=True))
+
+
+def _resolved(ablations: list[str], overrides: list[str]):
+    from scoredistill import config as config_mod
+    from scoredistill.plugins import Hooks
+
+    return config_mod.resolve(Hooks().registry, "dmd", "digits", ablations, overrides)
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
     done = [json.loads(line) for line in args.out.read_text().splitlines()] if args.out.is_file() else []
-    digest = config_digest(args.ablate, args.overrides)
+    digest = config_digest(_resolved(args.ablate, args.overrides))
     wanted = {(s, digest) for s in args.seeds}
     todo = [s for s in args.seeds if (s, digest) not in {_key(r) for r in done}]
     args.out.parent.mkdir(parents=True, exist_ok=True)
