@@ -1,10 +1,10 @@
 """Run-to-run spread of the digits FID: one setting, several training seeds, several EMA decays per run.
 
-    python benchmarks/digits_seeds.py [--seeds 0 1 2 3] [--ablate A ...] [--set key=value ...]
+    python benchmarks/digits_seeds.py [--method dmd] [--seeds 0 1 2 3] [--ablate A ...] [--set key=value ...]
                                       [--decays 0.99 0.995 0.998 0.999] [--parallel 2] [--out FILE]
                                       [--eval-at 500 1000 1500]
 
-Each seed trains ``dmd --preset digits`` (with ``--ablate`` and ``--set`` applied) through the
+Each seed trains ``dmd --preset digits`` (or ``--method M``; with ``--ablate`` and ``--set`` applied) through the
 public API: ``config.resolve`` -> ``trainer.build`` -> ``trainer.setup`` -> ``train_iteration``
 ``train.steps`` times. That is the arithmetic and the random stream of ``scoredistill run``
 (same seed, same thread count: the same FID to the last digit), without its checkpoints and
@@ -51,7 +51,7 @@ def _evaluate(run, module, config) -> dict[str, Any]:
 
 
 def train_and_evaluate(seed: int, ablations: list[str], overrides: list[str], decays: list[float],
-                       eval_at: tuple[int, ...] = ()) -> dict[str, Any]:
+                       eval_at: tuple[int, ...] = (), method: str = "dmd") -> dict[str, Any]:
     import torch
 
     from scoredistill import config as config_mod
@@ -59,7 +59,7 @@ def train_and_evaluate(seed: int, ablations: list[str], overrides: list[str], de
     from scoredistill.plugins import Hooks
 
     hooks = Hooks()
-    config = config_mod.resolve(hooks.registry, "dmd", "digits", ablations,
+    config = config_mod.resolve(hooks.registry, method, "digits", ablations,
                                 ["runtime.progress=false", f"seed={seed}", *overrides])
     digest = config_digest(config)
     run = trainer.build(config, hooks, Path(tempfile.mkdtemp(prefix="digits-seed-")))
@@ -76,7 +76,7 @@ def train_and_evaluate(seed: int, ablations: list[str], overrides: list[str], de
             torch.random.set_rng_state(rng)
         if (step + 1) % 500 == 0:
             print(f"seed {seed}: step {step + 1}, {time.perf_counter() - t0:.0f} s", flush=True)
-    result: dict[str, Any] = {"seed": seed, "ablations": ablations, "overrides": overrides,
+    result: dict[str, Any] = {"seed": seed, "method": method, "ablations": ablations, "overrides": overrides,
                               "config_digest": digest, "steps": config.train.steps,
                               "threads": torch.get_num_threads(), "train_s": round(time.perf_counter() - t0, 1)}
     weights = {"online": run.models.generator, **{f"ema{d}": e.module for d, e in emas.items()}}
@@ -97,19 +97,20 @@ def _key(r: dict[str, Any]) -> tuple:
 
 
 def config_digest(config) -> str:
-    """A digest of a resolved config without its seed and runtime section (the thread count only
-    changes rounding; it is recorded as ``threads``)."""
+    """A digest of a resolved config (the method, every component's settings, train and eval)
+    without its seed and runtime section (the thread count only changes rounding; it is
+    recorded as ``threads``)."""
     from scoredistill.roles import stable_hash
 
-    settings = config.model_dump(mode="json", exclude={"seed", "runtime"})
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("seed", "runtime")}
     return stable_hash(json.dumps(settings, sort_keys=True))
 
 
-def _resolved(ablations: list[str], overrides: list[str]):
+def _resolved(method: str, ablations: list[str], overrides: list[str]):
     from scoredistill import config as config_mod
     from scoredistill.plugins import Hooks
 
-    return config_mod.resolve(Hooks().registry, "dmd", "digits", ablations, overrides)
+    return config_mod.resolve(Hooks().registry, method, "digits", ablations, overrides)
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -127,6 +128,7 @@ def table(results: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--method", default="dmd", help="the method trained on the digits preset (default: dmd)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     p.add_argument("--ablate", action="append", default=[], metavar="ABLATION")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -137,12 +139,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
     done = [json.loads(line) for line in args.out.read_text().splitlines()] if args.out.is_file() else []
-    digest = config_digest(_resolved(args.ablate, args.overrides))
+    digest = config_digest(_resolved(args.method, args.ablate, args.overrides))
     wanted = {(s, digest) for s in args.seeds}
     todo = [s for s in args.seeds if (s, digest) not in {_key(r) for r in done}]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.parallel > 1 and len(todo) > 1:  # children, one thread each; each appends its own line
-        base = [sys.executable, __file__, "--out", str(args.out), "--decays", *map(str, args.decays),
+        base = [sys.executable, __file__, "--method", args.method, "--out", str(args.out), "--decays", *map(str, args.decays),
                 "--eval-at", *map(str, args.eval_at)]
         base += [a for x in args.ablate for a in ("--ablate", x)]
         base += [a for x in ["runtime.num_threads=1", *args.overrides] for a in ("--set", x)]
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 raise SystemExit("a seed failed (see its output above)")
     else:
         for seed in todo:
-            result = train_and_evaluate(seed, args.ablate, args.overrides, args.decays, tuple(args.eval_at))
+            result = train_and_evaluate(seed, args.ablate, args.overrides, args.decays, tuple(args.eval_at), args.method)
             with args.out.open("a") as f:
                 f.write(json.dumps(result) + "\n")
     results = [json.loads(line) for line in args.out.read_text().splitlines()]

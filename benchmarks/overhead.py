@@ -153,8 +153,9 @@ class Bare:
         self.t_lo, self.t_hi = int(dm.config.min_timestep_ratio * T), min(int(dm.config.max_timestep_ratio * T), T - 1)
         self.w_reg = names["l2_regression"][1].weight if "l2_regression" in names else None
         self.pz, self.py = (run.pairs.z, run.pairs.y) if self.w_reg is not None else (None, None)
-        if tr.optimizer != "adam" or tr.module_lr or tr.fake_updates_per_step != 1:
-            raise SystemExit("overhead.py: the bare loop has one Adam per network and one fake-score update per step")
+        if tr.optimizer != "adam" or tr.module_lr:
+            raise SystemExit("overhead.py: the bare loop has one Adam per network")
+        self.fake_updates = tr.fake_updates_per_step
         adam = dict(betas=tr.adam_betas, eps=tr.adam_eps, weight_decay=tr.weight_decay,
                     fused=bool(run.trained["generator"].optimizer.defaults.get("fused")))  # the trainer's kernel choice
         self.g_params = list(self.g_net.parameters())
@@ -224,16 +225,20 @@ class Bare:
             torch.nn.utils.clip_grad_norm_(self.g_params, self.clip)
         self.g_opt.step()
 
-        x = x.detach()  # fake-score update on sg(x), with the teacher's weighting
-        sigma = self.train_sigma(len(x))
-        x_noisy = x + _col(sigma, x.ndim) * torch.randn_like(x)
-        weight = (sigma**2 + self.sd**2) / (sigma * self.sd) ** 2
-        f_loss = (weight * ((self.fake(x_noisy, sigma) - x) ** 2).flatten(1).mean(1)).mean()
-        self.f_opt.zero_grad(set_to_none=True)
-        f_loss.backward()
-        if self.clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.f_params, self.clip)
-        self.f_opt.step()
+        x = x.detach()  # fake-score updates: the first on sg(x), later ones on fresh samples
+        for k in range(self.fake_updates):
+            if k:
+                with torch.no_grad():
+                    x = self.G(torch.randn((self.batch, *self.latent_shape)))
+            sigma = self.train_sigma(len(x))
+            x_noisy = x + _col(sigma, x.ndim) * torch.randn_like(x)
+            weight = (sigma**2 + self.sd**2) / (sigma * self.sd) ** 2  # the teacher's weighting
+            f_loss = (weight * ((self.fake(x_noisy, sigma) - x) ** 2).flatten(1).mean(1)).mean()
+            self.f_opt.zero_grad(set_to_none=True)
+            f_loss.backward()
+            if self.clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.f_params, self.clip)
+            self.f_opt.step()
 
         for s in self.schedules:
             s.step()
