@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "digits_seeds.jsonl"
+UNDIGESTED_RUNTIME = ("num_threads", "progress", "tensorboard", "debug_weight_hashes")
 
 
 def _evaluate(run, module, config) -> dict[str, Any]:
@@ -97,12 +98,13 @@ def _key(r: dict[str, Any]) -> tuple:
 
 
 def config_digest(config) -> str:
-    """A digest of a resolved config (the method, every component's settings, train and eval)
-    without its seed and runtime section (the thread count only changes rounding; it is
-    recorded as ``threads``)."""
+    """A digest of a resolved config (the method, every component's settings, train, eval and
+    runtime) without the seed and the runtime settings that change no arithmetic (the thread
+    count changes only rounding; it is recorded as ``threads``)."""
     from scoredistill.roles import stable_hash
 
-    settings = {k: v for k, v in config.to_dict().items() if k not in ("seed", "runtime")}
+    settings = {k: v for k, v in config.to_dict().items() if k != "seed"}
+    settings["runtime"] = {k: v for k, v in settings["runtime"].items() if k not in UNDIGESTED_RUNTIME}
     return stable_hash(json.dumps(settings, sort_keys=True))
 
 
