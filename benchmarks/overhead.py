@@ -14,11 +14,12 @@ analytic Gaussian-mixture denoiser written out), the same optimisers' settings (
 eps; grad clip if set), lr schedule (cosine if set), EMA decay and data (the same ODE pairs):
 
 * ``train``: ``trainer.train_iteration(run)`` (generator step on kl_gradient + regression, the
-  fake-score step, lr schedules, EMA) against the bare iteration doing the same arithmetic:
+  fake-score steps, lr schedules, EMA) against the bare iteration doing the same arithmetic:
   ``z``; pairs; ``x, x_ref = G(cat(z, z_ref))`` (one call); ``sigma`` on the teacher's discrete schedule; teacher and fake
   denoiser under ``no_grad``; the DMD gradient with its per-sample normalisation; the surrogate
-  loss; L2 regression on ``x_ref``; Adam; the fake-score denoising loss with the teacher's
-  weighting; Adam; lr schedules; EMA lerp.
+  loss; L2 regression on ``x_ref``; Adam; ``train.fake_updates_per_step`` times the fake-score
+  denoising loss with the teacher's weighting and Adam (the first on ``sg(x)``, later ones on
+  fresh samples ``G(z')`` under ``no_grad``); lr schedules; EMA lerp.
 * ``sample``: the generator role object ``run.sampling_generator(z)`` under ``no_grad`` (what
   ``trainer.generate`` calls) against the bare network forward on the same ``z``.
 * ``generate``: ``trainer.generate(run, B, seed, batch_size=B)`` against seeded ``randn`` plus the
