@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal, Optional
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, FieldSerializationInfo, ValidationError, field_serializer, field_validator, model_validator
 
 from scoredistill.errors import UserError, one_of
 from scoredistill.registry import Registry
@@ -48,6 +48,11 @@ class ComponentSpec(BaseModel):
     role: str
     config: BaseModel
     weight: float = 1.0
+
+    @field_serializer("config")
+    def _settings(self, config: BaseModel, info: FieldSerializationInfo) -> dict[str, Any]:
+        """``model_dump`` writes the component's own settings (pydantic would write ``{}`` for a ``BaseModel`` field)."""
+        return config.model_dump(mode=info.mode)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"component": self.component}

@@ -64,6 +64,19 @@ def test_resolved_config_round_trips_through_yaml(hooks, tmp_path):
     assert again.to_dict() == cfg.to_dict()
 
 
+def test_model_dump_keeps_every_components_settings(hooks):
+    cfg = resolve(hooks.registry, "dmd", "toy2d", overrides=["losses.regression.component=pseudo_huber_regression",
+                                                              "losses.regression.c=0.1", "teacher.stds=[1,2]",
+                                                              "teacher.weights=[0.5,0.5]", "teacher.means=[[0,0],[3,3]]"])
+    for mode in ("python", "json"):
+        dumped = cfg.model_dump(mode=mode)
+        assert dumped["losses"]["regression"]["config"]["c"] == 0.1
+        assert dumped["teacher"]["config"]["stds"] == [1.0, 2.0]
+        for section in ("teacher", "generator", "fake_score", "fake_score_loss", "pairs"):
+            spec = getattr(cfg, section)
+            assert dumped[section]["config"] == spec.config.model_dump(mode=mode), section
+
+
 @pytest.mark.parametrize(
     "method, preset, ablations, overrides, message",
     [
