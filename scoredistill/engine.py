@@ -99,11 +99,15 @@ class Engine:
 
     # -- lifecycle
     def close(self) -> None:
-        """Forget accelerate's process state after a one-process run (so another run can choose other settings)."""
+        """Forget accelerate's process state after a one-process run (so another run can choose other settings);
+        with several processes, shut this process's group down (left to interpreter exit, gloo's threads can be
+        destroyed while still joinable: ``terminate called without an active exception``, SIGABRT)."""
         if not self.distributed:
             from accelerate.state import AcceleratorState
 
             AcceleratorState._reset_state(reset_partial_state=True)
+        elif torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # local: no process waits on another here
 
     def barrier(self) -> None:
         if self.distributed:
