@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,3 +42,53 @@ def test_overhead_script_runs(tmp_path):
     assert all(math.isfinite(v) for v in check.values()), check
     assert _positive_finite(toy["breakdown"]["train_iteration_us"]) and toy["breakdown"]["pieces_us"]
     assert "toy2d    train" in proc.stdout
+
+
+def _load_benchmark(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kl_gradient_snr_is_zero_when_the_fake_score_is_the_teacher(tmp_path):
+    """DMD's gradient is D_fake - D_real: with the teacher in both places it vanishes at every level."""
+    from types import SimpleNamespace
+
+    from scoredistill.cli import main as cli_main
+    from scoredistill.plugins import Hooks
+    from scoredistill.trainer import load_run
+
+    snr = _load_benchmark("kl_gradient_snr")
+    run_dir = tmp_path / "run"
+    assert cli_main(["run", "dmd", "--preset", "toy2d", "--set", "train.steps=15", "--set", "train.fake_score_warmup_steps=5",
+                     "--set", "train.batch_size=64", "--set", "pairs.num_pairs=200", "--set", "eval.num_samples=300",
+                     "--quiet", "--out", str(run_dir)]) == 0
+    teacher = load_run(run_dir, Hooks()).models.teacher
+    same = SimpleNamespace(teacher=teacher, fake_score=lambda x_s, sigma, cond, x_clean=None: teacher(x_s, sigma, cond))
+    x = torch.randn(32, 2)
+    for row in snr.gradient_by_level(same, x, (0.1, 0.5, 0.9), draws=3):
+        assert row["signal"] == 0 and row["noise"] == 0, row
+    # the run's own trained fake score differs from the teacher: a finite, positive gradient at every level
+    rows = snr.main([str(run_dir), "--samples", "32", "--draws", "3", "--ratios", "0.1", "0.5", "0.9", "--out", str(tmp_path / "snr.json")])
+    assert all(_positive_finite(r["signal"]) and _positive_finite(r["noise"]) for r in rows), rows
+    assert abs(sum(r["share"] for r in rows) - 1) < 1e-6
+    assert json.loads((tmp_path / "snr.json").read_text())["levels"][0]["ratio"] == 0.1
+
+
+def test_mean_bias_is_zero_for_the_exact_mixture_denoiser():
+    """E[D(x + s eps)] = E[x] for the exact posterior mean; a denoiser off by 0.5 shows a bias of 0.5."""
+    from scoredistill.gaussian_mixture import GaussianMixtureTeacher
+
+    snr = _load_benchmark("kl_gradient_snr")
+    gmm = GaussianMixtureTeacher(GaussianMixtureTeacher.Config(means=[[-2.0, 0.0], [2.0, 1.0]], stds=[0.3, 0.5], weights=[0.4, 0.6]))
+    torch.manual_seed(0)
+    x = gmm.real_samples(20000)
+    gen = torch.Generator().manual_seed(1)
+    for s in (0.05, 1.0, 20.0):
+        sigma = torch.full((len(x),), s)
+        exact = snr.mean_bias(lambda x_s, sig: gmm(x_s, sig), x, sigma, 4, gen)
+        off = snr.mean_bias(lambda x_s, sig: gmm(x_s, sig) + 0.5, x, sigma, 4, gen)
+        assert exact < 0.05 and abs(off - 0.5) < 0.05, (s, exact, off)
