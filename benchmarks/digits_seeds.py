@@ -37,17 +37,10 @@ UNDIGESTED_RUNTIME = ("num_threads", "progress", "tensorboard", "debug_weight_ha
 
 def _evaluate(run, module, config) -> dict[str, Any]:
     """The FID protocol on ``module`` (a generator): 1,500 samples from ``eval.seed``, digits-classifier features."""
-    import torch
-
     from scoredistill.images.metrics import evaluate_images
+    from scoredistill.trainer import one_step_samples
 
-    was_training = module.training
-    module.eval()
-    gen = torch.Generator().manual_seed(config.eval.seed)
-    z = torch.randn((config.eval.num_samples, *module.latent_shape), generator=gen)
-    with torch.no_grad():
-        samples = module(z).float()
-    module.train(was_training)
+    samples = one_step_samples(module, config.eval.num_samples, config.eval.seed, run.device)
     return evaluate_images(run.models.teacher, samples, seed=config.eval.seed, inception="off")
 
 

@@ -607,16 +607,23 @@ def train(run: Run, resume: Optional[ckpt.Checkpoint] = None) -> None:
     run.hooks.train_end(run=run)
 
 
-@torch.no_grad()
 def generate(run: Run, n: int, seed: int, batch_size: int = 4096) -> torch.Tensor:
-    """``n`` one-step samples ``G(z)`` from a fixed seed (independent of the training RNG)."""
-    g = run.sampling_generator.eval()
+    """``n`` one-step samples of the run's generator (EMA weights where kept) from a fixed seed."""
+    return one_step_samples(run.sampling_generator, n, seed, run.device, batch_size)
+
+
+@torch.no_grad()
+def one_step_samples(generator: nn.Module, n: int, seed: int, device: Optional[torch.device] = None,
+                     batch_size: int = 4096) -> torch.Tensor:
+    """``G(z)`` for ``n`` noises from ``seed`` (independent of the training RNG), in eval mode; float32 on the CPU."""
+    was_training = generator.training
+    generator.eval()
     gen = torch.Generator().manual_seed(seed)
     out = []
     for start in range(0, n, batch_size):
-        z = torch.randn((min(batch_size, n - start), *g.latent_shape), generator=gen).to(run.device)
-        out.append(g(z).float().cpu())
-    g.train()
+        z = torch.randn((min(batch_size, n - start), *generator.latent_shape), generator=gen).to(device or "cpu")
+        out.append(generator(z).float().cpu())
+    generator.train(was_training)
     return torch.cat(out)
 
 
