@@ -41,7 +41,6 @@ RATIOS = (0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95)  # the mid
 def gradient_by_level(models, x: torch.Tensor, ratios, draws: int, seed: int = 0, real: Optional[torch.Tensor] = None) -> list[dict]:
     """Per timestep ratio: the signal, noise and single-draw SNR of DMD's normalised gradient at ``x``,
     and the mean bias of D_fake on ``x`` and (given ``real`` data) of the teacher on ``real``."""
-    from scoredistill.roles import append_dims
     from scoredistill_dmd.losses import dmd_gradient
 
     teacher, fake = models.teacher, models.fake_score
@@ -52,7 +51,7 @@ def gradient_by_level(models, x: torch.Tensor, ratios, draws: int, seed: int = 0
         sigma = teacher.sigmas[index].expand(len(x))
         g = []
         for _ in range(draws):
-            x_s = x + append_dims(sigma, x.ndim) * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+            x_s = _noised(x, sigma, gen)
             g.append(dmd_gradient(x, teacher(x_s, sigma, None), fake(x_s, sigma, None, x_clean=x)).float())
         g = torch.stack(g)
         mean = g.mean(0)
@@ -66,15 +65,18 @@ def gradient_by_level(models, x: torch.Tensor, ratios, draws: int, seed: int = 0
     return rows
 
 
+def _noised(x: torch.Tensor, sigma: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    from scoredistill.roles import append_dims
+
+    return x + append_dims(sigma, x.ndim) * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+
+
 @torch.no_grad()
 def mean_bias(denoiser, x: torch.Tensor, sigma: torch.Tensor, draws: int, gen: torch.Generator) -> float:
     """``rms over dimensions of (mean over x, eps of D(x + sigma eps) - mean of x)``: zero for an exact denoiser."""
-    from scoredistill.roles import append_dims
-
     total = torch.zeros_like(x[0], dtype=torch.float64)
     for _ in range(draws):
-        x_s = x + append_dims(sigma, x.ndim) * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-        total += denoiser(x_s, sigma).double().mean(0)
+        total += denoiser(_noised(x, sigma, gen), sigma).double().mean(0)
     return float((total / draws - x.double().mean(0)).pow(2).mean().sqrt())
 
 
@@ -91,16 +93,13 @@ def main(argv=None) -> list[dict]:
     from scoredistill.errors import UserError
     from scoredistill.io import load_tensors
     from scoredistill.plugins import Hooks
-    from scoredistill.trainer import FAKE_SCORE_FILE, load_run
+    from scoredistill.trainer import FAKE_SCORE_FILE, load_run, one_step_samples
 
     run = load_run(args.run_dir, Hooks())
     if not (args.run_dir / FAKE_SCORE_FILE).is_file():
         raise SystemExit(f"{args.run_dir} has no {FAKE_SCORE_FILE}: this method trains no fake score")
     run.models.fake_score.load_state_dict(load_tensors(args.run_dir / FAKE_SCORE_FILE))
-    g = run.sampling_generator
-    z = torch.randn((args.samples, *g.latent_shape), generator=torch.Generator().manual_seed(args.seed)).to(run.device)
-    with torch.no_grad():
-        x = g(z)
+    x = one_step_samples(run.sampling_generator, args.samples, args.seed, run.device).to(run.device)
     try:
         real = run.models.teacher.real_samples(args.samples)
     except UserError:  # a teacher without real data: no teacher bias column
