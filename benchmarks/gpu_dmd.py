@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Union
 
 import torch
 
@@ -40,14 +41,16 @@ CIFAR_UNET = dict(  # the DDPM CIFAR-10 UNet2DModel (google/ddpm-cifar10-32)
 TINY_UNET = dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
                  down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
 
-#: (name, mixed precision, tf32, compile, channels_last, batch multiplier)
+#: (name, mixed precision, tf32, torch.compile mode or False, channels_last, batch multiplier); the compiled
+#: settings last: their warm-up is minutes, and the eager rows are kept if the time runs out
 SETTINGS = [
     ("fp32", "no", False, False, False, 1),
     ("tf32", "no", True, False, False, 1),
     ("bf16", "bf16", True, False, False, 1),
     ("bf16+channels_last", "bf16", True, False, True, 1),
-    ("bf16+compile", "bf16", True, True, False, 1),
     ("bf16 batch x4", "bf16", True, False, False, 4),
+    ("bf16+compile", "bf16", True, "default", False, 1),
+    ("bf16+compile+cudagraphs", "bf16", True, "reduce-overhead", False, 1),
 ]
 
 
@@ -62,7 +65,7 @@ def save_teacher(folder: Path, arch: dict, size: int) -> Path:
     return folder
 
 
-def make_run(teacher: Path, batch: int, device: str, precision: str, tf32: bool, compile_: bool, channels_last: bool):
+def make_run(teacher: Path, batch: int, device: str, precision: str, tf32: bool, compile_: Union[bool, str], channels_last: bool):
     from scoredistill.config import resolve
     from scoredistill.plugins import Hooks
     from scoredistill.trainer import build, setup
@@ -72,8 +75,10 @@ def make_run(teacher: Path, batch: int, device: str, precision: str, tf32: bool,
     overrides = ["teacher.component=diffusers_unet", f"teacher.path={teacher}", "generator.component=unet_generator",
                  "fake_score.component=unet_denoiser", f"train.batch_size={batch}", "train.ema_decay=null",
                  "train.lr_schedule=constant", f"runtime.device={device}", f"runtime.mixed_precision={precision}",
-                 f"runtime.tf32={str(tf32).lower()}", f"runtime.compile={str(compile_).lower()}",
+                 f"runtime.tf32={str(tf32).lower()}", f"runtime.compile={str(bool(compile_)).lower()}",
                  f"runtime.channels_last={str(channels_last).lower()}", "runtime.progress=false", "runtime.num_threads=null"]
+    if compile_ and compile_ != "default":
+        overrides.append(f"runtime.compile_mode={compile_}")
     config = resolve(hooks.registry, "dmd", "digits", ["regression"], overrides)
     run = build(config, hooks, Path(tempfile.mkdtemp(prefix="gpu_dmd_")))
     setup(run)
@@ -85,7 +90,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_setting(teacher: Path, device: str, batch: int, precision: str, tf32: bool, compile_: bool, channels_last: bool,
+def time_setting(teacher: Path, device: str, batch: int, precision: str, tf32: bool, compile_: Union[bool, str], channels_last: bool,
                  warmup: int, iters: int) -> dict:
     from scoredistill.trainer import train_iteration
 
@@ -156,6 +161,38 @@ def profile_kernels(teacher: Path, device: str, batch: int, top: int = 25) -> st
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70)
 
 
+def sync_check(teacher: Path, device: str, batch: int, iters: int = 2) -> dict:
+    """Host-device synchronisations in eager bf16 iterations, found by CUDA's own detector
+    (``torch.cuda.set_sync_debug_mode``): each is a warning, recorded here by the Python line that made it."""
+    import traceback
+    import warnings
+
+    from scoredistill.trainer import train_iteration
+
+    run = make_run(teacher, batch, device, "bf16", True, False, False)
+    for _ in range(2):  # lazy state first: the optimisers' moments, the first EMA copy
+        train_iteration(run)
+    _sync(device)
+    seen: dict[str, int] = {}
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename and "warnings" not in f.filename]
+        key = f"{str(message)[:60]} at " + (f"{frames[-1].filename}:{frames[-1].lineno} {frames[-1].line}" if frames else filename)
+        seen[key] = seen.get(key, 0) + 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(iters):
+                train_iteration(run)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    _sync(device)
+    return {"iterations": iters, "synchronisations": sum(seen.values()), "where": seen}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
@@ -193,10 +230,19 @@ def main() -> None:
     for name, precision, tf32, compile_, channels_last, mult in SETTINGS:
         if args.only is not None and name not in args.only:
             continue
-        if compile_ and cuda and not args.no_profile and not profiled:  # the profile before the long compile warm-up
-            write_profile(teacher, args)
+        if compile_ and cuda and not profiled:  # the sync check and profile before the long compile warm-up
+            diagnose(teacher, args, result)
             profiled = True
-        r = time_setting(teacher, args.device, args.batch * mult, precision, tf32, compile_, channels_last, args.warmup, args.iters)
+        if compile_:
+            torch._dynamo.reset()  # each compiled setting from a clean cache, its recompilations counted alone
+        try:
+            r = time_setting(teacher, args.device, args.batch * mult, precision, tf32, compile_, channels_last, args.warmup, args.iters)
+        except Exception as exc:  # one setting failing (a compile mode, memory) must not lose the others
+            result["settings"][name] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+            print(f"  {name:<20} failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            continue
+        if compile_:
+            r["dynamo"] = {k: dict(v) for k, v in torch._dynamo.utils.counters.items() if k in ("stats", "graph_break", "recompiles")}
         if result["measured_bf16_tflops"]:
             r["share_of_bf16_peak"] = r["images_per_s"] * flops / (result["measured_bf16_tflops"] * 1e12)
         result["settings"][name] = r
@@ -206,12 +252,26 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")  # after each setting: partial results survive
 
-    if cuda and not args.no_profile and not profiled:
-        write_profile(teacher, args)
+    if cuda and not profiled:
+        diagnose(teacher, args, result)
 
 
-def write_profile(teacher: Path, args: argparse.Namespace) -> None:
-    table = profile_kernels(teacher, args.device, args.batch)
+def diagnose(teacher: Path, args: argparse.Namespace, result: dict) -> None:
+    """The sync check (into the JSON) and, unless ``--no-profile``, the kernel profile (printed, ``--profile-out``)."""
+    try:
+        check = result["sync_check"] = sync_check(teacher, args.device, args.batch)
+    except Exception as exc:  # a diagnostic: the timings matter more
+        check = result["sync_check"] = {"error": f"{type(exc).__name__}: {exc}"[:2000], "synchronisations": None,
+                                        "iterations": 0, "where": {}}
+    print(f"  sync check: {check['synchronisations']} host-device synchronisations in {check['iterations']} eager bf16 "
+          "iterations" + "".join(f"\n    {n} x {where}" for where, n in check["where"].items()), flush=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.no_profile:
+        return
+    try:
+        table = profile_kernels(teacher, args.device, args.batch)
+    except Exception as exc:
+        table = f"profile failed: {type(exc).__name__}: {exc}"
     if args.profile_out:
         args.profile_out.write_text(table)
     print(table, flush=True)

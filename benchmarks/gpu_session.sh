@@ -5,7 +5,7 @@
 #   carry: .whl (this package built with `pip wheel --no-deps -w .whl .`, and wheels of diffusers, importlib_metadata, omegaconf, pydantic(-core),
 #          annotated-types, typing-inspection, clean-fid, lpips for the machine's Python)
 #          .sdcache (a SCOREDISTILL_CACHE holding the digits teacher, classifier, pairs)
-#   run:   bash benchmarks/gpu_session.sh            (GPU_BENCH_TIMEOUT=320; SWEEP=1 SWEEP_TIMEOUT=250 adds the sweep)
+#   run:   bash benchmarks/gpu_session.sh            (GPU_BENCH_TIMEOUT=440; SWEEP=1 SWEEP_TIMEOUT=250 adds the sweep)
 set -u
 OUT=${OUT:-/tmp/gpu_session}
 mkdir -p "$OUT"
@@ -14,8 +14,10 @@ export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 NO_MKDOCS_2_WARNING=1 HF_HUB_OFFL
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/nvidia_smi.txt"
 python3 -c "import torch, diffusers, scoredistill; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
 
-# 1. issue 7: the GPU table (fp32, tf32, bf16, bf16+channels_last, bf16+compile, bf16 at 4x batch) and a kernel profile
-timeout "${GPU_BENCH_TIMEOUT:-320}" python3 benchmarks/gpu_dmd.py --out "$OUT/gpu_dmd.json" --profile-out "$OUT/gpu_profile.txt" \
+# 1. issue 7: the GPU table (fp32, tf32, bf16, bf16+channels_last, bf16 at 4x batch, then bf16+compile without and with
+#    CUDA graphs), CUDA's sync detector over two iterations, and a kernel profile. JSON after each setting: a timeout
+#    keeps what is done.
+timeout "${GPU_BENCH_TIMEOUT:-440}" python3 benchmarks/gpu_dmd.py --iters 20 --out "$OUT/gpu_dmd.json" --profile-out "$OUT/gpu_profile.txt" \
     2>&1 | grep -v -e "UserWarning" -e "warn_once" -e "^$" -e "This call originates" -e "File \"" -e "is_torch_version" -e "\^\^\^" \
     | tee "$OUT/gpu_dmd.log"
 
