@@ -74,6 +74,7 @@ def make_run(teacher: Path, batch: int, device: str, precision: str, tf32: bool,
     hooks = Hooks()
     overrides = ["teacher.component=diffusers_unet", f"teacher.path={teacher}", "generator.component=unet_generator",
                  "fake_score.component=unet_denoiser", f"train.batch_size={batch}", "train.ema_decay=null",
+                 "train.fake_updates_per_step=1",  # issue 7's reference iteration: one fake-score step (digits has 2)
                  "train.lr_schedule=constant", f"runtime.device={device}", f"runtime.mixed_precision={precision}",
                  f"runtime.tf32={str(tf32).lower()}", f"runtime.compile={str(bool(compile_)).lower()}",
                  f"runtime.channels_last={str(channels_last).lower()}", "runtime.progress=false", "runtime.num_threads=null"]
@@ -102,17 +103,18 @@ def time_setting(teacher: Path, device: str, batch: int, precision: str, tf32: b
     warm = time.perf_counter() - t0
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(iters):
         logs = train_iteration(run)
     _sync(device)
     sec = (time.perf_counter() - t0) / iters
+    cpu = (time.process_time() - c0) / iters  # the host's CPU time (all threads): near `sec` when launch-bound
     finite = all(bool(torch.isfinite(v).all()) for v in logs.values())
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
     del run
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return {"batch": batch, "seconds_per_iteration": sec, "iterations_per_s": 1 / sec, "images_per_s": batch / sec,
+    return {"batch": batch, "seconds_per_iteration": sec, "cpu_seconds_per_iteration": cpu, "iterations_per_s": 1 / sec, "images_per_s": batch / sec,
             "peak_gib": peak, "warmup_seconds": warm, "losses_finite": finite}
 
 
@@ -247,7 +249,7 @@ def main() -> None:
             r["share_of_bf16_peak"] = r["images_per_s"] * flops / (result["measured_bf16_tflops"] * 1e12)
         result["settings"][name] = r
         print(f"  {name:<20} batch {r['batch']:>4}: {r['images_per_s']:8.1f} images/s  {r['iterations_per_s']:6.2f} it/s  "
-              f"peak {r['peak_gib']:5.1f} GiB  share of bf16 peak {r.get('share_of_bf16_peak', float('nan')):.1%}  "
+              f"CPU {r['cpu_seconds_per_iteration'] / r['seconds_per_iteration']:4.0%} of wall  peak {r['peak_gib']:5.1f} GiB  share of bf16 peak {r.get('share_of_bf16_peak', float('nan')):.1%}  "
               f"(warm-up {r['warmup_seconds']:.0f} s)", flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")  # after each setting: partial results survive
