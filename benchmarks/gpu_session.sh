@@ -5,7 +5,8 @@
 #   carry: .whl (this package built with `pip wheel --no-deps -w .whl .`, and wheels of diffusers, importlib_metadata, omegaconf, pydantic(-core),
 #          annotated-types, typing-inspection, clean-fid, lpips for the machine's Python)
 #          .sdcache (a SCOREDISTILL_CACHE holding the digits teacher, classifier, pairs)
-#   run:   bash benchmarks/gpu_session.sh            (GPU_BENCH_TIMEOUT=440; SWEEP=1 SWEEP_TIMEOUT=250 adds the sweep)
+#   run:   bash benchmarks/gpu_session.sh            (GPU_BENCH_TIMEOUT=440; GPU_BENCH_ONLY="bf16 bf16+compile" picks
+#          settings; SWEEP=1 SWEEP_TIMEOUT=250 adds the sweep)
 set -u
 OUT=${OUT:-/tmp/gpu_session}
 mkdir -p "$OUT"
@@ -17,8 +18,10 @@ python3 -c "import torch, diffusers, scoredistill; print('torch', torch.__versio
 # 1. issue 7: the GPU table (fp32, tf32, bf16, bf16+channels_last, bf16 at 4x batch, then bf16+compile without and with
 #    CUDA graphs), CUDA's sync detector over two iterations, and a kernel profile. JSON after each setting: a timeout
 #    keeps what is done.
-timeout "${GPU_BENCH_TIMEOUT:-440}" python3 benchmarks/gpu_dmd.py --iters 20 --out "$OUT/gpu_dmd.json" --profile-out "$OUT/gpu_profile.txt" \
-    2>&1 | grep -v -e "UserWarning" -e "warn_once" -e "^$" -e "This call originates" -e "File \"" -e "is_torch_version" -e "\^\^\^" \
+#    The unfiltered output goes to gpu_dmd_raw.log (session 7's CUDA-graphs row ended with no message in the filtered
+#    log), and faulthandler prints a crash's Python stack there.
+timeout "${GPU_BENCH_TIMEOUT:-440}" python3 -X faulthandler benchmarks/gpu_dmd.py --iters 20 --out "$OUT/gpu_dmd.json" \
+    --profile-out "$OUT/gpu_profile.txt" ${GPU_BENCH_ONLY:+--only $GPU_BENCH_ONLY} 2>&1 | tee "$OUT/gpu_dmd_raw.log" | grep -v -e "UserWarning" -e "warn_once" -e "^$" -e "This call originates" -e "File \"" -e "is_torch_version" -e "\^\^\^" \
     | tee "$OUT/gpu_dmd.log"
 
 # 2. optional (SWEEP=1): digits settings on the GPU, ranked by FID against the train split. Measured once: 16
