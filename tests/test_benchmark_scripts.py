@@ -92,3 +92,32 @@ def test_mean_bias_is_zero_for_the_exact_mixture_denoiser():
         exact = snr.mean_bias(lambda x_s, sig: gmm(x_s, sig), x, sigma, 4, gen)
         off = snr.mean_bias(lambda x_s, sig: gmm(x_s, sig) + 0.5, x, sigma, 4, gen)
         assert exact < 0.05 and abs(off - 0.5) < 0.05, (s, exact, off)
+
+
+def test_gpu_script_runs_on_cpu_and_times_issue_7s_reference_iteration(tmp_path):
+    """gpu_dmd.py runs where device time is scarce, so its tiny CPU mode is run here; its FLOP count must be
+    issue 7's reference iteration: one generator step (G forward and backward, D_real and D_fake forwards) and
+    one fake-score step (D_fake forward and backward), about 8 forwards of the UNet, counted independently."""
+    import diffusers
+    from torch.utils.flop_counter import FlopCounterMode
+
+    out = tmp_path / "gpu.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_dmd.py"), "--device", "cpu", "--tiny", "--batch", "8",
+           "--iters", "1", "--warmup", "1", "--only", "fp32", "bf16", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "SCOREDISTILL_CACHE": str(tmp_path / "cache")},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["settings"]) == {"fp32", "bf16"}
+    for row in result["settings"].values():
+        for key in ("images_per_s", "seconds_per_iteration", "cpu_seconds_per_iteration"):
+            assert _positive_finite(row[key]), (key, row)
+        assert row["losses_finite"] and row["batch"] == 8
+
+    gpu_dmd = _load_benchmark("gpu_dmd")
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, **gpu_dmd.TINY_UNET)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        unet(torch.randn(4, 3, 8, 8), torch.ones(4))
+    forwards = result["gflop_per_image"] * 1e9 / (counter.get_total_flops() / 4)
+    assert 7.0 < forwards < 8.6, forwards  # two fake-score updates would be about 12
