@@ -148,6 +148,7 @@ def cmd_sample(args, hooks) -> int:
     import numpy as np
 
     from scoredistill.io import atomic_write
+    from scoredistill.roles import seeded_conditions
     from scoredistill.trainer import generate, load_run
 
     if args.num < 1:
@@ -158,6 +159,11 @@ def cmd_sample(args, hooks) -> int:
     samples = generate(run, args.num, args.seed).numpy().astype("float32")
     atomic_write(args.out, lambda p: np.save(open(p, "wb"), samples))
     print(f"wrote {args.out}: {samples.shape[0]} samples of shape {tuple(samples.shape[1:])}")
+    labels = seeded_conditions(run.models.teacher, args.num, args.seed)  # the conditions generate() used, if any
+    if labels is not None:
+        path = args.out.with_name(args.out.stem + "_labels.npy")
+        atomic_write(path, lambda p: np.save(open(p, "wb"), labels.cpu().numpy()))
+        print(f"wrote {path}: the class label of each sample (the teacher is class-conditional)")
     return 0
 
 

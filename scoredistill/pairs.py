@@ -9,6 +9,7 @@ the teacher's fingerprint and every solver setting, so any change recomputes.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,7 +17,7 @@ from rich.progress import Progress
 
 from scoredistill.io import load_tensors, save_tensors
 from scoredistill.registry import component
-from scoredistill.roles import BuildContext, PairSource, Teacher, stable_hash
+from scoredistill.roles import BuildContext, PairSource, Teacher, seeded_conditions, stable_hash
 from scoredistill.sampling import heun_sample, karras_sigmas
 
 
@@ -36,18 +37,22 @@ class ODEPairs(PairSource):
     def __init__(self, config: "ODEPairs.Config", ctx: BuildContext) -> None:
         self.config = config
         teacher = ctx.teacher
-        key = stable_hash(teacher.fingerprint(), config.num_pairs, config.steps, config.rho, config.seed)
+        cond = seeded_conditions(teacher, config.num_pairs, config.seed)  # None for an unconditional teacher
+        key = stable_hash(teacher.fingerprint(), config.num_pairs, config.steps, config.rho, config.seed,
+                          *(["conditions", cond] if cond is not None else []))
         self.path = Path(ctx.cache_dir) / "pairs" / f"ode-{key}.safetensors"
         if config.cache and self.path.exists():
             data = load_tensors(self.path)
             self.z, self.y = data["z"], data["y"]
         else:
-            self.z, self.y = self.solve(teacher, progress=ctx.extra.get("progress", True))
+            self.z, self.y = self.solve(teacher, cond, progress=ctx.extra.get("progress", True))
             if config.cache:
                 save_tensors(self.path, {"z": self.z, "y": self.y}, {"teacher": teacher.fingerprint()})
         self.z, self.y = self.z.to(ctx.device), self.y.to(ctx.device)
+        self.c = cond.to(ctx.device) if cond is not None else None
 
-    def solve(self, teacher: Teacher, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def solve(self, teacher: Teacher, cond: Optional[torch.Tensor] = None, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z, ODE(z))`` for the seeded noise; the ``i``-th pair is solved with ``cond[i]`` when given."""
         c = self.config
         g = torch.Generator().manual_seed(c.seed)
         z = torch.randn((c.num_pairs, *teacher.data_shape), generator=g)
@@ -58,6 +63,7 @@ class ODEPairs(PairSource):
             task = bar.add_task("ODE pairs (Heun)", total=c.num_pairs)
             for start in range(0, c.num_pairs, c.batch_size):
                 zb = z[start : start + c.batch_size].to(device)
-                ys.append(heun_sample(teacher, zb * teacher.sigma_max, sigmas).cpu())
+                cb = cond[start : start + c.batch_size].to(device) if cond is not None else None
+                ys.append(heun_sample(teacher, zb * teacher.sigma_max, sigmas, cb).cpu())
                 bar.advance(task, len(zb))
         return z, torch.cat(ys)

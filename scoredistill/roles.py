@@ -91,6 +91,18 @@ class Teacher(nn.Module):
         """``n`` samples of the data the teacher models (for losses that need real data, e.g. a GAN)."""
         raise UserError(f"teacher '{type(self).__name__}' provides no real data; choose a method without a real-data term")
 
+    def sample_conditions(self, n: int, generator: Optional[torch.Generator] = None) -> Optional[Tensor]:
+        """Conditions ``c`` for ``n`` samples, distributed as a run distils them; ``None``: unconditional.
+
+        The trainer draws them for every generator and fake-score batch and passes the same
+        ``c`` to ``G(z, c)``, ``D_real`` and ``D_fake`` (a class-conditional DMD, as the
+        paper's ImageNet runs). A conditional teacher overrides this (the image teachers
+        draw class labels uniformly). Without ``generator`` the draw happens on the
+        teacher's device (the training step: no host copy); with a CPU ``generator`` it is
+        seeded (pairs, evaluation) and moved there.
+        """
+        return None
+
 
 class Generator(nn.Module):
     """The one-step generator ``G(z, cond) -> x``; ``latent_shape`` is the shape of one ``z``."""
@@ -153,6 +165,7 @@ class GeneratorBatch:
     z_ref: Optional[Tensor] = None
     y_ref: Optional[Tensor] = None
     x_ref: Optional[Tensor] = None
+    cond_ref: Optional[Tensor] = None  # the condition each pair was solved with
 
 
 class GeneratorLoss(nn.Module):
@@ -179,15 +192,35 @@ class FakeScoreLoss(nn.Module):
 
 
 class PairSource:
-    """Noise-to-data pairs ``(z_ref, y_ref)`` with ``y_ref`` the teacher's ODE solution from ``z_ref``."""
+    """Noise-to-data pairs ``(z_ref, y_ref)`` with ``y_ref`` the teacher's ODE solution from ``z_ref``.
+
+    ``c`` holds the condition each pair was solved with (``None`` for an unconditional teacher).
+    """
 
     z: Tensor
     y: Tensor
+    c: Optional[Tensor] = None
 
-    def sample(self, n: int) -> tuple[Tensor, Tensor]:
+    def sample(self, n: int) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """``n`` pairs drawn with replacement: ``(z_ref, y_ref, c_ref)``."""
         # drawn on the pairs' device: CPU indices into GPU pairs would be a blocking host-to-device copy every step
         idx = torch.randint(0, len(self.z), (n,), device=self.z.device)
-        return self.z[idx], self.y[idx]
+        return self.z[idx], self.y[idx], (self.c[idx] if self.c is not None else None)
+
+
+def seeded_conditions(teacher: Teacher, n: int, seed: int) -> Optional[Tensor]:
+    """The conditions of ``n`` seeded samples (pairs, evaluation): drawn from ``seed + 1``, so that the noise drawn
+    from ``seed`` is the same as for an unconditional teacher."""
+    return teacher.sample_conditions(n, torch.Generator().manual_seed(seed + 1))
+
+
+def cat_conditions(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
+    """``cat([a, b])`` of two batches' conditions, ``None`` when both are."""
+    if a is None and b is None:
+        return None
+    if a is None or b is None:
+        raise ValueError("one batch has conditions and the other has none")
+    return torch.cat([a, b])
 
 
 @dataclass

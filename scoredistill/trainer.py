@@ -45,7 +45,8 @@ from scoredistill.engine import Engine, launched_processes, rank_seed
 from scoredistill.errors import UserError
 from scoredistill.io import environment_versions, load_tensors, save_tensors, write_json, write_text
 from scoredistill.plugins import Hooks
-from scoredistill.roles import BuildContext, FakeScoreLoss, GeneratorBatch, GeneratorLoss, Models, PairSource
+from scoredistill.roles import (BuildContext, FakeScoreLoss, GeneratorBatch, GeneratorLoss, Models, PairSource, cat_conditions,
+                               seeded_conditions)
 from scoredistill.runlog import METRICS_CSV, RunLog, check_tensorboard, weights_hash
 
 
@@ -257,47 +258,53 @@ def _frozen(module: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-def generator_step(run: Run) -> tuple[Tensor, dict[str, Tensor]]:
-    """One update of G on the weighted sum of the method's terms; returns ``sg(x)`` and the terms."""
+def generator_step(run: Run) -> tuple[Tensor, Optional[Tensor], dict[str, Tensor]]:
+    """One update of G on the weighted sum of the method's terms; returns ``sg(x)``, its conditions ``c`` and the terms.
+
+    ``c`` comes from :meth:`~scoredistill.roles.Teacher.sample_conditions` (``None`` for an unconditional teacher), and
+    ``G``, ``D_real`` and ``D_fake`` all see it (``batch.cond``).
+    """
     models = run.models
 
     def objective(g: nn.Module) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         z = torch.randn((run.batch_size, *g.latent_shape), device=run.device)
+        cond = models.teacher.sample_conditions(run.batch_size)
         if run.pairs is None:
-            batch = GeneratorBatch(z=z, x=g(z))
+            batch = GeneratorBatch(z=z, x=g(z, cond), cond=cond)
         else:  # G(z) and G(z_ref) in one batched call (DMD's two generator passes, Algorithm 1)
-            z_ref, y_ref = run.pairs.sample(run.pair_batch_size)
-            x, x_ref = g(torch.cat([z, z_ref])).split([len(z), len(z_ref)])
-            batch = GeneratorBatch(z=z, x=x, z_ref=z_ref, y_ref=y_ref, x_ref=x_ref)
+            z_ref, y_ref, c_ref = run.pairs.sample(run.pair_batch_size)
+            x, x_ref = g(torch.cat([z, z_ref]), cat_conditions(cond, c_ref)).split([len(z), len(z_ref)])
+            batch = GeneratorBatch(z=z, x=x, cond=cond, z_ref=z_ref, y_ref=y_ref, x_ref=x_ref, cond_ref=c_ref)
         terms = {name: term(batch, models) for name, term in run.losses.items()}
         total = sum(run.config.losses[name].weight * value for name, value in terms.items())
-        return total, terms, batch.x.detach()
+        return total, terms, (batch.x.detach(), cond)
 
     g, f = run.trained["generator"], run.trained.get("fake_score")
     # D_fake is only read here (a GAN term back-propagates through it to x, not into its weights); FSDP: its full weights
     freeze = any(term.differentiates_fake_score for term in run.losses.values())
     with run.engine.full_parameters(f.wrapper if f else None), (_frozen(models.fake_score) if freeze else contextlib.nullcontext()):
         with run.engine.autocast():
-            total, terms, x = g(objective)
+            total, terms, (x, cond) = g(objective)
         terms = {k: v.detach() for k, v in terms.items()}
         _update(run, g, total, terms, f"generator step {run.step + 1}")
     terms["generator"] = total.detach()
-    return x, terms
+    return x, cond, terms
 
 
-def fake_score_step(run: Run, x: Optional[Tensor] = None) -> Tensor:
-    """One update of D_fake on detached generator samples (fresh ones when ``x`` is None)."""
+def fake_score_step(run: Run, x: Optional[Tensor] = None, cond: Optional[Tensor] = None) -> Tensor:
+    """One update of D_fake on detached generator samples ``x`` with conditions ``cond`` (fresh ones when ``x`` is None)."""
     models = run.models
     g, f = run.trained["generator"], run.trained["fake_score"]
     if x is None:
         with torch.no_grad(), run.engine.autocast():
             z = torch.randn((run.batch_size, *models.generator.latent_shape), device=run.device)
-            x = g(lambda gen: gen(z))
+            cond = models.teacher.sample_conditions(run.batch_size)
+            x = g(lambda gen: gen(z, cond))
     where = (f"fake-score warm-up update {run.warmup_step + 1}" if run.step == 0 and run.warmup_step < run.config.train.fake_score_warmup_steps
              else f"a fake-score update of generator step {run.step + 1}")
     with run.engine.full_parameters(g.wrapper):  # FSDP: G's weights for this update
         with run.engine.autocast():
-            loss = f(lambda fake: run.fake_score_loss(x, None, models))
+            loss = f(lambda fake: run.fake_score_loss(x, cond, models))
         _update(run, f, loss, {"fake_score": loss.detach()}, where)
     return loss.detach()
 
@@ -308,10 +315,10 @@ def train_iteration(run: Run) -> dict[str, Tensor]:
 
     Returns the logged values as device tensors: nothing here waits for the device.
     """
-    x, logs = generator_step(run)
+    x, cond, logs = generator_step(run)
     if "fake_score" in run.trained:
         for k in range(run.config.train.fake_updates_per_step):
-            logs["fake_score"] = fake_score_step(run, x if k == 0 else None)
+            logs["fake_score"] = fake_score_step(run, *((x, cond) if k == 0 else (None, None)))
     for net in run.trained.values():
         if net.schedule is not None:
             net.schedule.step()
@@ -608,21 +615,30 @@ def train(run: Run, resume: Optional[ckpt.Checkpoint] = None) -> None:
 
 
 def generate(run: Run, n: int, seed: int, batch_size: int = 4096) -> torch.Tensor:
-    """``n`` one-step samples of the run's generator (EMA weights where kept) from a fixed seed."""
-    return one_step_samples(run.sampling_generator, n, seed, run.device, batch_size)
+    """``n`` one-step samples of the run's generator (EMA weights where kept) from a fixed seed.
+
+    A conditional teacher's runs sample with :func:`~scoredistill.roles.seeded_conditions` (the
+    same conditions the evaluation gives the teacher's own sampler).
+    """
+    cond = seeded_conditions(run.models.teacher, n, seed)
+    return one_step_samples(run.sampling_generator, n, seed, run.device, batch_size, cond)
 
 
 @torch.no_grad()
 def one_step_samples(generator: nn.Module, n: int, seed: int, device: Optional[torch.device] = None,
-                     batch_size: int = 4096) -> torch.Tensor:
-    """``G(z)`` for ``n`` noises from ``seed`` (independent of the training RNG), in eval mode; float32 on the CPU."""
+                     batch_size: int = 4096, cond: Optional[Tensor] = None) -> torch.Tensor:
+    """``G(z, cond)`` for ``n`` noises from ``seed`` (independent of the training RNG), in eval mode; float32 on the CPU.
+
+    ``cond``: ``n`` conditions (``None``: unconditional).
+    """
     was_training = generator.training
     generator.eval()
     gen = torch.Generator().manual_seed(seed)
     out = []
     for start in range(0, n, batch_size):
         z = torch.randn((min(batch_size, n - start), *generator.latent_shape), generator=gen).to(device or "cpu")
-        out.append(generator(z).float().cpu())
+        c = cond[start : start + len(z)].to(z.device) if cond is not None else None
+        out.append(generator(z, c).float().cpu())
     generator.train(was_training)
     return torch.cat(out)
 

@@ -139,8 +139,8 @@ def test_sharded_pairs_are_the_teachers_heun_solutions_and_resume(teacher, tmp_p
     shards[2].write_bytes(b"damaged")
     again = ShardedODEPairs(cfg, ctx)
     assert torch.allclose(again.y, pairs.y, atol=1e-6) and len(list(pairs.folder.glob("shard-*"))) == 3
-    zr, yr = again.sample(5)
-    assert zr.shape == yr.shape == (5, 1, 8, 8)
+    zr, yr, cr = again.sample(5)
+    assert zr.shape == yr.shape == (5, 1, 8, 8) and cr is None  # an unconditional teacher
 
 
 def test_teacher_train_command(tmp_path, capsys):

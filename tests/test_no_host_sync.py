@@ -99,3 +99,15 @@ def test_diffusers_unet_iterations_read_nothing_back(hooks, tmp_path, precision)
                  "runtime.progress=false", "train.fake_score_warmup_steps=0"]
     config = resolve(hooks.registry, "dmd", "digits", ["regression"], overrides)
     _iterations_read_nothing(config, tmp_path / "run")
+
+
+def test_class_conditional_iterations_read_nothing_back(hooks, tmp_path):
+    """Labels are drawn on the device each step (no host-to-device copy), pairs keep theirs there."""
+    from scoredistill.images.testing import class_conditional_teacher_folder
+
+    folder = class_conditional_teacher_folder(tmp_path / "teacher")
+    overrides = ["teacher.component=diffusers_unet", f"teacher.path={folder}", "teacher.null_class=10",
+                 "teacher.guidance_scale=2.0", "pairs.num_pairs=16", "pairs.steps=3", "train.batch_size=4",
+                 "runtime.progress=false", "train.fake_score_warmup_steps=0"]
+    config = resolve(hooks.registry, "dmd", "digits", [], overrides)
+    _iterations_read_nothing(config, tmp_path / "run")

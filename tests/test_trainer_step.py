@@ -21,11 +21,11 @@ def test_regression_term_and_gradient_equal_a_separate_pass_of_g_on_z_ref(hooks,
     trainer.setup(run)
     g0 = copy.deepcopy(run.models.generator)
     rng = torch.get_rng_state()
-    _, terms = trainer.generator_step(run)
+    _, _, terms = trainer.generator_step(run)
 
     torch.set_rng_state(rng)  # the trainer's draws, in its order: z, then the pairs' indices
     z = torch.randn((run.batch_size, *g0.latent_shape))
-    z_ref, y_ref = run.pairs.sample(run.pair_batch_size)
+    z_ref, y_ref, _ = run.pairs.sample(run.pair_batch_size)
     assert len(z) == 64 and len(z_ref) == 32
     regression = ((g0(z_ref) - y_ref) ** 2).mean()  # DMD eq. 9 with L2, by hand on a copy of the pre-step weights
     assert terms["regression"].item() == pytest.approx(regression.item(), rel=1e-5)

@@ -132,7 +132,7 @@ class PairRegression(GeneratorLoss):
         raise NotImplementedError
 
     def forward(self, batch: GeneratorBatch, models: Models) -> Tensor:
-        pred = batch.x_ref if batch.x_ref is not None else models.generator(batch.z_ref, batch.cond)
+        pred = batch.x_ref if batch.x_ref is not None else models.generator(batch.z_ref, batch.cond_ref)
         return self.distance(pred, batch.y_ref).mean()
 
 

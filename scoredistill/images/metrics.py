@@ -30,7 +30,7 @@ from torch import Tensor
 
 from scoredistill.errors import UserError
 from scoredistill.io import load_tensors, save_tensors
-from scoredistill.roles import default_cache_dir, stable_hash
+from scoredistill.roles import default_cache_dir, seeded_conditions, stable_hash
 
 from scoredistill.images.data import DIGITS_SHAPE, digits, to_uint8
 
@@ -105,8 +105,10 @@ def inception_extractor(device: torch.device) -> Callable[[Tensor], Tensor]:
 
 
 def teacher_samples(teacher, n: int, seed: int, cache_dir: Optional[Path] = None, batch_size: int = 500) -> Tensor:
-    """The teacher's multi-step samples from the evaluation noise (cached on disk by teacher, n, seed, steps)."""
-    key = stable_hash(teacher.fingerprint(), n, seed, teacher.sampler_steps)
+    """The teacher's multi-step samples from the evaluation noise (cached on disk by teacher, n, seed, steps);
+    a conditional teacher's with :func:`~scoredistill.roles.seeded_conditions`, as ``trainer.generate`` gives the generator."""
+    cond = seeded_conditions(teacher, n, seed)
+    key = stable_hash(teacher.fingerprint(), n, seed, teacher.sampler_steps, *(["conditions", cond] if cond is not None else []))
     path = Path(cache_dir or default_cache_dir()) / "teacher_samples" / f"{key}.safetensors"
     if path.is_file():
         try:
@@ -116,7 +118,8 @@ def teacher_samples(teacher, n: int, seed: int, cache_dir: Optional[Path] = None
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn((n, *teacher.data_shape), generator=gen)
     device = teacher.sigmas.device
-    x = torch.cat([teacher.sample(z[i : i + batch_size].to(device)).float().cpu() for i in range(0, n, batch_size)])
+    x = torch.cat([teacher.sample(z[i : i + batch_size].to(device), cond=cond[i : i + batch_size] if cond is not None else None)
+                   .float().cpu() for i in range(0, n, batch_size)])
     save_tensors(path, {"x": x}, {"teacher": teacher.fingerprint(), "sampler": f"heun-{teacher.sampler_steps}"})
     return x
 
@@ -166,8 +169,14 @@ def evaluate_images(teacher, samples: Tensor, *, seed: int, cache_dir: Optional[
         target_out.update({"sampler": f"real train split ({len(real_train)})", "fid": round(frechet(f_train, f_test), 4)})
         out["fid_ratio_to_teacher"] = round(out["fid"] / max(teacher_out["fid"], 1e-12), 4)
         to_uint = lambda x: to_uint8(x).float()  # noqa: E731
-        out.update(class_metrics(clf.predict(to_uint(samples)), share))
-        teacher_out.update(class_metrics(clf.predict(to_uint(t_samples)), share))
+        pred_gen, pred_teacher = clf.predict(to_uint(samples)), clf.predict(to_uint(t_samples))
+        out.update(class_metrics(pred_gen, share))
+        teacher_out.update(class_metrics(pred_teacher, share))
+        labels = seeded_conditions(teacher, n, seed)
+        if labels is not None:  # a class-conditional teacher: does each sample show the class it was asked for?
+            labels = labels.cpu()
+            out["label_accuracy"] = round(float((pred_gen == labels).double().mean()), 4)
+            teacher_out["label_accuracy"] = round(float((pred_teacher == labels).double().mean()), 4)
         target_out.update(class_metrics(clf.predict(to_uint(real_train)), share))
         out["classifier"] = {"arch": info["arch"], "test_accuracy": info["test_accuracy"]}
         out["fid_protocol"] = FID_PROTOCOL

@@ -65,6 +65,8 @@ class UNetGenerator(Generator):
         if isinstance(den, EDMDenoiser):
             pre["sigma_data"] = den.sigma_data
         body = UNET_SAMPLING.format(shape=", ".join(map(str, self.latent_shape)), sigma=self.sigma)
+        if den.class_conditional:
+            body += UNET_CLASS_LABELS.format(sigma=self.sigma, null=den.null_class)
         save_unet_generator(folder, den.unet, sigma_max=self.sigma, preconditioning=pre,
                             how_to_sample=readme(f"{provenance['method']} one-step generator ({provenance['preset']})", provenance, body))
         (folder / "scheduler").mkdir()
@@ -86,6 +88,19 @@ D = load_denoiser("PATH/TO/THIS/FOLDER").denoiser.eval()
 z = torch.randn(16, {shape})
 with torch.no_grad():
     x = D({sigma} * z, torch.full((16,), {sigma}))   # images in [-1, 1]
+```
+"""
+
+
+UNET_CLASS_LABELS = """
+The UNet is class-conditional and was distilled as `G(z, c)`, with the class labels `c`
+drawn uniformly (label {null} is the teacher's "no class"). Pass the labels as the third
+argument:
+
+```python
+labels = torch.arange(16) % 10
+with torch.no_grad():
+    x = D({sigma} * z, torch.full((16,), {sigma}), labels)
 ```
 """
 

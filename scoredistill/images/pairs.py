@@ -1,8 +1,9 @@
 """ODE pairs for image teachers: safetensors shards, cached, resumable, with a progress bar.
 
 The same pairs as the core's ``ode_pairs`` (DMD Sec. 3.3: ``y_ref`` is the teacher's
-deterministic Heun solve from ``s_max * z_ref``; same settings, same seeded noise), but
-written one shard per solver batch::
+deterministic Heun solve from ``s_max * z_ref``; same settings, same seeded noise; a
+class-conditional teacher's pairs are solved with seeded labels, ``c``), but written one
+shard per solver batch::
 
     CACHE/pairs/ode-<key>/shard-00000.safetensors   {"z": ..., "y": ...}
     CACHE/pairs/ode-<key>/shard-00001.safetensors
@@ -24,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from scoredistill.io import load_tensors, save_tensors
 from scoredistill.pairs import ODEPairs
-from scoredistill.roles import BuildContext, PairSource, stable_hash
+from scoredistill.roles import BuildContext, PairSource, seeded_conditions, stable_hash
 from scoredistill.sampling import heun_sample, karras_sigmas
 
 
@@ -34,7 +35,9 @@ class ShardedODEPairs(PairSource):
     def __init__(self, config: ODEPairs.Config, ctx: BuildContext) -> None:
         self.config = c = config
         teacher = ctx.teacher
-        key = stable_hash(teacher.fingerprint(), c.num_pairs, c.steps, c.rho, c.seed, c.batch_size)
+        cond = seeded_conditions(teacher, c.num_pairs, c.seed)  # class labels of a class-conditional teacher, else None
+        key = stable_hash(teacher.fingerprint(), c.num_pairs, c.steps, c.rho, c.seed, c.batch_size,
+                          *(["conditions", cond] if cond is not None else []))
         self.folder = Path(ctx.cache_dir) / "pairs" / f"ode-{key}"
         z = torch.randn((c.num_pairs, *teacher.data_shape), generator=torch.Generator().manual_seed(c.seed))
         grid = karras_sigmas(c.steps, teacher.sigma_min, teacher.sigma_max, c.rho)
@@ -48,12 +51,14 @@ class ShardedODEPairs(PairSource):
                 zb = z[start : start + c.batch_size]
                 y = self._load_shard(i, zb) if c.cache else None
                 if y is None:
-                    y = heun_sample(teacher, zb.to(device) * teacher.sigma_max, grid).cpu()
+                    cb = cond[start : start + c.batch_size].to(device) if cond is not None else None
+                    y = heun_sample(teacher, zb.to(device) * teacher.sigma_max, grid, cb).cpu()
                     if c.cache:
                         save_tensors(self.shard_path(i), {"z": zb, "y": y}, {"teacher": teacher.fingerprint()})
                 ys.append(y)
                 bar.advance(task, len(zb))
         self.z, self.y = z.to(device), torch.cat(ys).to(device)
+        self.c = cond.to(device) if cond is not None else None
 
     def shard_path(self, i: int) -> Path:
         return self.folder / f"shard-{i:05d}.safetensors"

@@ -47,6 +47,7 @@ class ImageTeacher(Teacher):
         self.p_mean, self.p_std = float(train.get("p_mean", EDM_P_MEAN)), float(train.get("p_std", EDM_P_STD))
         self._digest = stable_hash(loaded.kind, loaded.unet_config, loaded.scheduler_config, self.denoiser.prediction_type,
                                    self.denoiser.guidance_scale, self.denoiser.null_class, weights_digest(self.denoiser.unet))
+        self.register_buffer("class_labels", _class_labels(self.denoiser), persistent=False)
         if data is not None:
             self.real_data("train")  # fail now on a missing folder or a wrong image shape
 
@@ -56,6 +57,17 @@ class ImageTeacher(Teacher):
 
     def fingerprint(self) -> str:
         return f"unet-{self._digest}"
+
+    def sample_conditions(self, n: int, generator: Optional[torch.Generator] = None) -> Optional[Tensor]:
+        """Class labels drawn uniformly from the UNet's classes (``null_class`` left out); ``None`` for a UNet
+        without a class embedding table. A run thus distils the class-conditional teacher, guided by
+        ``guidance_scale`` on the real score, into a class-conditional generator ``G(z, c)``."""
+        labels = self.class_labels
+        if labels is None:
+            return None
+        if generator is None:
+            return labels[torch.randint(0, len(labels), (n,), device=labels.device)]
+        return labels[torch.randint(0, len(labels), (n,), generator=generator).to(labels.device)]
 
     def loss_weight(self, sigma: Tensor) -> Tensor:
         """The network's own training weighting (EDM eq. 8, or the epsilon / v / x MSE of a VP model)."""
@@ -91,6 +103,17 @@ class ImageTeacher(Teacher):
     @property
     def sampler_nfe(self) -> int:
         return 2 * self.sampler_steps - 1
+
+
+def _class_labels(denoiser: UNetDenoiser) -> Optional[Tensor]:
+    """The labels a class-conditional UNet was trained on: ``0 .. num_class_embeds - 1`` without ``null_class``."""
+    count = getattr(denoiser.unet.config, "num_class_embeds", None)
+    if not denoiser.class_conditional or not count:
+        return None
+    labels = torch.tensor([k for k in range(int(count)) if k != denoiser.null_class], dtype=torch.long)
+    if len(labels) == 0:
+        raise UserError(f"the teacher UNet has num_class_embeds={count} and null_class={denoiser.null_class}: no class is left to sample")
+    return labels
 
 
 _DATA_CACHE: dict[tuple, Tensor] = {}

@@ -24,3 +24,17 @@ def tiny_teacher_folder(folder: Path, **kw) -> Path:
 
 def tiny_classifier_settings() -> ClassifierSettings:
     return ClassifierSettings(channels=(8, 8, 8, 8), stem_width=8, input_size=16, epochs=1, batch_size=128)
+
+
+def class_conditional_teacher_folder(folder: Path, num_class_embeds: int = 11) -> Path:
+    """A tiny random-weight class-conditional ``UNet2DModel`` (1x8x8, ``num_class_embeds`` labels) with an EDM
+    scheduler config, saved into ``folder`` as a user would."""
+    import diffusers
+    import torch
+
+    torch.manual_seed(0)
+    diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                          down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                          norm_num_groups=4, num_class_embeds=num_class_embeds).save_pretrained(folder / "unet")
+    diffusers.EDMEulerScheduler(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5).save_pretrained(folder / "scheduler")
+    return folder
