@@ -266,7 +266,7 @@ def generator_step(run: Run) -> tuple[Tensor, Optional[Tensor], dict[str, Tensor
     """
     models = run.models
 
-    def objective(g: nn.Module) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    def objective(g: nn.Module) -> tuple[Tensor, dict[str, Tensor], tuple[Tensor, Optional[Tensor]]]:
         z = torch.randn((run.batch_size, *g.latent_shape), device=run.device)
         cond = models.teacher.sample_conditions(run.batch_size)
         if run.pairs is None:
