@@ -38,9 +38,11 @@ UNDIGESTED_RUNTIME = ("num_threads", "progress", "tensorboard", "debug_weight_ha
 def _evaluate(run, module, config) -> dict[str, Any]:
     """The FID protocol on ``module`` (a generator): 1,500 samples from ``eval.seed``, digits-classifier features."""
     from scoredistill.images.metrics import evaluate_images
+    from scoredistill.roles import seeded_conditions
     from scoredistill.trainer import one_step_samples
 
-    samples = one_step_samples(module, config.eval.num_samples, config.eval.seed, run.device)
+    n, seed = config.eval.num_samples, config.eval.seed  # a class-conditional teacher: the labels trainer.generate uses
+    samples = one_step_samples(module, n, seed, run.device, cond=seeded_conditions(run.models.teacher, n, seed))
     return evaluate_images(run.models.teacher, samples, seed=config.eval.seed, inception="off")
 
 

@@ -38,9 +38,10 @@ RATIOS = (0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95)  # the mid
 
 
 @torch.no_grad()
-def gradient_by_level(models, x: torch.Tensor, ratios, draws: int, seed: int = 0, real: Optional[torch.Tensor] = None) -> list[dict]:
-    """Per timestep ratio: the signal, noise and single-draw SNR of DMD's normalised gradient at ``x``,
-    and the mean bias of D_fake on ``x`` and (given ``real`` data) of the teacher on ``real``."""
+def gradient_by_level(models, x: torch.Tensor, ratios, draws: int, seed: int = 0, real: Optional[torch.Tensor] = None,
+                      cond: Optional[torch.Tensor] = None) -> list[dict]:
+    """Per timestep ratio: the signal, noise and single-draw SNR of DMD's normalised gradient at ``x`` (generated with
+    conditions ``cond``, if any), and the mean bias of D_fake on ``x`` and (given ``real`` data) of the teacher on ``real``."""
     from scoredistill_dmd.losses import dmd_gradient
 
     teacher, fake = models.teacher, models.fake_score
@@ -52,14 +53,14 @@ def gradient_by_level(models, x: torch.Tensor, ratios, draws: int, seed: int = 0
         g = []
         for _ in range(draws):
             x_s = _noised(x, sigma, gen)
-            g.append(dmd_gradient(x, teacher(x_s, sigma, None), fake(x_s, sigma, None, x_clean=x)).float())
+            g.append(dmd_gradient(x, teacher(x_s, sigma, cond), fake(x_s, sigma, cond, x_clean=x)).float())
         g = torch.stack(g)
         mean = g.mean(0)
         signal = mean.pow(2).flatten(1).sum(1).mean().item()
         noise = (g - mean).pow(2).flatten(2).sum(2).mean().item()
         rows.append({"ratio": r, "sigma": round(float(sigma[0]), 5), "signal": signal, "noise": noise,
                      "snr": signal / noise if noise > 0 else float("inf"),
-                     "fake_mean_bias": mean_bias(lambda x_s, s: fake(x_s, s, None, x_clean=x), x, sigma, draws, gen)})
+                     "fake_mean_bias": mean_bias(lambda x_s, s: fake(x_s, s, cond, x_clean=x), x, sigma, draws, gen)})
         if real is not None:
             rows[-1]["teacher_mean_bias"] = mean_bias(lambda x_s, s: teacher(x_s, s, None), real, sigma[:1].expand(len(real)), draws, gen)
     return rows
@@ -93,18 +94,20 @@ def main(argv=None) -> list[dict]:
     from scoredistill.errors import UserError
     from scoredistill.io import load_tensors
     from scoredistill.plugins import Hooks
+    from scoredistill.roles import seeded_conditions
     from scoredistill.trainer import FAKE_SCORE_FILE, load_run, one_step_samples
 
     run = load_run(args.run_dir, Hooks())
     if not (args.run_dir / FAKE_SCORE_FILE).is_file():
         raise SystemExit(f"{args.run_dir} has no {FAKE_SCORE_FILE}: this method trains no fake score")
     run.models.fake_score.load_state_dict(load_tensors(args.run_dir / FAKE_SCORE_FILE))
-    x = one_step_samples(run.sampling_generator, args.samples, args.seed, run.device).to(run.device)
+    cond = seeded_conditions(run.models.teacher, args.samples, args.seed)  # a class-conditional teacher's labels, else None
+    x = one_step_samples(run.sampling_generator, args.samples, args.seed, run.device, cond=cond).to(run.device)
     try:
         real = run.models.teacher.real_samples(args.samples)
     except UserError:  # a teacher without real data: no teacher bias column
         real = None
-    rows = gradient_by_level(run.models, x, args.ratios, args.draws, args.seed, real)
+    rows = gradient_by_level(run.models, x, args.ratios, args.draws, args.seed, real, cond)
     total = sum(r["signal"] + r["noise"] for r in rows)
     print(f"KL gradient by noise level: {args.run_dir}, {args.samples} samples x {args.draws} draws")
     print("| t / T | sigma | signal |E g|^2 | noise E|g - E g|^2 | single-draw SNR | share of |g|^2 | teacher mean bias | fake mean bias |")
