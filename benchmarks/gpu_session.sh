@@ -5,7 +5,7 @@
 #   carry: .whl (this package built with `pip wheel --no-deps -w .whl .`, and wheels of diffusers, importlib_metadata, omegaconf, pydantic(-core),
 #          annotated-types, typing-inspection, clean-fid, lpips for the machine's Python)
 #          .sdcache (a SCOREDISTILL_CACHE holding the digits teacher, classifier, pairs)
-#   run:   bash benchmarks/gpu_session.sh            (GPU_BENCH_TIMEOUT=440; GPU_BENCH_ONLY="bf16 bf16+compile" picks
+#   run:   bash benchmarks/gpu_session.sh            (GPU_BENCH_TIMEOUT=540; GPU_BENCH_ONLY="bf16 bf16+compile" picks
 #          settings; SWEEP=1 SWEEP_TIMEOUT=250 adds the sweep)
 set -u
 OUT=${OUT:-/tmp/gpu_session}
@@ -20,7 +20,7 @@ python3 -c "import torch, diffusers, scoredistill; print('torch', torch.__versio
 #    keeps what is done.
 #    The unfiltered output goes to gpu_dmd_raw.log (session 7's CUDA-graphs row ended with no message in the filtered
 #    log), and faulthandler prints a crash's Python stack there.
-timeout "${GPU_BENCH_TIMEOUT:-440}" python3 -X faulthandler benchmarks/gpu_dmd.py --iters 20 --out "$OUT/gpu_dmd.json" \
+timeout "${GPU_BENCH_TIMEOUT:-540}" python3 -X faulthandler benchmarks/gpu_dmd.py --iters 20 --out "$OUT/gpu_dmd.json" \
     --profile-out "$OUT/gpu_profile.txt" ${GPU_BENCH_ONLY:+--only $GPU_BENCH_ONLY} 2>&1 | tee "$OUT/gpu_dmd_raw.log" | grep -v -e "UserWarning" -e "warn_once" -e "^$" -e "This call originates" -e "File \"" -e "is_torch_version" -e "\^\^\^" \
     | tee "$OUT/gpu_dmd.log"
 
