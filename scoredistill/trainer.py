@@ -317,8 +317,8 @@ def train_iteration(run: Run) -> dict[str, Tensor]:
     """
     x, cond, logs = generator_step(run)
     if "fake_score" in run.trained:
-        for k in range(run.config.train.fake_updates_per_step):
-            logs["fake_score"] = fake_score_step(run, *((x, cond) if k == 0 else (None, None)))
+        for k in range(run.config.train.fake_updates_per_step):  # the first on sg(G(z, c)), later ones on fresh samples
+            logs["fake_score"] = fake_score_step(run, x if k == 0 else None, cond if k == 0 else None)
     for net in run.trained.values():
         if net.schedule is not None:
             net.schedule.step()

@@ -19,7 +19,7 @@ from scoredistill.cli import main
 from scoredistill.config import resolve
 from scoredistill.images import metrics
 from scoredistill.images.pairs import ShardedODEPairs
-from scoredistill.images.testing import class_conditional_teacher_folder, tiny_classifier_settings
+from scoredistill.images.testing import tiny_classifier_settings, tiny_diffusers_teacher_folder
 from scoredistill.roles import BuildContext, seeded_conditions
 from scoredistill.sampling import heun_sample, karras_sigmas
 
@@ -28,7 +28,7 @@ NULL = 10  # labels 0..9 are the digits, 10 is "no class" (label dropout's extra
 
 @pytest.fixture(scope="module")
 def teacher_path(tmp_path_factory) -> Path:
-    return class_conditional_teacher_folder(tmp_path_factory.mktemp("cc") / "teacher")
+    return tiny_diffusers_teacher_folder(tmp_path_factory.mktemp("cc") / "teacher", num_class_embeds=11)
 
 
 def _overrides(path: Path, guidance: float = 2.0) -> list[str]:
@@ -54,14 +54,7 @@ def test_the_teacher_draws_its_classes_uniformly_without_the_null_label(hooks, t
 
 
 def test_an_unconditional_teacher_draws_no_conditions(hooks, tmp_path):
-    import diffusers
-
-    folder = tmp_path / "uncond"
-    diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                          down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                          norm_num_groups=4).save_pretrained(folder / "unet")
-    diffusers.EDMEulerScheduler().save_pretrained(folder / "scheduler")
-    teacher = _teacher(hooks, folder, tmp_path)
+    teacher = _teacher(hooks, tiny_diffusers_teacher_folder(tmp_path / "uncond"), tmp_path)
     assert teacher.sample_conditions(8) is None and seeded_conditions(teacher, 8, 0) is None
 
 

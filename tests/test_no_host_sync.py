@@ -103,9 +103,9 @@ def test_diffusers_unet_iterations_read_nothing_back(hooks, tmp_path, precision)
 
 def test_class_conditional_iterations_read_nothing_back(hooks, tmp_path):
     """Labels are drawn on the device each step (no host-to-device copy), pairs keep theirs there."""
-    from scoredistill.images.testing import class_conditional_teacher_folder
+    from scoredistill.images.testing import tiny_diffusers_teacher_folder
 
-    folder = class_conditional_teacher_folder(tmp_path / "teacher")
+    folder = tiny_diffusers_teacher_folder(tmp_path / "teacher", num_class_embeds=11)
     overrides = ["teacher.component=diffusers_unet", f"teacher.path={folder}", "teacher.null_class=10",
                  "teacher.guidance_scale=2.0", "pairs.num_pairs=16", "pairs.steps=3", "train.batch_size=4",
                  "runtime.progress=false", "train.fake_score_warmup_steps=0"]

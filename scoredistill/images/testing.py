@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from scoredistill.images.classifier import ClassifierSettings
 from scoredistill.images.training import DigitsTeacherSettings, train_digits_teacher
@@ -26,9 +27,9 @@ def tiny_classifier_settings() -> ClassifierSettings:
     return ClassifierSettings(channels=(8, 8, 8, 8), stem_width=8, input_size=16, epochs=1, batch_size=128)
 
 
-def class_conditional_teacher_folder(folder: Path, num_class_embeds: int = 11) -> Path:
-    """A tiny random-weight class-conditional ``UNet2DModel`` (1x8x8, ``num_class_embeds`` labels) with an EDM
-    scheduler config, saved into ``folder`` as a user would."""
+def tiny_diffusers_teacher_folder(folder: Path, num_class_embeds: Optional[int] = None) -> Path:
+    """A tiny random-weight 1x8x8 ``UNet2DModel`` with an EDM scheduler config, saved into ``folder`` as a user would;
+    class-conditional with ``num_class_embeds`` labels."""
     import diffusers
     import torch
 
