@@ -33,6 +33,9 @@ class GaussianMixtureTeacher(Teacher):
         sigma_max: float = Field(80.0, gt=0, description="largest noise level; the generator sees z * sigma_max")
         num_timesteps: int = Field(1000, ge=2, description="T, the discrete schedule's length")
         rho: float = Field(7.0, gt=0, description="spacing of the discrete schedule (EDM eq. 5)")
+        class_conditional: bool = Field(False, description="condition on the component: c = k gives component k's exact "
+                                                           "denoiser, and a run distils a class-conditional G(z, c)")
+        guidance_scale: float = Field(1.0, description="classifier-free guidance D_u + g (D_c - D_u) when conditioned; 1 = none")
 
         @model_validator(mode="after")
         def _consistent(self):
@@ -106,8 +109,37 @@ class GaussianMixtureTeacher(Teacher):
         """The mixture is its own ground truth: exact samples."""
         return self.sample(n).to(self.sigmas.device)
 
+    @property
+    def num_classes(self) -> Optional[int]:
+        """``K`` when the teacher is class-conditional (label ``k`` = component ``k``), else ``None``."""
+        return len(self.weights) if self.config.class_conditional else None
+
+    def sample_conditions(self, n: int, generator: Optional[torch.Generator] = None) -> Optional[Tensor]:
+        """Component labels drawn with the mixture weights, so that ``G(z, c)`` over ``c`` is the whole mixture."""
+        if not self.config.class_conditional:
+            return None
+        if generator is None:
+            return torch.multinomial(self.weights.float(), n, replacement=True)
+        return torch.multinomial(self.weights.float().cpu(), n, replacement=True, generator=generator).to(self.weights.device)
+
     # -- the teacher protocol
     def forward(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        """``E[x | x_s]``; with labels ``cond``, ``D_u + g (D_c - D_u)`` where ``D_c = E[x | x_s, k = c]`` is component
+        ``c``'s posterior mean ``mu_c + s_c^2 / (s_c^2 + sigma^2) (x_s - mu_c)`` (``g`` = ``guidance_scale``)."""
+        if cond is None:
+            return self._denoise(x_noisy, sigma)
+        unconditional = self._denoise(x_noisy, sigma) if self.config.guidance_scale != 1.0 else None
+        x = x_noisy.to(torch.float64)
+        s2 = sigma.to(torch.float64).reshape(-1, 1).expand(x.shape[0], 1) ** 2
+        mu, var = self.means[cond], self._vars[0, cond][:, None]  # (N, d), (N, 1)
+        conditional = mu + var / (var + s2) * (x - mu)
+        g = self.config.guidance_scale
+        if unconditional is not None:
+            u = unconditional.to(torch.float64)
+            conditional = u + g * (conditional - u)
+        return conditional.to(x_noisy.dtype)
+
+    def _denoise(self, x_noisy: Tensor, sigma: Tensor) -> Tensor:
         x = x_noisy.to(torch.float64)
         s = sigma.to(torch.float64).reshape(-1, 1).expand(x.shape[0], 1)
         var = self._vars + s**2  # (N, K), and x - mu_k once: the same numbers as responsibilities(x, s)
@@ -118,4 +150,5 @@ class GaussianMixtureTeacher(Teacher):
         return (r[..., None] * cond_means).sum(1).to(x_noisy.dtype)
 
     def fingerprint(self) -> str:
-        return "gmm-" + stable_hash(self.means, self.stds, self.weights, self.sigmas)
+        conditional = ["conditional", self.config.guidance_scale] if self.config.class_conditional else []
+        return "gmm-" + stable_hash(self.means, self.stds, self.weights, self.sigmas, *conditional)

@@ -48,36 +48,59 @@ def fourier_features(t: Tensor, freqs: Tensor) -> Tensor:
     return torch.cat([arg.cos(), arg.sin()], dim=1)
 
 
+class LabelEmbedding(nn.Module):
+    """A learned embedding of class labels ``(N,)`` for a class-conditional teacher's networks; none without classes."""
+
+    def __init__(self, num_classes: Optional[int], dim: int = 16) -> None:
+        super().__init__()
+        self.dim = dim if num_classes else 0
+        self.table = nn.Embedding(num_classes, dim) if num_classes else None
+
+    def parts(self, cond: Optional[Tensor]) -> list[Tensor]:
+        """``[embedding(cond)]`` to concatenate to a network's input, or ``[]`` without classes."""
+        if self.table is None:
+            return []
+        if cond is None:
+            raise UserError("this network is class-conditional (its teacher is): call it with class labels")
+        return [self.table(cond)]
+
+
+def teacher_classes(teacher) -> Optional[int]:
+    """The number of classes of a class-conditional teacher (its ``num_classes``), or ``None``."""
+    return getattr(teacher, "num_classes", None)
+
+
 class MLPDenoiserNet(nn.Module):
-    """EDM-preconditioned MLP denoiser ``D(x, s)`` for flat data of dimension ``dim``."""
+    """EDM-preconditioned MLP denoiser ``D(x, s, c)`` for flat data of dimension ``dim`` (``c``: class labels, if any)."""
 
     def __init__(self, dim: int, sigma_data: float, width: int, depth: int, embed_dim: int = 32,
-                 input_features: int = 0, input_scale: float = 1.0) -> None:
+                 input_features: int = 0, input_scale: float = 1.0, num_classes: Optional[int] = None) -> None:
         super().__init__()
         self.sigma_data = sigma_data
         self.embed = FourierEmbedding(embed_dim)
         self.input_embed = FourierEmbedding(input_features, input_scale, in_dim=dim, seed=1) if input_features else None
-        self.net = mlp(dim + embed_dim + input_features, dim, width, depth)
+        self.labels = LabelEmbedding(num_classes)
+        self.net = mlp(dim + embed_dim + input_features + self.labels.dim, dim, width, depth)
 
-    def _hidden(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The last hidden layer ``(N, width)`` at ``(x, sigma)``, with ``c_skip`` and ``c_out`` (one preconditioning)."""
+    def _hidden(self, x: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The last hidden layer ``(N, width)`` at ``(x, sigma, cond)``, with ``c_skip`` and ``c_out`` (one preconditioning)."""
         sigma = sigma.to(x.dtype).expand(x.shape[0])
         c_skip, c_out, c_in, c_noise = edm_preconditioning(sigma, self.sigma_data)
         h = append_dims(c_in, x.ndim) * x
         parts = [h, fourier_features(c_noise, self.embed.freqs)]
         if self.input_embed is not None:
             parts.append(fourier_features(h, self.input_embed.freqs))
-        h = torch.cat(parts, dim=1)
+        h = torch.cat(parts + self.labels.parts(cond), dim=1)
         for layer in itertools.islice(self.net, len(self.net) - 1):  # (slicing a Sequential builds a new module per call)
             h = layer(h)
         return h, c_skip, c_out
 
-    def features(self, x: Tensor, sigma: Tensor) -> Tensor:
-        """The last hidden layer ``(N, width)`` at ``(x, sigma)``."""
-        return self._hidden(x, sigma)[0]
+    def features(self, x: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        """The last hidden layer ``(N, width)`` at ``(x, sigma, cond)``."""
+        return self._hidden(x, sigma, cond)[0]
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
-        h, c_skip, c_out = self._hidden(x, sigma)
+        h, c_skip, c_out = self._hidden(x, sigma, cond)
         f = self.net[-1](h)
         return append_dims(c_skip, x.ndim) * x + append_dims(c_out, x.ndim) * f
 
@@ -110,13 +133,14 @@ class MLPFakeScore(FakeScore):
         super().__init__()
         teacher = ctx.teacher
         self.denoiser = MLPDenoiserNet(flat_dim(teacher, "fake_score 'mlp_denoiser'"), teacher.sigma_data, config.width, config.depth,
-                                       input_features=config.input_features, input_scale=config.input_scale)
+                                       input_features=config.input_features, input_scale=config.input_scale,
+                                       num_classes=teacher_classes(teacher))
 
     def forward(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None, *, x_clean: Optional[Tensor] = None) -> Tensor:
         return self.denoiser(x_noisy, sigma, cond)
 
     def features(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
-        return self.denoiser.features(x_noisy, sigma)
+        return self.denoiser.features(x_noisy, sigma, cond)
 
 
 @component("mlp_generator", role="generator", paper="a one-step generator G(z) -> x (Yin et al. 2024, Sec. 3)")
@@ -131,15 +155,21 @@ class MLPGenerator(Generator):
         d = flat_dim(ctx.teacher, "generator 'mlp_generator'")
         self.latent_shape = (d,)
         self.features = FourierEmbedding(config.input_features, config.input_scale, in_dim=d, seed=2) if config.input_features else None
-        self.net = mlp(d + config.input_features, d, config.width, config.depth)
+        self.labels = LabelEmbedding(teacher_classes(ctx.teacher))
+        self.net = mlp(d + config.input_features + self.labels.dim, d, config.width, config.depth)
 
     def forward(self, z: Tensor, cond: Optional[Tensor] = None) -> Tensor:
-        return self.net(torch.cat([z, self.features(z)], dim=1) if self.features is not None else z)
+        parts = [z] + ([self.features(z)] if self.features is not None else []) + self.labels.parts(cond)
+        return self.net(torch.cat(parts, dim=1) if len(parts) > 1 else z)
 
     def export(self, folder, provenance) -> None:
         """A diffusers ``OneStepMLPGenerator`` (:mod:`scoredistill.export_models`) with these exact weights."""
         from scoredistill.export import README, mlp_sampling_readme, save_diffusers_model
         from scoredistill.export_models import OneStepMLPGenerator
+
+        if self.labels.table is not None:
+            raise UserError("a class-conditional MLP generator cannot be exported yet (OneStepMLPGenerator takes no labels); "
+                            "sample it with 'scoredistill sample', which writes the labels beside the samples")
 
         linears = [m for m in self.net if isinstance(m, nn.Linear)]
         features = 0 if self.features is None else 2 * self.features.freqs.shape[1]

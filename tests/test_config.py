@@ -85,7 +85,7 @@ def test_model_dump_keeps_every_components_settings(hooks):
         ("dmd", "toy2d", ["gan"], [], "unknown ablation 'gan' for method 'dmd'; allowed: distribution_matching, fake_score, regression"),
         ("dmd", "toy2d", [], ["generator.component=resnet"], "unknown generator component 'resnet'; allowed: "),
         ("dmd", "toy2d", [], ["train.stepz=3"], "unknown config key 'train.stepz'; allowed here: "),
-        ("dmd", "toy2d", [], ["teacher.colour=red"], "unknown config key 'teacher.colour'; allowed here: means, "),
+        ("dmd", "toy2d", [], ["teacher.colour=red"], "unknown config key 'teacher.colour'; allowed here: class_conditional, guidance_scale, means, "),
         ("dmd", "toy2d", [], ["nonsense=1"], "unknown config key 'nonsense'"),
         ("dmd", "toy2d", [], ["train.steps=many"], "invalid config value 'train.steps'"),
         ("dmd", "toy2d", [], ["teacher.weights=[0.5,0.1,0.1,0.1,0.1,0.1,0.1,0.1]"], "sum to 1"),

@@ -111,3 +111,8 @@ def test_class_conditional_iterations_read_nothing_back(hooks, tmp_path):
                  "runtime.progress=false", "train.fake_score_warmup_steps=0"]
     config = resolve(hooks.registry, "dmd", "digits", [], overrides)
     _iterations_read_nothing(config, tmp_path / "run")
+
+
+def test_class_conditional_toy_iterations_read_nothing_back(hooks, tmp_path):
+    config = resolve(hooks.registry, "dmd", "toy2d", [], TOY + ["teacher.class_conditional=true"])
+    _iterations_read_nothing(config, tmp_path)
