@@ -128,16 +128,15 @@ class GaussianMixtureTeacher(Teacher):
         ``c``'s posterior mean ``mu_c + s_c^2 / (s_c^2 + sigma^2) (x_s - mu_c)`` (``g`` = ``guidance_scale``)."""
         if cond is None:
             return self._denoise(x_noisy, sigma)
-        unconditional = self._denoise(x_noisy, sigma) if self.config.guidance_scale != 1.0 else None
         x = x_noisy.to(torch.float64)
         s2 = sigma.to(torch.float64).reshape(-1, 1).expand(x.shape[0], 1) ** 2
         mu, var = self.means[cond], self._vars[0, cond][:, None]  # (N, d), (N, 1)
-        conditional = mu + var / (var + s2) * (x - mu)
+        d = mu + var / (var + s2) * (x - mu)
         g = self.config.guidance_scale
-        if unconditional is not None:
-            u = unconditional.to(torch.float64)
-            conditional = u + g * (conditional - u)
-        return conditional.to(x_noisy.dtype)
+        if g != 1.0:
+            u = self._denoise(x_noisy, sigma).to(torch.float64)
+            d = u + g * (d - u)
+        return d.to(x_noisy.dtype)
 
     def _denoise(self, x_noisy: Tensor, sigma: Tensor) -> Tensor:
         x = x_noisy.to(torch.float64)

@@ -65,11 +65,6 @@ class LabelEmbedding(nn.Module):
         return [self.table(cond)]
 
 
-def teacher_classes(teacher) -> Optional[int]:
-    """The number of classes of a class-conditional teacher (its ``num_classes``), or ``None``."""
-    return getattr(teacher, "num_classes", None)
-
-
 class MLPDenoiserNet(nn.Module):
     """EDM-preconditioned MLP denoiser ``D(x, s, c)`` for flat data of dimension ``dim`` (``c``: class labels, if any)."""
 
@@ -134,7 +129,7 @@ class MLPFakeScore(FakeScore):
         teacher = ctx.teacher
         self.denoiser = MLPDenoiserNet(flat_dim(teacher, "fake_score 'mlp_denoiser'"), teacher.sigma_data, config.width, config.depth,
                                        input_features=config.input_features, input_scale=config.input_scale,
-                                       num_classes=teacher_classes(teacher))
+                                       num_classes=teacher.num_classes)
 
     def forward(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None, *, x_clean: Optional[Tensor] = None) -> Tensor:
         return self.denoiser(x_noisy, sigma, cond)
@@ -155,7 +150,7 @@ class MLPGenerator(Generator):
         d = flat_dim(ctx.teacher, "generator 'mlp_generator'")
         self.latent_shape = (d,)
         self.features = FourierEmbedding(config.input_features, config.input_scale, in_dim=d, seed=2) if config.input_features else None
-        self.labels = LabelEmbedding(teacher_classes(ctx.teacher))
+        self.labels = LabelEmbedding(ctx.teacher.num_classes)
         self.net = mlp(d + config.input_features + self.labels.dim, d, config.width, config.depth)
 
     def forward(self, z: Tensor, cond: Optional[Tensor] = None) -> Tensor:

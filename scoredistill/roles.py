@@ -41,6 +41,8 @@ class Teacher(nn.Module):
 
     data_shape: tuple[int, ...]
     sigma_data: float
+    #: class labels are ``0 .. num_classes - 1`` (a networks' label table size); ``None``: no class labels
+    num_classes: Optional[int] = None
 
     def forward(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:  # pragma: no cover
         raise NotImplementedError

@@ -58,6 +58,11 @@ class ImageTeacher(Teacher):
     def fingerprint(self) -> str:
         return f"unet-{self._digest}"
 
+    @property
+    def num_classes(self) -> Optional[int]:
+        """The UNet's ``num_class_embeds`` (``null_class`` among them) when it has a class table, else ``None``."""
+        return int(self.denoiser.unet.config.num_class_embeds) if self.class_labels is not None else None
+
     def sample_conditions(self, n: int, generator: Optional[torch.Generator] = None) -> Optional[Tensor]:
         """Class labels drawn uniformly from the UNet's classes (``null_class`` left out); ``None`` for a UNet
         without a class embedding table. A run thus distils the class-conditional teacher, guided by
