@@ -80,7 +80,8 @@ def _record_labels(module: torch.nn.Module, calls: list) -> None:
 
 
 def test_one_iteration_gives_generator_teacher_and_fake_score_the_same_labels(hooks, teacher_path, tmp_path):
-    config = resolve(hooks.registry, "dmd", "digits", [], _overrides(teacher_path, guidance=2.0))
+    # two fake-score updates, so that the second one's fresh labels are checked too
+    config = resolve(hooks.registry, "dmd", "digits", [], [*_overrides(teacher_path, guidance=2.0), "train.fake_updates_per_step=2"])
     run = trainer.build(config, hooks, tmp_path / "run")
     trainer.setup(run)
     g_calls, t_calls, f_calls = [], [], []
@@ -89,7 +90,6 @@ def test_one_iteration_gives_generator_teacher_and_fake_score_the_same_labels(ho
     _record_labels(run.models.fake_score.denoiser.unet, f_calls)
     trainer.train_iteration(run)
 
-    assert run.config.train.fake_updates_per_step == 2  # the digits preset's
     # generator step: G once on cat(z, z_ref), with the batch's labels, then the pairs' labels (pairs.c)
     g, g_fresh = g_calls
     cond, c_ref = g[:6], g[6:]
