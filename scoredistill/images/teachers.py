@@ -184,7 +184,7 @@ class DigitsTeacher(ImageTeacher):
                 raise UserError(f"teacher.path '{config.path}' holds no trained digits teacher: run 'scoredistill teacher "
                                 f"train --preset digits --out {config.path}' or unset teacher.path to use the cache")
             progress = ctx.extra.get("progress", True) if ctx is not None else True
-            print(f"scoredistill: no cached digits teacher at {folder}: training it now (about 10 minutes on 2 CPU cores; "
+            print(f"scoredistill: no cached digits teacher at {folder}: training it now (about 13 minutes on 2 CPU cores; "
                   "'scoredistill teacher train --preset digits' does this ahead of time)", file=sys.stderr)
             train_digits_teacher(self.settings(config), folder, progress=progress)
         try:
