@@ -16,7 +16,9 @@ script warms up, then times ``--iters`` iterations between two device synchronis
 FLOPs per image are counted, not assumed: :class:`torch.utils.flop_counter.FlopCounterMode`
 over one iteration (matrix products, convolutions and attention, forward and backward).
 The card's bf16 rate is measured here too (an 8192^3 bf16 matrix product), and the top
-CUDA kernels of a bf16 iteration are profiled, so the table says where the time goes.
+CUDA kernels of a bf16 iteration are profiled, so the table says where the time goes. The
+``bare`` settings time ``benchmarks/overhead.py``'s hand-written iteration on copies of the
+same networks instead (``framework_over_bare``: scoredistill's time over it, same machine).
 Writes ``--out`` (JSON) and ``--profile-out`` (text).
 """
 
@@ -29,7 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Union
+from typing import Callable, NamedTuple, Union
 
 import torch
 
@@ -41,16 +43,31 @@ CIFAR_UNET = dict(  # the DDPM CIFAR-10 UNet2DModel (google/ddpm-cifar10-32)
 TINY_UNET = dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
                  down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
 
-#: (name, mixed precision, tf32, torch.compile mode or False, channels_last, batch multiplier); the compiled
-#: settings last: their warm-up is minutes, and the eager rows are kept if the time runs out
+
+
+class Setting(NamedTuple):
+    name: str
+    precision: str  # runtime.mixed_precision
+    tf32: bool
+    compile: Union[bool, str]  # False, or a torch.compile mode
+    channels_last: bool = False
+    batch_mult: int = 1
+    bare: bool = False  # overhead.py's hand-written loop on the same networks, instead of scoredistill
+
+
+#: the compiled settings last: their warm-up is minutes, and the eager rows are kept if the time runs out. The bare
+#: rows time the hand-written loop of ``benchmarks/overhead.py`` (the same networks, batch and arithmetic, written
+#: out without the framework) on this machine, so the framework's share of the time is measured on the GPU too
 SETTINGS = [
-    ("fp32", "no", False, False, False, 1),
-    ("tf32", "no", True, False, False, 1),
-    ("bf16", "bf16", True, False, False, 1),
-    ("bf16+channels_last", "bf16", True, False, True, 1),
-    ("bf16 batch x4", "bf16", True, False, False, 4),
-    ("bf16+compile", "bf16", True, "default", False, 1),
-    ("bf16+compile+cudagraphs", "bf16", True, "reduce-overhead", False, 1),
+    Setting("fp32", "no", False, False),
+    Setting("tf32", "no", True, False),
+    Setting("bf16", "bf16", True, False),
+    Setting("bare:bf16", "bf16", True, False, bare=True),
+    Setting("bf16+channels_last", "bf16", True, False, channels_last=True),
+    Setting("bf16+batch_x4", "bf16", True, False, batch_mult=4),
+    Setting("bf16+compile", "bf16", True, "default"),
+    Setting("bf16+compile+cudagraphs", "bf16", True, "reduce-overhead"),
+    Setting("bare:bf16+compile", "bf16", True, "default", bare=True),
 ]
 
 
@@ -91,27 +108,41 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_setting(teacher: Path, device: str, batch: int, precision: str, tf32: bool, compile_: Union[bool, str], channels_last: bool,
-                 warmup: int, iters: int) -> dict:
+def bare_loop(run, compile_: Union[bool, str]) -> Callable[[], dict]:
+    """``benchmarks/overhead.py``'s hand-written iteration on deep copies of ``run``'s networks (``torch.compile``d as
+    the trainer would, when asked); ``run``'s own networks are then left alone."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from overhead import Bare
+
+    bare = Bare(run)
+    if compile_:
+        for net in (bare.t_unet, bare.g_net, bare.f_net):
+            net.compile(mode=None if compile_ == "default" else compile_, dynamic=False)
+    return bare.iteration
+
+
+def time_setting(teacher: Path, device: str, s: Setting, batch: int, warmup: int, iters: int) -> dict:
     from scoredistill.trainer import train_iteration
 
-    run = make_run(teacher, batch, device, precision, tf32, compile_, channels_last)
+    # scoredistill's run is built either way: a bare row takes copies of its networks (uncompiled: compiled below)
+    run = make_run(teacher, batch, device, s.precision, s.tf32, s.compile and not s.bare, s.channels_last)
+    step = bare_loop(run, s.compile) if s.bare else (lambda: train_iteration(run))
     t0 = time.perf_counter()
     for _ in range(warmup):
-        logs = train_iteration(run)
+        logs = step()
     _sync(device)
     warm = time.perf_counter() - t0
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(iters):
-        logs = train_iteration(run)
+        logs = step()
     _sync(device)
     sec = (time.perf_counter() - t0) / iters
     cpu = (time.process_time() - c0) / iters  # the host's CPU time (all threads): near `sec` when launch-bound
     finite = all(bool(torch.isfinite(v).all()) for v in logs.values())
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
-    del run
+    del run, step
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return {"batch": batch, "seconds_per_iteration": sec, "cpu_seconds_per_iteration": cpu, "iterations_per_s": 1 / sec, "images_per_s": batch / sec,
@@ -209,6 +240,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_dmd.json"))
     p.add_argument("--profile-out", type=Path, default=None)
     args = p.parse_args()
+    unknown = sorted(set(args.only or ()) - {s.name for s in SETTINGS})
+    if unknown:
+        sys.exit(f"gpu_dmd: no setting named {', '.join(unknown)}; the settings: {', '.join(s.name for s in SETTINGS)}")
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         sys.exit("gpu_dmd: no CUDA device here; use --device cpu --tiny for a smoke test")
@@ -231,28 +265,33 @@ def main() -> None:
           flush=True)
 
     profiled = False
-    for name, precision, tf32, compile_, channels_last, mult in SETTINGS:
+    for s in SETTINGS:
+        name = s.name
         if args.only is not None and name not in args.only:
             continue
-        if compile_ and cuda and not profiled:  # the sync check and profile before the long compile warm-up
+        if s.compile and cuda and not profiled:  # the sync check and profile before the long compile warm-up
             diagnose(teacher, args, result)
             profiled = True
-        if compile_:
+        if s.compile:
             torch._dynamo.reset()  # each compiled setting from a clean cache, its recompilations counted alone
         try:
-            r = time_setting(teacher, args.device, args.batch * mult, precision, tf32, compile_, channels_last, args.warmup, args.iters)
+            r = time_setting(teacher, args.device, s, args.batch * s.batch_mult, args.warmup, args.iters)
         except Exception as exc:  # one setting failing (a compile mode, memory) must not lose the others
             result["settings"][name] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
-            print(f"  {name:<20} failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            print(f"  {name:<23} failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
             continue
-        if compile_:
+        if s.compile:
             r["dynamo"] = {k: dict(v) for k, v in torch._dynamo.utils.counters.items() if k in ("stats", "graph_break", "recompiles")}
         if result["measured_bf16_tflops"]:
             r["share_of_bf16_peak"] = r["images_per_s"] * flops / (result["measured_bf16_tflops"] * 1e12)
+        framework = result["settings"].get(name.removeprefix("bare:")) if s.bare else None
+        if framework and "seconds_per_iteration" in framework:  # the framework's time over the bare loop's, same machine
+            r["framework_over_bare"] = framework["seconds_per_iteration"] / r["seconds_per_iteration"]
         result["settings"][name] = r
-        print(f"  {name:<20} batch {r['batch']:>4}: {r['images_per_s']:8.1f} images/s  {r['iterations_per_s']:6.2f} it/s  "
+        print(f"  {name:<23} batch {r['batch']:>4}: {r['images_per_s']:8.1f} images/s  {r['iterations_per_s']:6.2f} it/s  "
               f"CPU {r['cpu_seconds_per_iteration'] / r['seconds_per_iteration']:4.0%} of wall  peak {r['peak_gib']:5.1f} GiB  share of bf16 peak {r.get('share_of_bf16_peak', float('nan')):.1%}  "
-              f"(warm-up {r['warmup_seconds']:.0f} s)", flush=True)
+              f"(warm-up {r['warmup_seconds']:.0f} s)" + (f"  framework / bare {r['framework_over_bare']:.3f}" if "framework_over_bare" in r else ""),
+              flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")  # after each setting: partial results survive
 

@@ -2,11 +2,12 @@
 # One call on a lent CUDA machine (no internet): install the carried wheels, run the GPU
 # benchmark, then the digits settings sweep on the same GPU. Results land in $OUT.
 #
-#   carry: .whl (this package built with `pip wheel --no-deps -w .whl .`, and wheels of diffusers, importlib_metadata, omegaconf, pydantic(-core),
-#          annotated-types, typing-inspection, clean-fid, lpips for the machine's Python)
+#   carry: .whl (built by `bash benchmarks/gpu_wheels.sh`: this package's wheel, and wheels of diffusers, importlib_metadata,
+#          omegaconf, pydantic(-core), annotated-types, typing-inspection, clean-fid, lpips for the machine's Python 3.12)
 #          .sdcache (a SCOREDISTILL_CACHE holding the digits teacher, classifier, pairs)
 #   run:   bash benchmarks/gpu_session.sh            (GPU_BENCH_TIMEOUT=540; GPU_BENCH_ONLY="bf16 bf16+compile" picks
-#          settings; SWEEP=1 SWEEP_TIMEOUT=250 adds the sweep)
+#          settings, e.g. GPU_BENCH_ONLY="bf16 bare:bf16 bf16+compile bf16+compile+cudagraphs"; SWEEP=1
+#          SWEEP_TIMEOUT=250 adds the sweep)
 set -u
 OUT=${OUT:-/tmp/gpu_session}
 mkdir -p "$OUT"

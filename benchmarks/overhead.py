@@ -40,6 +40,7 @@ networks (gradient norm, autocast, freezing, EMA, ...), timed in place over N mo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -93,6 +94,12 @@ class Bare:
         cfg, m = run.config, run.models
         tr = cfg.train
         self.batch, self.pair_batch = tr.batch_size, tr.pair_batch_size or tr.batch_size
+        self.device = run.device  # every tensor made where the networks live (the GPU table's bare row runs on CUDA)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.runtime.mixed_precision)
+        if dtype is torch.float16:
+            raise SystemExit("overhead.py: the bare loop has no fp16 loss scaling; use bf16 or fp32")
+        # autocast around the forward passes, as a researcher writes it (weights stay fp32)
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
         teacher = m.teacher
 
         # -- the teacher D_real (frozen)
@@ -107,12 +114,12 @@ class Bare:
             self.t_unet = copy.deepcopy(teacher.denoiser.unet).eval().requires_grad_(False)
             self.teacher = lambda x, s: self._unet_denoiser(self.t_unet, x, s)
             lo, hi, pm, ps = float(self.sigmas[0]), float(self.sigmas[-1]), teacher.p_mean, teacher.p_std
-            self.train_sigma = lambda n: (pm + ps * torch.randn((n,))).exp().clamp(lo, hi)
+            self.train_sigma = lambda n: (pm + ps * torch.randn((n,), device=self.device)).exp().clamp(lo, hi)
         else:
             raise SystemExit(f"overhead.py: no bare loop for teacher {type(teacher).__name__}")
         # the fake score's noise levels: uniform over the timesteps unless noise_levels is 'teacher'
         if self.train_sigma is None or getattr(run.fake_score_loss, "noise_levels", "timesteps") == "timesteps":
-            self.train_sigma = lambda n: self.sigmas[torch.randint(0, len(self.sigmas), (n,))]
+            self.train_sigma = lambda n: self.sigmas[torch.randint(0, len(self.sigmas), (n,), device=self.device)]
 
         # -- the generator G
         g = m.generator
@@ -123,7 +130,7 @@ class Bare:
         elif isinstance(g, UNetGenerator):
             self.g_net = copy.deepcopy(g.denoiser.unet)
             self.g_sigma = g.sigma
-            self.G = lambda z: self._unet_denoiser(self.g_net, z * self.g_sigma, torch.full((z.shape[0],), self.g_sigma))
+            self.G = lambda z: self._unet_denoiser(self.g_net, z * self.g_sigma, torch.full((z.shape[0],), self.g_sigma, device=z.device))
         else:
             raise SystemExit(f"overhead.py: no bare loop for generator {type(g).__name__}")
         self.latent_shape = tuple(g.latent_shape)
@@ -198,28 +205,30 @@ class Bare:
 
     # -- one iteration
     def iteration(self) -> dict[str, Tensor]:
-        z = torch.randn((self.batch, *self.latent_shape))
-        if self.w_reg is not None:  # G(z) and G(z_ref) in one call
-            idx = torch.randint(0, len(self.pz), (self.pair_batch,))
-            z_ref, y_ref = self.pz[idx], self.py[idx]
-            x, x_ref = self.G(torch.cat([z, z_ref])).split([len(z), len(z_ref)])
-        else:
-            x = self.G(z)
-        terms = {}
-        for kind in self.order:
-            if kind == "kl_gradient":
-                with torch.no_grad():
-                    sigma = self.sigmas[torch.randint(self.t_lo, self.t_hi + 1, (len(x),))]
-                    x_noisy = x + _col(sigma, x.ndim) * torch.randn_like(x)
-                    real, fake = self.teacher(x_noisy, sigma), self.fake(x_noisy, sigma)
-                    diff = fake - real
-                    if self.normalize:
-                        diff = diff / _col((x - real).abs().flatten(1).mean(1), x.ndim)
-                    grad = torch.nan_to_num(diff)
-                terms["dm"] = self.w_dm * (0.5 * F.mse_loss(x, (x - grad).detach()))
+        dev = self.device
+        with self.autocast():
+            z = torch.randn((self.batch, *self.latent_shape), device=dev)
+            if self.w_reg is not None:  # G(z) and G(z_ref) in one call
+                idx = torch.randint(0, len(self.pz), (self.pair_batch,), device=dev)
+                z_ref, y_ref = self.pz[idx], self.py[idx]
+                x, x_ref = self.G(torch.cat([z, z_ref])).split([len(z), len(z_ref)])
             else:
-                terms["reg"] = self.w_reg * ((x_ref - y_ref) ** 2).flatten(1).mean(1).mean()
-        loss = sum(terms.values())
+                x = self.G(z)
+            terms = {}
+            for kind in self.order:
+                if kind == "kl_gradient":
+                    with torch.no_grad():
+                        sigma = self.sigmas[torch.randint(self.t_lo, self.t_hi + 1, (len(x),), device=dev)]
+                        x_noisy = x + _col(sigma, x.ndim) * torch.randn_like(x)
+                        real, fake = self.teacher(x_noisy, sigma), self.fake(x_noisy, sigma)
+                        diff = fake - real
+                        if self.normalize:
+                            diff = diff / _col((x - real).abs().flatten(1).mean(1), x.ndim)
+                        grad = torch.nan_to_num(diff)
+                    terms["dm"] = self.w_dm * (0.5 * F.mse_loss(x, (x - grad).detach()))
+                else:
+                    terms["reg"] = self.w_reg * ((x_ref - y_ref) ** 2).flatten(1).mean(1).mean()
+            loss = sum(terms.values())
         self.g_opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.clip is not None:
@@ -228,13 +237,14 @@ class Bare:
 
         x = x.detach()  # fake-score updates: the first on sg(x), later ones on fresh samples
         for k in range(self.fake_updates):
-            if k:
-                with torch.no_grad():
-                    x = self.G(torch.randn((self.batch, *self.latent_shape)))
-            sigma = self.train_sigma(len(x))
-            x_noisy = x + _col(sigma, x.ndim) * torch.randn_like(x)
-            weight = (sigma**2 + self.sd**2) / (sigma * self.sd) ** 2  # the teacher's weighting
-            f_loss = (weight * ((self.fake(x_noisy, sigma) - x) ** 2).flatten(1).mean(1)).mean()
+            with self.autocast():
+                if k:
+                    with torch.no_grad():
+                        x = self.G(torch.randn((self.batch, *self.latent_shape), device=dev))
+                sigma = self.train_sigma(len(x))
+                x_noisy = x + _col(sigma, x.ndim) * torch.randn_like(x)
+                weight = (sigma**2 + self.sd**2) / (sigma * self.sd) ** 2  # the teacher's weighting
+                f_loss = (weight * ((self.fake(x_noisy, sigma) - x) ** 2).flatten(1).mean(1)).mean()
             self.f_opt.zero_grad(set_to_none=True)
             f_loss.backward()
             if self.clip is not None:

@@ -31,7 +31,21 @@ def append_dims(t: Tensor, ndim: int) -> Tensor:
     return t.reshape(t.shape + (1,) * (ndim - t.ndim))
 
 
-class Teacher(nn.Module):
+class Role(nn.Module):
+    """What the three network roles (teacher, generator, fake score) share."""
+
+    def compile_targets(self) -> list[nn.Module]:
+        """The modules ``runtime.compile`` compiles (``torch.compile``, in place): by default the role itself.
+
+        A role wrapping a large network returns that network alone. Roles built on one architecture
+        (DMD's teacher, generator and fake score are copies of one UNet) then give torch the same
+        module code to compile (fewer graphs, a shorter warm-up), and the thin wrapper around it
+        (preconditioning, guidance) stays eager.
+        """
+        return [self]
+
+
+class Teacher(Role):
     """The frozen real denoiser ``D_real`` with its noise schedule.
 
     Subclasses implement :meth:`forward` (the denoiser) and :meth:`fingerprint`.
@@ -106,7 +120,7 @@ class Teacher(nn.Module):
         return None
 
 
-class Generator(nn.Module):
+class Generator(Role):
     """The one-step generator ``G(z, cond) -> x``; ``latent_shape`` is the shape of one ``z``."""
 
     latent_shape: tuple[int, ...]
@@ -125,7 +139,7 @@ class Generator(nn.Module):
         raise UserError(f"generator '{type(self).__name__}' cannot be exported: it does not implement Generator.export")
 
 
-class FakeScore(nn.Module):
+class FakeScore(Role):
     """The fake denoiser ``D_fake`` of the generator's distribution (DMD Sec. 3.2).
 
     Called as ``fake(x_s, sigma, cond, x_clean=x)``. A trained denoiser must ignore

@@ -45,7 +45,7 @@ from scoredistill.engine import Engine, launched_processes, rank_seed
 from scoredistill.errors import UserError
 from scoredistill.io import environment_versions, load_tensors, save_tensors, write_json, write_text
 from scoredistill.plugins import Hooks
-from scoredistill.roles import (BuildContext, FakeScoreLoss, GeneratorBatch, GeneratorLoss, Models, PairSource, cat_conditions,
+from scoredistill.roles import (BuildContext, FakeScoreLoss, GeneratorBatch, GeneratorLoss, Models, PairSource, Role, cat_conditions,
                                seeded_conditions)
 from scoredistill.runlog import METRICS_CSV, RunLog, check_tensorboard, weights_hash
 
@@ -120,6 +120,22 @@ class Run:
     @property
     def device(self) -> torch.device:
         return self.engine.device if self.engine is not None else torch.device(self.config.runtime.device)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """True when the networks replay CUDA graphs (``runtime.compile_mode=reduce-overhead`` on a CUDA device)."""
+        rt = self.config.runtime
+        return rt.compile and rt.compile_mode == "reduce-overhead" and self.device.type == "cuda"
+
+    def keep(self, x: Tensor) -> Tensor:
+        """``x`` (a network's output, detached) made safe to hand to another network's update.
+
+        Under CUDA graphs (torch's CUDAGraph Trees) a compiled call made with no backward pending
+        starts a new "iteration" and may reuse the memory of the previous iteration's outputs; the
+        fake-score update is such a call, and its input is G's output. A copy outside the graphs'
+        memory pool keeps it valid; elsewhere ``x`` is returned as it is.
+        """
+        return x.clone() if self.cuda_graphs else x
 
     @property
     def is_main(self) -> bool:
@@ -299,7 +315,7 @@ def fake_score_step(run: Run, x: Optional[Tensor] = None, cond: Optional[Tensor]
         with torch.no_grad(), run.engine.autocast():
             z = torch.randn((run.batch_size, *models.generator.latent_shape), device=run.device)
             cond = models.teacher.sample_conditions(run.batch_size)
-            x = g(lambda gen: gen(z, cond))
+            x = run.keep(g(lambda gen: gen(z, cond)))
     where = (f"fake-score warm-up update {run.warmup_step + 1}" if run.step == 0 and run.warmup_step < run.config.train.fake_score_warmup_steps
              else f"a fake-score update of generator step {run.step + 1}")
     with run.engine.full_parameters(g.wrapper):  # FSDP: G's weights for this update
@@ -315,7 +331,10 @@ def train_iteration(run: Run) -> dict[str, Tensor]:
 
     Returns the logged values as device tensors: nothing here waits for the device.
     """
+    if run.cuda_graphs:  # the graphs' outputs from the last iteration are dead from here on
+        torch.compiler.cudagraph_mark_step_begin()
     x, cond, logs = generator_step(run)
+    x = run.keep(x)
     if "fake_score" in run.trained:
         for k in range(run.config.train.fake_updates_per_step):  # the first on sg(G(z, c)), later ones on fresh samples
             logs["fake_score"] = fake_score_step(run, x if k == 0 else None, cond if k == 0 else None)
@@ -405,7 +424,8 @@ def _speed_options(run: Run) -> None:
             net.to(memory_format=torch.channels_last)
     if rt.compile:
         for net in nets:
-            net.compile(mode=rt.compile_mode, dynamic=False)  # in place: state dict keys are unchanged
+            for target in net.compile_targets() if isinstance(net, Role) else [net]:  # roles of one architecture share code
+                target.compile(mode=rt.compile_mode, dynamic=False)  # in place: state dict keys are unchanged
 
 
 def setup(run: Run) -> None:

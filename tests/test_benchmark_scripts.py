@@ -103,16 +103,17 @@ def test_gpu_script_runs_on_cpu_and_times_issue_7s_reference_iteration(tmp_path)
 
     out = tmp_path / "gpu.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_dmd.py"), "--device", "cpu", "--tiny", "--batch", "8",
-           "--iters", "1", "--warmup", "1", "--only", "fp32", "bf16", "--out", str(out)]
+           "--iters", "1", "--warmup", "1", "--only", "fp32", "bf16", "bare:bf16", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "SCOREDISTILL_CACHE": str(tmp_path / "cache")},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert set(result["settings"]) == {"fp32", "bf16"}
+    assert set(result["settings"]) == {"fp32", "bf16", "bare:bf16"}
     for row in result["settings"].values():
         for key in ("images_per_s", "seconds_per_iteration", "cpu_seconds_per_iteration"):
             assert _positive_finite(row[key]), (key, row)
         assert row["losses_finite"] and row["batch"] == 8
+    assert _positive_finite(result["settings"]["bare:bf16"]["framework_over_bare"])
 
     gpu_dmd = _load_benchmark("gpu_dmd")
     unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, **gpu_dmd.TINY_UNET)
@@ -121,3 +122,25 @@ def test_gpu_script_runs_on_cpu_and_times_issue_7s_reference_iteration(tmp_path)
         unet(torch.randn(4, 3, 8, 8), torch.ones(4))
     forwards = result["gflop_per_image"] * 1e9 / (counter.get_total_flops() / 4)
     assert 7.0 < forwards < 8.6, forwards  # two fake-score updates would be about 12
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_gpu_scripts_bare_loop_computes_what_the_trainer_computes(tmp_path, precision):
+    """The GPU table's bare rows time overhead.py's hand-written iteration: from the same weights and seeds it must
+    give the trainer's losses and weights, in fp32 and under bf16 autocast (the same arithmetic, written out)."""
+    from scoredistill.trainer import train_iteration
+
+    gpu_dmd, overhead = _load_benchmark("gpu_dmd"), _load_benchmark("overhead")
+    teacher = gpu_dmd.save_teacher(tmp_path / "teacher", gpu_dmd.TINY_UNET, 8)
+    run = gpu_dmd.make_run(teacher, 4, "cpu", precision, False, False, False)
+    bare = overhead.Bare(run)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        mine = train_iteration(run)
+        torch.manual_seed(seed)
+        theirs = bare.iteration()
+        for key in ("generator", "fake_score"):
+            assert torch.allclose(mine[key], theirs[key], rtol=1e-6, atol=0), (seed, key, mine[key], theirs[key])
+    assert mine["fake_score"] > 0 and mine["generator"] > 0  # the later iterations do work: there is something to compare
+    for ours, hand in ((run.models.generator.denoiser.unet, bare.g_net), (run.models.fake_score.denoiser.unet, bare.f_net)):
+        assert max(float((p - q).abs().max()) for p, q in zip(ours.parameters(), hand.parameters())) < 1e-6

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor
+from torch import Tensor, nn
 
 from scoredistill.errors import UserError
 from scoredistill.registry import component
@@ -53,6 +53,9 @@ class UNetGenerator(Generator):
     def forward(self, z: Tensor, cond: Optional[Tensor] = None) -> Tensor:
         sigma = torch.full((z.shape[0],), self.sigma, device=z.device, dtype=z.dtype)
         return self.denoiser(z * self.sigma, sigma, cond)
+
+    def compile_targets(self) -> list[nn.Module]:
+        return [self.denoiser.unet]  # the teacher's architecture: the same compiled code as the other roles
 
     def export(self, folder, provenance) -> None:
         """``unet/`` + ``scheduler/`` (the teacher's: how the UNet's output becomes ``D``) + ``sigma_max``."""
@@ -118,6 +121,9 @@ class UNetFakeScore(FakeScore):
 
     def forward(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None, *, x_clean: Optional[Tensor] = None) -> Tensor:
         return self.denoiser(x_noisy, sigma, cond)
+
+    def compile_targets(self) -> list[nn.Module]:
+        return [self.denoiser.unet]
 
     def features(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
         return self.denoiser.features(x_noisy, sigma, cond)

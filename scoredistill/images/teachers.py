@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor
+from torch import Tensor, nn
 
 from scoredistill.errors import UserError
 from scoredistill.registry import component
@@ -54,6 +54,9 @@ class ImageTeacher(Teacher):
     # -- the teacher protocol
     def forward(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
         return self.denoiser(x_noisy, sigma, cond)
+
+    def compile_targets(self) -> list[nn.Module]:
+        return [self.denoiser.unet]  # the diffusers UNet: guidance and preconditioning stay eager
 
     def fingerprint(self) -> str:
         return f"unet-{self._digest}"
