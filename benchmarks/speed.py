@@ -45,6 +45,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=500)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override (without --run), e.g. the settings of the teacher in $SCOREDISTILL_DIGITS_TEACHER")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -59,7 +61,7 @@ def main() -> None:
         run = load_run(args.run, hooks)
         teacher, generator = run.models.teacher, run.sampling_generator
     else:
-        config = resolve(hooks.registry, "dmd", args.preset, [], ["runtime.progress=false"])
+        config = resolve(hooks.registry, "dmd", args.preset, [], ["runtime.progress=false", *args.set])
         ctx = BuildContext(hooks=hooks, extra={"progress": False})
         teacher = hooks.make_teacher(spec=config.teacher, ctx=ctx).eval().requires_grad_(False)
         ctx.teacher = teacher

@@ -160,7 +160,8 @@ def test_speed_benchmark_script_runs(teacher_dir, tmp_path):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
     env = {**os.environ, ENV_DIGITS_TEACHER: str(teacher_dir), "SCOREDISTILL_CACHE": str(tmp_path)}
     out = tmp_path / "speed.json"
-    subprocess.run([sys.executable, str(script), "--batch", "8", "--repeats", "1", "--out", str(out)], check=True, env=env,
+    sets = [a for o in TINY_TEACHER_OVERRIDES if "sampler_steps" not in o for a in ("--set", o)]  # the tiny teacher's settings
+    subprocess.run([sys.executable, str(script), "--batch", "8", "--repeats", "1", *sets, "--out", str(out)], check=True, env=env,
                    capture_output=True)
     result = json.loads(out.read_text())
     assert result["teacher_nfe"] == 35 and result["speedup"] > 1

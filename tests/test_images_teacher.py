@@ -157,3 +157,18 @@ def test_teacher_train_command(tmp_path, capsys):
     assert main(["teacher", "train", "--set", "train.steps=5"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 3 and "digits_unet" in err and "train_steps" in err
+
+
+def test_a_teacher_folder_trained_with_other_settings_is_a_one_line_error(teacher_dir, monkeypatch):
+    """teacher.path (or the env folder) is used as trained: a config asking for another architecture or schedule would
+    be ignored and misstated in the run's config.yaml, so the run stops and names each difference."""
+    monkeypatch.setenv(ENV_DIGITS_TEACHER, str(teacher_dir))
+    same = DigitsTeacher.Config(**tiny_teacher_settings().model_dump(), sampler_steps=3)
+    DigitsTeacher(same, build_context())  # the settings it was trained with
+    DigitsTeacher(same.model_copy(update={"train_steps": 999, "train_seed": 5}), build_context())  # training history: not checked
+    other = same.model_copy(update={"block_out_channels": [16, 32], "sigma_data": 0.5})
+    with pytest.raises(UserError) as err:
+        DigitsTeacher(other, build_context())
+    message = str(err.value)
+    assert "\n" not in message and "teacher.block_out_channels=[16, 32] (it has [8, 16])" in message
+    assert "teacher.sigma_data=0.5 (it has 0.75)" in message and "teacher train" in message

@@ -198,4 +198,24 @@ class DigitsTeacher(ImageTeacher):
             raise UserError(f"{err}; this cached digits teacher is damaged: delete {folder} and run again to retrain it") from None
         if tuple(loaded.denoiser.data_shape) != DIGITS_SHAPE:
             raise UserError(f"the digits teacher in {folder} makes {loaded.denoiser.data_shape} images, not 1x8x8: delete it to retrain")
+        _check_trained_settings(self.settings(config), loaded.metadata.get("settings"), folder)
         super().__init__(loaded, "digits", config.sampler_steps, source=str(folder))
+
+
+#: the settings a digits teacher folder fixes (its UNet, noise schedule and training noise are read from it)
+FOLDER_SETTINGS = ("block_out_channels", "layers_per_block", "attention", "norm_num_groups", "sigma_min", "sigma_max",
+                   "sigma_data", "num_timesteps", "rho", "p_mean", "p_std")
+
+
+def _check_trained_settings(asked: DigitsTeacherSettings, trained: Optional[dict], folder: Path) -> None:
+    """A teacher folder given by ``teacher.path`` (or ``$SCOREDISTILL_DIGITS_TEACHER``) is used as it was trained: a
+    config asking for another architecture or schedule would be silently ignored, and the run's config.yaml would
+    misstate its teacher. One line names every difference."""
+    if not trained:
+        return  # a folder written by other tools: nothing recorded to compare
+    want = asked.model_dump(mode="json")
+    diffs = [f"teacher.{k}={want[k]} (it has {trained[k]})" for k in FOLDER_SETTINGS if k in trained and trained[k] != want[k]]
+    if diffs:
+        raise UserError(f"the digits teacher in {folder} was trained with other settings than the config asks for: "
+                        f"{', '.join(diffs)}; set them to the teacher's, or train a teacher with yours "
+                        "('scoredistill teacher train --preset digits --set ... --out DIR')")
