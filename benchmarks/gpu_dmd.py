@@ -44,7 +44,6 @@ TINY_UNET = dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_group
                  down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
 
 
-
 class Setting(NamedTuple):
     name: str
     precision: str  # runtime.mixed_precision
@@ -111,7 +110,9 @@ def _sync(device: str) -> None:
 def bare_loop(run, compile_: Union[bool, str]) -> Callable[[], dict]:
     """``benchmarks/overhead.py``'s hand-written iteration on deep copies of ``run``'s networks (``torch.compile``d as
     the trainer would, when asked); ``run``'s own networks are then left alone."""
-    sys.path.insert(0, str(Path(__file__).parent))
+    here = str(Path(__file__).parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
     from overhead import Bare
 
     bare = Bare(run)

@@ -20,6 +20,8 @@ eps; grad clip if set), lr schedule (cosine if set), EMA decay and data (the sam
   loss; L2 regression on ``x_ref``; Adam; ``train.fake_updates_per_step`` times the fake-score
   denoising loss with the teacher's weighting and Adam (the first on ``sg(x)``, later ones on
   fresh samples ``G(z')`` under ``no_grad``); lr schedules; EMA lerp.
+  The bare loop runs on the run's device, under autocast when ``runtime.mixed_precision=bf16``
+  (``gpu_dmd.py``'s bare rows time it on CUDA).
 * ``sample``: the generator role object ``run.sampling_generator(z)`` under ``no_grad`` (what
   ``trainer.generate`` calls) against the bare network forward on the same ``z``.
 * ``generate``: ``trainer.generate(run, B, seed, batch_size=B)`` against seeded ``randn`` plus the
