@@ -163,7 +163,8 @@ def cmd_sample(args, hooks) -> int:
     if labels is not None:
         path = args.out.with_name(args.out.stem + "_labels.npy")
         atomic_write(path, lambda p: np.save(open(p, "wb"), labels.cpu().numpy()))
-        print(f"wrote {path}: the class label of each sample (the teacher is class-conditional)")
+        what = "class label" if run.models.teacher.num_classes is not None else "condition (prompt index)"
+        print(f"wrote {path}: the {what} of each sample (the teacher is conditional)")
     return 0
 
 

@@ -64,7 +64,9 @@ class UNetDenoiser(nn.Module):
 
     ``cond`` is ``None`` (unconditional, or the null condition of a conditional UNet),
     a ``long`` tensor ``(N,)`` of class labels, or a float tensor ``(N, L, D)`` of
-    encoder hidden states (``UNet2DConditionModel``).
+    encoder hidden states (``UNet2DConditionModel``). With a prompt table
+    (:meth:`set_prompts`), a ``long`` ``cond`` holds prompt indices instead, and the UNet
+    sees their embeddings.
     """
 
     def __init__(self, unet: nn.Module, *, guidance_scale: float = 1.0, null_class: Optional[int] = None) -> None:
@@ -81,6 +83,37 @@ class UNetDenoiser(nn.Module):
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         self.data_shape = (int(cfg.in_channels), int(h), int(w))
         self.out_channels = int(cfg.out_channels)
+        self.register_buffer("prompt_embeddings", None, persistent=False)  # (P + 1, L, D): P prompts, then the null prompt
+
+    def set_prompts(self, embeddings: Tensor, null: Optional[Tensor] = None) -> None:
+        """Condition a cross-attention UNet on a table of ``P`` prompt embeddings ``(P, L, D)`` (a text
+        encoder's outputs, computed beforehand): conditions become prompt indices ``0 .. P - 1``, and the
+        unconditional branch of guidance uses ``null`` ``(L, D)`` (the empty prompt's embedding; zeros
+        when not given) as index ``P``. Shapes are checked against the UNet, with one-line errors."""
+        if not self.cross_attention:
+            raise UserError(f"teacher.embeddings was given but the teacher UNet ({type(self.unet).__name__}) has no "
+                            "cross-attention: prompt embeddings need a UNet2DConditionModel")
+        if self.class_conditional:
+            raise UserError("teacher.embeddings was given but the teacher UNet is also class-conditional: "
+                            "conditions are class labels or prompts, not both")
+        dim = self.unet.config.cross_attention_dim
+        dim = int(dim[0] if isinstance(dim, (list, tuple)) else dim)
+        if embeddings.ndim != 3 or embeddings.shape[0] < 1 or embeddings.shape[2] != dim:
+            raise UserError(f"teacher.embeddings: 'embeddings' must have shape (prompts, tokens, {dim}) for this UNet "
+                            f"(cross_attention_dim {dim}); got {tuple(embeddings.shape)}")
+        tokens = embeddings.shape[1]
+        if null is None:
+            null = torch.zeros((tokens, dim))
+        null = null.reshape(null.shape[-2:]) if null.ndim == 3 and null.shape[0] == 1 else null
+        if tuple(null.shape) != (tokens, dim):
+            raise UserError(f"teacher.embeddings: 'null' must have shape ({tokens}, {dim}) like one prompt's embedding; "
+                            f"got {tuple(null.shape)}")
+        self.prompt_embeddings = torch.cat([embeddings.float(), null.float()[None]]).to(self.unet.device)
+
+    @property
+    def num_prompts(self) -> Optional[int]:
+        """``P`` with a prompt table, else ``None``."""
+        return None if self.prompt_embeddings is None else len(self.prompt_embeddings) - 1
 
     # -- what subclasses define
     def precondition(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover
@@ -97,9 +130,11 @@ class UNetDenoiser(nn.Module):
         return self.class_conditional or self.cross_attention
 
     def null_condition(self, cond: Optional[Tensor], n: int, device: torch.device) -> Optional[Tensor]:
-        """The unconditional branch's condition: ``null_class`` labels or a zero embedding."""
+        """The unconditional branch's condition: ``null_class`` labels, the null prompt's index, or a zero embedding."""
         if cond is not None and cond.is_floating_point():
             return torch.zeros_like(cond)
+        if self.prompt_embeddings is not None:
+            return torch.full((n,), self.num_prompts, dtype=torch.long, device=device)
         if self.class_conditional:
             if self.null_class is None:
                 raise UserError("the teacher is class-conditional: set teacher.null_class (the label it was trained "
@@ -109,6 +144,10 @@ class UNetDenoiser(nn.Module):
 
     def _unet_kwargs(self, cond: Optional[Tensor], n: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
         kw: dict[str, Any] = {}
+        if self.prompt_embeddings is not None and (cond is None or not cond.is_floating_point()):
+            index = cond if cond is not None else self.null_condition(None, n, device)
+            kw["encoder_hidden_states"] = self.prompt_embeddings[index].to(dtype)  # prompt indices -> embeddings
+            return kw
         labels = cond if cond is not None and not cond.is_floating_point() else None
         if self.class_conditional:
             kw["class_labels"] = labels if labels is not None else self.null_condition(None, n, device)

@@ -173,7 +173,7 @@ def evaluate_images(teacher, samples: Tensor, *, seed: int, cache_dir: Optional[
         out.update(class_metrics(pred_gen, share))
         teacher_out.update(class_metrics(pred_teacher, share))
         labels = seeded_conditions(teacher, n, seed)
-        if labels is not None:  # a class-conditional teacher: does each sample show the class it was asked for?
+        if labels is not None and teacher.num_classes is not None:  # class labels: does each sample show its class?
             labels = labels.cpu()
             out["label_accuracy"] = round(float((pred_gen == labels).double().mean()), 4)
             teacher_out["label_accuracy"] = round(float((pred_teacher == labels).double().mean()), 4)

@@ -70,6 +70,8 @@ class UNetGenerator(Generator):
         body = UNET_SAMPLING.format(shape=", ".join(map(str, self.latent_shape)), sigma=self.sigma)
         if den.class_conditional:
             body += UNET_CLASS_LABELS.format(sigma=self.sigma, null=den.null_class)
+        if den.num_prompts is not None:
+            body += UNET_PROMPTS.format(sigma=self.sigma, prompts=den.num_prompts, shape=", ".join(map(str, den.prompt_embeddings.shape[1:])))
         save_unet_generator(folder, den.unet, sigma_max=self.sigma, preconditioning=pre,
                             how_to_sample=readme(f"{provenance['method']} one-step generator ({provenance['preset']})", provenance, body))
         (folder / "scheduler").mkdir()
@@ -127,3 +129,15 @@ class UNetFakeScore(FakeScore):
 
     def features(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
         return self.denoiser.features(x_noisy, sigma, cond)
+
+
+UNET_PROMPTS = """
+The UNet takes text and was distilled as `G(z, c)` on {prompts} prompt embeddings (`teacher.embeddings`
+of the run's config), each of shape ({shape}), drawn uniformly. Pass a batch of embeddings
+`(N, {shape})` from the same text encoder as the third argument:
+
+```python
+with torch.no_grad():
+    x = D({sigma} * z, torch.full((16,), {sigma}), embeddings)   # embeddings: (16, {shape})
+```
+"""

@@ -45,8 +45,9 @@ class ImageTeacher(Teacher):
         self.source = source
         train = (loaded.metadata or {}).get("training_sigmas") or {}
         self.p_mean, self.p_std = float(train.get("p_mean", EDM_P_MEAN)), float(train.get("p_std", EDM_P_STD))
+        prompts = [self.denoiser.prompt_embeddings] if self.denoiser.prompt_embeddings is not None else []  # others keep their keys
         self._digest = stable_hash(loaded.kind, loaded.unet_config, loaded.scheduler_config, self.denoiser.prediction_type,
-                                   self.denoiser.guidance_scale, self.denoiser.null_class, weights_digest(self.denoiser.unet))
+                                   self.denoiser.guidance_scale, self.denoiser.null_class, weights_digest(self.denoiser.unet), *prompts)
         self.register_buffer("class_labels", _class_labels(self.denoiser), persistent=False)
         if data is not None:
             self.real_data("train")  # fail now on a missing folder or a wrong image shape
@@ -64,12 +65,13 @@ class ImageTeacher(Teacher):
     @property
     def num_classes(self) -> Optional[int]:
         """The UNet's ``num_class_embeds`` (``null_class`` among them) when it has a class table, else ``None``."""
-        return int(self.denoiser.unet.config.num_class_embeds) if self.class_labels is not None else None
+        return int(self.denoiser.unet.config.num_class_embeds) if self.denoiser.class_conditional else None
 
     def sample_conditions(self, n: int, generator: Optional[torch.Generator] = None) -> Optional[Tensor]:
-        """Class labels drawn uniformly from the UNet's classes (``null_class`` left out); ``None`` for a UNet
-        without a class embedding table. A run thus distils the class-conditional teacher, guided by
-        ``guidance_scale`` on the real score, into a class-conditional generator ``G(z, c)``."""
+        """Class labels drawn uniformly from the UNet's classes (``null_class`` left out), or prompt indices drawn
+        uniformly from the prompt table (``teacher.embeddings``); ``None`` for a UNet with neither. A run thus
+        distils the conditional teacher, guided by ``guidance_scale`` on the real score, into a conditional
+        generator ``G(z, c)``."""
         labels = self.class_labels
         if labels is None:
             return None
@@ -114,7 +116,10 @@ class ImageTeacher(Teacher):
 
 
 def _class_labels(denoiser: UNetDenoiser) -> Optional[Tensor]:
-    """The labels a class-conditional UNet was trained on: ``0 .. num_class_embeds - 1`` without ``null_class``."""
+    """The conditions a run draws from: a class-conditional UNet's labels ``0 .. num_class_embeds - 1`` without
+    ``null_class``, or the prompt indices ``0 .. P - 1`` of a prompt table."""
+    if denoiser.num_prompts is not None:
+        return torch.arange(denoiser.num_prompts)
     count = getattr(denoiser.unet.config, "num_class_embeds", None)
     if not denoiser.class_conditional or not count:
         return None
@@ -154,13 +159,35 @@ class DiffusersTeacher(ImageTeacher):
         prediction_type: Optional[str] = Field(None, description="override the scheduler config's epsilon / v_prediction / sample")
         guidance_scale: float = Field(1.0, description="classifier-free guidance D_u + g (D_c - D_u) on the real score; 1 = none")
         null_class: Optional[int] = Field(None, description="class label meaning 'no class' (unconditional branch of a class-conditional UNet)")
+        embeddings: Optional[str] = Field(None, description="prompt embeddings for a UNet2DConditionModel: a .safetensors file with "
+                                          "'embeddings' (prompts, tokens, cross_attention_dim), drawn uniformly for each batch, "
+                                          "and optionally 'null' (tokens, dim), the empty prompt's for guidance (default zeros)")
         data: Optional[str] = Field(None, description="real images: 'digits' or a folder (for FID and real-data losses)")
         sampler_steps: int = Field(18, ge=2, description="Heun steps of the teacher's multi-step sampler (2*steps-1 NFE)")
 
     def __init__(self, config: "DiffusersTeacher.Config", ctx: Optional[BuildContext] = None) -> None:
         loaded = load_denoiser(config.path, guidance_scale=config.guidance_scale, null_class=config.null_class,
                                prediction_type=config.prediction_type)
+        if config.embeddings:
+            loaded.denoiser.set_prompts(*read_prompt_embeddings(config.embeddings))
         super().__init__(loaded, config.data, config.sampler_steps, source=config.path)
+
+
+def read_prompt_embeddings(path: str) -> tuple[Tensor, Optional[Tensor]]:
+    """``(embeddings, null)`` from a .safetensors file (see ``teacher.embeddings``); one-line errors."""
+    from scoredistill.io import load_tensors
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"teacher.embeddings: no file {file}; save the text encoder's outputs there with "
+                        "safetensors.torch.save_file({'embeddings': E, 'null': E_empty}, PATH)")
+    try:
+        tensors = load_tensors(file)
+    except Exception as exc:
+        raise UserError(f"teacher.embeddings: cannot read {file} as safetensors: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+    if "embeddings" not in tensors:
+        raise UserError(f"teacher.embeddings: {file} has no tensor 'embeddings' (it has: {', '.join(sorted(tensors)) or 'none'})")
+    return tensors["embeddings"], tensors.get("null")
 
 
 @component("digits_unet", role="teacher", paper="EDM (Karras et al. 2022) UNet2DModel trained by scoredistill on sklearn digits")
