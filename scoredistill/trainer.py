@@ -641,7 +641,23 @@ def generate(run: Run, n: int, seed: int, batch_size: int = 4096) -> torch.Tenso
     same conditions the evaluation gives the teacher's own sampler).
     """
     cond = seeded_conditions(run.models.teacher, n, seed)
-    return one_step_samples(run.sampling_generator, n, seed, run.device, batch_size, cond)
+    with eager():
+        return one_step_samples(run.sampling_generator, n, seed, run.device, batch_size, cond)
+
+
+@contextlib.contextmanager
+def eager() -> Iterator[None]:
+    """Within: networks compiled by ``runtime.compile`` run eagerly (torch 2.6+; a no-op before, and when nothing is compiled).
+
+    The compiled graphs are for the training step's shapes. Samples and evaluation come in other
+    batch sizes, and each new shape would cost another compile (minutes on a GPU) for a few calls.
+    """
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None:
+        yield
+        return
+    with set_stance("force_eager"):
+        yield
 
 
 @torch.no_grad()
@@ -744,11 +760,16 @@ def _execute(config: RunConfig, hooks: Hooks, run_dir: Path, engine: Engine, res
                    "train_seconds": round(train_seconds, 3),
                    "trainer": {"processes": engine.world_size, "checkpoint_seconds": round(run.checkpoint_seconds, 3),
                                "skipped_updates": int(run.guard.skipped)},
-                   **hooks.evaluate(run=run, samples=samples)}
+                   **_evaluate(run, samples)}
         write_json(run_dir / METRICS_FILE, metrics)
         hooks.report(run=run, samples=samples, metrics=metrics)
         result = RunResult(run, samples, metrics)
     return result  # no barrier: the other processes need not wait (and time out) while the main one evaluates
+
+
+def _evaluate(run: Run, samples: Tensor) -> dict[str, Any]:
+    with eager():  # the teacher's multi-step sampler and the metrics' networks: no compile for their shapes
+        return run.hooks.evaluate(run=run, samples=samples)
 
 
 # --------------------------------------------------------------------------- resuming and loading

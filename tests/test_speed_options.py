@@ -49,3 +49,24 @@ def test_a_role_without_its_own_targets_is_compiled_whole(hooks, tmp_path):
     setup(run)
     for role in (run.models.teacher, run.models.generator, run.models.fake_score):
         assert role.compile_targets() == [role] and _compiled(role)
+
+
+def test_samples_and_evaluation_run_the_compiled_networks_eagerly(hooks, tmp_path):
+    """Compiled graphs are for the training step's shapes: generate() (snapshots, evaluation, `sample`) must not
+    compile the generator again for its batch sizes (minutes on a GPU for a few calls)."""
+    from scoredistill.trainer import generate
+
+    config = resolve(hooks.registry, "dmd", "toy2d", [], ["runtime.compile=true", "runtime.progress=false", "pairs.num_pairs=64",
+                                                          "train.ema_decay=null"])
+    run = build(config, hooks, tmp_path / "run")
+    setup(run)
+    assert _compiled(run.sampling_generator)  # without an EMA copy the samples come from the compiled network itself
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    samples = generate(run, 50, seed=0, batch_size=20)
+    assert samples.shape == (50, 2) and bool(torch.isfinite(samples).all())
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0, dict(torch._dynamo.utils.counters["stats"])
+    with torch.no_grad():  # the premise: called directly, outside eager(), the network compiles
+        run.sampling_generator(torch.randn(20, 2))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    torch._dynamo.reset()
