@@ -122,3 +122,14 @@ def test_a_text_conditional_run_samples_with_prompt_indices_and_exports(folder, 
     assert prompts.shape == (12,) and set(prompts.tolist()) <= set(range(PROMPTS))
     assert main(["export", str(out), str(tmp_path / "export")]) == 0
     assert f"on {PROMPTS} prompt embeddings" in (tmp_path / "export" / "README.md").read_text()
+    # the README's recipe: the exported UNet, given the embeddings themselves, is the run's G(z, c) for prompt indices c
+    from scoredistill.images.denoisers import load_denoiser
+    from scoredistill.plugins import Hooks
+    from scoredistill.trainer import load_run
+
+    run = load_run(out, Hooks())
+    g, exported = run.sampling_generator.eval(), load_denoiser(str(tmp_path / "export")).denoiser.eval()
+    z, idx = torch.randn(4, 1, 8, 8), torch.tensor([0, 2, 1, 2])
+    e = _embeddings()[0]
+    with torch.no_grad():
+        assert torch.allclose(exported(g.sigma * z, torch.full((4,), g.sigma), e[idx]), g(z, idx), atol=1e-5)
