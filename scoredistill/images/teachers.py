@@ -192,7 +192,7 @@ def read_prompt_embeddings(path: str) -> tuple[Tensor, Optional[Tensor]]:
 
 @component("digits_unet", role="teacher", paper="EDM (Karras et al. 2022) UNet2DModel trained by scoredistill on sklearn digits")
 class DigitsTeacher(ImageTeacher):
-    """The embedded digits teacher: trained on first use (about 10 min on 2 CPU cores), then cached."""
+    """The embedded digits teacher: trained on first use (about 13 min on 2 CPU cores), then cached."""
 
     class Config(DigitsTeacherSettings):
         model_config = ConfigDict(extra="forbid")
