@@ -105,6 +105,7 @@ class Run:
     checkpoint_seconds: float = 0.0
     last_checkpoint: Optional[Path] = None
     started: Optional[float] = None  # perf_counter() when this process began training
+    cuda_graphs: bool = False  # the networks replay CUDA graphs (compile_mode=reduce-overhead on CUDA); set by setup()
 
     def elapsed(self) -> float:
         """Seconds of training so far, over every process that worked on this run (resumes included)."""
@@ -120,12 +121,6 @@ class Run:
     @property
     def device(self) -> torch.device:
         return self.engine.device if self.engine is not None else torch.device(self.config.runtime.device)
-
-    @property
-    def cuda_graphs(self) -> bool:
-        """True when the networks replay CUDA graphs (``runtime.compile_mode=reduce-overhead`` on a CUDA device)."""
-        rt = self.config.runtime
-        return rt.compile and rt.compile_mode == "reduce-overhead" and self.device.type == "cuda"
 
     def keep(self, x: Tensor) -> Tensor:
         """``x`` (a network's output, detached) made safe to hand to another network's update.
@@ -422,6 +417,7 @@ def _speed_options(run: Run) -> None:
     if rt.channels_last:
         for net in nets:
             net.to(memory_format=torch.channels_last)
+    run.cuda_graphs = rt.compile and rt.compile_mode == "reduce-overhead" and run.device.type == "cuda"
     if rt.compile:
         for net in nets:
             for target in net.compile_targets() if isinstance(net, Role) else [net]:  # roles of one architecture share code
