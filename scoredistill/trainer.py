@@ -387,6 +387,7 @@ class EMA(torch.optim.swa_utils.AveragedModel):
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         super().__init__(model, use_buffers=False)
+        self.module.eval()  # never trained: it only samples
         self.decay = decay
         self._count: Optional[int] = None
 
@@ -665,15 +666,17 @@ def one_step_samples(generator: nn.Module, n: int, seed: int, device: Optional[t
     ``cond``: ``n`` conditions (``None``: unconditional).
     """
     was_training = generator.training
-    generator.eval()
+    if was_training:  # (train() walks every submodule: skipped for the EMA copy, which stays in eval mode)
+        generator.eval()
     gen = torch.Generator().manual_seed(seed)
     out = []
     for start in range(0, n, batch_size):
         z = torch.randn((min(batch_size, n - start), *generator.latent_shape), generator=gen).to(device or "cpu")
         c = cond[start : start + len(z)].to(z.device) if cond is not None else None
         out.append(generator(z, c).float().cpu())
-    generator.train(was_training)
-    return torch.cat(out)
+    if was_training:
+        generator.train()
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 # --------------------------------------------------------------------------- run folders
