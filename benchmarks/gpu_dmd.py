@@ -52,6 +52,7 @@ class Setting(NamedTuple):
     channels_last: bool = False
     batch_mult: int = 1
     bare: bool = False  # overhead.py's hand-written loop on the same networks, instead of scoredistill
+    teacher_dtype: str = "fp32"  # teacher.dtype: bf16 spares autocast's cast of the frozen teacher's weights per call
 
 
 #: the compiled settings last: their warm-up is minutes, and the eager rows are kept if the time runs out. The bare
@@ -62,6 +63,7 @@ SETTINGS = [
     Setting("tf32", "no", True, False),
     Setting("bf16", "bf16", True, False),
     Setting("bare:bf16", "bf16", True, False, bare=True),
+    Setting("bf16+bf16_teacher", "bf16", True, False, teacher_dtype="bf16"),
     Setting("bf16+channels_last", "bf16", True, False, channels_last=True),
     Setting("bf16+batch_x4", "bf16", True, False, batch_mult=4),
     Setting("bf16+compile", "bf16", True, "default"),
@@ -81,7 +83,8 @@ def save_teacher(folder: Path, arch: dict, size: int) -> Path:
     return folder
 
 
-def make_run(teacher: Path, batch: int, device: str, precision: str, tf32: bool, compile_: Union[bool, str], channels_last: bool):
+def make_run(teacher: Path, batch: int, device: str, precision: str, tf32: bool, compile_: Union[bool, str], channels_last: bool,
+             teacher_dtype: str = "fp32"):
     from scoredistill.config import resolve
     from scoredistill.plugins import Hooks
     from scoredistill.trainer import build, setup
@@ -93,7 +96,8 @@ def make_run(teacher: Path, batch: int, device: str, precision: str, tf32: bool,
                  "train.fake_updates_per_step=1",  # issue 7's reference iteration: one fake-score step (digits has 2)
                  "train.lr_schedule=constant", f"runtime.device={device}", f"runtime.mixed_precision={precision}",
                  f"runtime.tf32={str(tf32).lower()}", f"runtime.compile={str(bool(compile_)).lower()}",
-                 f"runtime.channels_last={str(channels_last).lower()}", "runtime.progress=false", "runtime.num_threads=null"]
+                 f"runtime.channels_last={str(channels_last).lower()}", "runtime.progress=false", "runtime.num_threads=null",
+                 f"teacher.dtype={teacher_dtype}"]
     if compile_ and compile_ != "default":
         overrides.append(f"runtime.compile_mode={compile_}")
     config = resolve(hooks.registry, "dmd", "digits", ["regression"], overrides)
@@ -126,7 +130,7 @@ def time_setting(teacher: Path, device: str, s: Setting, batch: int, warmup: int
     from scoredistill.trainer import train_iteration
 
     # scoredistill's run is built either way: a bare row takes copies of its networks (uncompiled: compiled below)
-    run = make_run(teacher, batch, device, s.precision, s.tf32, s.compile and not s.bare, s.channels_last)
+    run = make_run(teacher, batch, device, s.precision, s.tf32, s.compile and not s.bare, s.channels_last, s.teacher_dtype)
     step = bare_loop(run, s.compile) if s.bare else (lambda: train_iteration(run))
     t0 = time.perf_counter()
     for _ in range(warmup):

@@ -224,9 +224,15 @@ class UNetDenoiser(nn.Module):
         return captured["h"].float().mean(dim=(2, 3)).to(x_noisy.dtype)
 
     def trainable_copy(self) -> "UNetDenoiser":
-        """A deep copy with gradients on and guidance off (``g = 1``): DMD's generator and fake score."""
+        """A deep copy with gradients on and guidance off (``g = 1``): DMD's generator and fake score.
+
+        Its weights are float32 (the optimiser's master weights) whatever the frozen teacher's
+        dtype (``teacher.dtype``); a bf16 or fp16 teacher's copies start from its rounded weights.
+        """
         twin = copy.deepcopy(self)
         twin.guidance_scale = 1.0
+        if twin.unet_dtype() != torch.float32:
+            twin.unet.float()  # (diffusers' .to(dtype) warns about fp32 modules even when there are none)
         return twin.train().requires_grad_(True)
 
 
@@ -398,10 +404,12 @@ def scheduler_schedule(sched_cfg: dict, where: Path) -> tuple[str, Optional[Tens
 
 
 def load_denoiser(path: str, *, guidance_scale: float = 1.0, null_class: Optional[int] = None,
-                  prediction_type: Optional[str] = None, device: Optional[torch.device] = None) -> LoadedTeacher:
+                  prediction_type: Optional[str] = None, device: Optional[torch.device] = None,
+                  dtype: Optional[torch.dtype] = None) -> LoadedTeacher:
     """Load a diffusers UNet + scheduler config (local folder or hub id) as a sigma-form denoiser.
 
-    ``prediction_type`` overrides the scheduler config's. Every failure is a one-line
+    ``prediction_type`` overrides the scheduler config's; ``dtype`` is the UNet's weights'
+    (diffusers' ``torch_dtype``; default: as saved). Every failure is a one-line
     :class:`~scoredistill.errors.UserError` saying what to place where.
     """
     import diffusers
@@ -416,7 +424,8 @@ def load_denoiser(path: str, *, guidance_scale: float = 1.0, null_class: Optiona
                         f"supported: {', '.join(UNET_CLASSES)}")
     kind, abar = scheduler_schedule(sched_cfg, sched_file)
     try:
-        unet = getattr(diffusers, cls_name).from_pretrained(str(unet_dir), local_files_only=True)
+        kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+        unet = getattr(diffusers, cls_name).from_pretrained(str(unet_dir), local_files_only=True, **kwargs)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot load the teacher UNet from '{unet_dir}' (missing or corrupt weights?): {first}") from None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -27,6 +27,16 @@ from scoredistill.images.denoisers import LoadedTeacher, UNetDenoiser, load_deno
 from scoredistill.images.training import DigitsTeacherSettings, ENV_DIGITS_TEACHER, is_complete, teacher_folder, train_digits_teacher
 
 EDM_P_MEAN, EDM_P_STD = -1.2, 1.2
+
+
+#: ``teacher.dtype``: the frozen teacher UNet's weights
+TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _dtype_field():
+    return Field("fp32", description="the frozen teacher UNet's weights: bf16 or fp16 halve its memory and, under "
+                                        "runtime.mixed_precision, spare autocast's cast of its weights on every call (the "
+                                        "generator and fake score stay float32 copies)")
 
 
 class ImageTeacher(Teacher):
@@ -159,6 +169,7 @@ class DiffusersTeacher(ImageTeacher):
         prediction_type: Optional[str] = Field(None, description="override the scheduler config's epsilon / v_prediction / sample")
         guidance_scale: float = Field(1.0, description="classifier-free guidance D_u + g (D_c - D_u) on the real score; 1 = none")
         null_class: Optional[int] = Field(None, description="class label meaning 'no class' (unconditional branch of a class-conditional UNet)")
+        dtype: Literal["fp32", "bf16", "fp16"] = _dtype_field()
         embeddings: Optional[str] = Field(None, description="prompt embeddings for a UNet2DConditionModel: a .safetensors file with "
                                           "'embeddings' (prompts, tokens, cross_attention_dim), drawn uniformly for each batch, "
                                           "and optionally 'null' (tokens, dim), the empty prompt's for guidance (default zeros)")
@@ -167,7 +178,7 @@ class DiffusersTeacher(ImageTeacher):
 
     def __init__(self, config: "DiffusersTeacher.Config", ctx: Optional[BuildContext] = None) -> None:
         loaded = load_denoiser(config.path, guidance_scale=config.guidance_scale, null_class=config.null_class,
-                               prediction_type=config.prediction_type)
+                               prediction_type=config.prediction_type, dtype=TEACHER_DTYPES[config.dtype])
         if config.embeddings:
             loaded.denoiser.set_prompts(*read_prompt_embeddings(config.embeddings))
         super().__init__(loaded, config.data, config.sampler_steps, source=config.path)
@@ -198,10 +209,11 @@ class DigitsTeacher(ImageTeacher):
         model_config = ConfigDict(extra="forbid")
         path: Optional[str] = Field(None, description=f"teacher folder; default ${ENV_DIGITS_TEACHER} or the cache folder")
         sampler_steps: int = Field(18, ge=2, description="Heun steps of the teacher's multi-step sampler (2*steps-1 NFE)")
+        dtype: Literal["fp32", "bf16", "fp16"] = _dtype_field()
 
     @staticmethod
     def settings(config: "DigitsTeacher.Config") -> DigitsTeacherSettings:
-        return DigitsTeacherSettings(**config.model_dump(exclude={"path", "sampler_steps"}))
+        return DigitsTeacherSettings(**config.model_dump(exclude={"path", "sampler_steps", "dtype"}))
 
     @staticmethod
     def folder(config: "DigitsTeacher.Config", cache_dir: Optional[Path] = None) -> Path:
@@ -218,7 +230,7 @@ class DigitsTeacher(ImageTeacher):
                   "'scoredistill teacher train --preset digits' does this ahead of time)", file=sys.stderr)
             train_digits_teacher(self.settings(config), folder, progress=progress)
         try:
-            loaded = load_denoiser(str(folder))
+            loaded = load_denoiser(str(folder), dtype=TEACHER_DTYPES[config.dtype])
         except UserError as err:
             if config.path:
                 raise
