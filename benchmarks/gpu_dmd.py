@@ -126,11 +126,15 @@ def bare_loop(run, compile_: Union[bool, str]) -> Callable[[], dict]:
     return bare.iteration
 
 
+def setting_run(teacher: Path, device: str, s: Setting, batch: int):
+    """scoredistill's run for setting ``s``; built for a bare row too, which takes uncompiled copies of its networks."""
+    return make_run(teacher, batch, device, s.precision, s.tf32, False if s.bare else s.compile, s.channels_last, s.teacher_dtype)
+
+
 def time_setting(teacher: Path, device: str, s: Setting, batch: int, warmup: int, iters: int) -> dict:
     from scoredistill.trainer import train_iteration
 
-    # scoredistill's run is built either way: a bare row takes copies of its networks (uncompiled: compiled below)
-    run = make_run(teacher, batch, device, s.precision, s.tf32, s.compile and not s.bare, s.channels_last, s.teacher_dtype)
+    run = setting_run(teacher, device, s, batch)
     step = bare_loop(run, s.compile) if s.bare else (lambda: train_iteration(run))
     t0 = time.perf_counter()
     for _ in range(warmup):
@@ -234,6 +238,7 @@ def sync_check(teacher: Path, device: str, batch: int, iters: int = 2) -> dict:
 
 
 def main() -> None:
+    started = time.monotonic()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--batch", type=int, default=128)
@@ -241,9 +246,17 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="a tiny UNet at 8x8 (smoke test)")
     p.add_argument("--only", nargs="*", default=None, help="setting names to run, in this order (default: all, in the table order)")
+    p.add_argument("--budget", type=float, default=290.0,
+                   help="seconds for the whole script (default 290: under 5 minutes); a setting still running at the end "
+                        "is stopped and recorded as such, and settings with no time left are skipped")
+    p.add_argument("--isolate", choices=("compiled", "all", "none"), default="compiled",
+                   help="settings run in a child process, stopped at the budget (default: the compiled ones, whose "
+                        "warm-up is minutes); a crash there is recorded with its exit status")
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_dmd.json"))
     p.add_argument("--profile-out", type=Path, default=None)
+    p.add_argument("--child", metavar="NAME", help=argparse.SUPPRESS)  # one setting, in a child process
+    p.add_argument("--teacher", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     unknown = sorted(set(args.only or ()) - {s.name for s in SETTINGS})
     if unknown:
@@ -251,6 +264,9 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         sys.exit("gpu_dmd: no CUDA device here; use --device cpu --tiny for a smoke test")
+    if args.child:
+        return run_child(args)
+    left = lambda: args.budget - (time.monotonic() - started)  # noqa: E731
     arch, size = (TINY_UNET, 8) if args.tiny else (CIFAR_UNET, 32)
     teacher = save_teacher(Path(tempfile.mkdtemp(prefix="gpu_dmd_teacher_")), arch, size)
 
@@ -261,7 +277,7 @@ def main() -> None:
     result = {"device": card, "torch": torch.__version__, "diffusers": diffusers.__version__,
               "unet": {**{k: list(v) if isinstance(v, tuple) else v for k, v in arch.items()}, "image": [3, size, size],
                        "parameters": n_params},
-              "settings": {}}
+              "budget_seconds": args.budget, "settings": {}}
     flops = count_flops(teacher, args.device, min(args.batch, 8))
     result["gflop_per_image"] = flops / 1e9
     result["measured_bf16_tflops"] = matmul_peak(args.device) if cuda else None
@@ -273,32 +289,79 @@ def main() -> None:
     chosen = SETTINGS if args.only is None else [next(s for s in SETTINGS if s.name == name) for name in dict.fromkeys(args.only)]
     for s in chosen:  # --only's order: the rows that matter most first, while device time lasts
         name = s.name
-        if s.compile and cuda and not profiled:  # the sync check and profile before the long compile warm-up
+        if s.compile and cuda and not profiled and left() > 60:  # the sync check and profile before the long compile warm-up
             diagnose(teacher, args, result)
             profiled = True
-        if s.compile:
-            torch._dynamo.reset()  # each compiled setting from a clean cache, its recompilations counted alone
-        try:
-            r = time_setting(teacher, args.device, s, args.batch * s.batch_mult, args.warmup, args.iters)
-        except Exception as exc:  # one setting failing (a compile mode, memory) must not lose the others
-            result["settings"][name] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
-            print(f"  {name:<23} failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-            continue
-        if s.compile:
-            r["dynamo"] = {k: dict(v) for k, v in torch._dynamo.utils.counters.items() if k in ("stats", "graph_break", "recompiles")}
-        if result["measured_bf16_tflops"]:
-            r["share_of_bf16_peak"] = r["images_per_s"] * flops / (result["measured_bf16_tflops"] * 1e12)
+        isolate = args.isolate == "all" or (args.isolate == "compiled" and bool(s.compile))
+        if left() < 10:
+            r = {"skipped": f"no time left in the budget of {args.budget:.0f} s"}
+        elif isolate:
+            r = run_isolated(s, teacher, args, left() - 5)
+        else:
+            r = run_here(s, teacher, args)
         result["settings"][name] = r
-        _framework_over_bare(result["settings"])
-        print(f"  {name:<23} batch {r['batch']:>4}: {r['images_per_s']:8.1f} images/s  {r['iterations_per_s']:6.2f} it/s  "
-              f"CPU {r['cpu_seconds_per_iteration'] / r['seconds_per_iteration']:4.0%} of wall  peak {r['peak_gib']:5.1f} GiB  share of bf16 peak {r.get('share_of_bf16_peak', float('nan')):.1%}  "
-              f"(warm-up {r['warmup_seconds']:.0f} s)" + (f"  framework / bare {r['framework_over_bare']:.3f}" if "framework_over_bare" in r else ""),
-              flush=True)
+        if "images_per_s" in r:
+            if result["measured_bf16_tflops"]:
+                r["share_of_bf16_peak"] = r["images_per_s"] * flops / (result["measured_bf16_tflops"] * 1e12)
+            _framework_over_bare(result["settings"])
+            print(f"  {name:<23} batch {r['batch']:>4}: {r['images_per_s']:8.1f} images/s  {r['iterations_per_s']:6.2f} it/s  "
+                  f"CPU {r['cpu_seconds_per_iteration'] / r['seconds_per_iteration']:4.0%} of wall  peak {r['peak_gib']:5.1f} GiB  share of bf16 peak {r.get('share_of_bf16_peak', float('nan')):.1%}  "
+                  f"(warm-up {r['warmup_seconds']:.0f} s)" + (f"  framework / bare {r['framework_over_bare']:.3f}" if "framework_over_bare" in r else ""),
+                  flush=True)
+        else:
+            print(f"  {name:<23} {r.get('error') or r.get('skipped')}"[:400], flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")  # after each setting: partial results survive
 
-    if cuda and not profiled:
+    if cuda and not profiled and left() > 30:
         diagnose(teacher, args, result)
+    result["wall_seconds"] = time.monotonic() - started
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def run_here(s: Setting, teacher: Path, args: argparse.Namespace) -> dict:
+    """One setting in this process; an exception (a compile mode, memory) is recorded, not raised."""
+    if s.compile:
+        torch._dynamo.reset()  # each compiled setting from a clean cache, its recompilations counted alone
+    try:
+        r = time_setting(teacher, args.device, s, args.batch * s.batch_mult, args.warmup, args.iters)
+    except Exception as exc:  # one setting failing must not lose the others
+        return {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+    if s.compile:
+        r["dynamo"] = {k: dict(v) for k, v in torch._dynamo.utils.counters.items() if k in ("stats", "graph_break", "recompiles")}
+    return r
+
+
+def run_child(args: argparse.Namespace) -> None:
+    """``--child NAME``: one setting, its row written to ``--out`` (the parent reads it)."""
+    s = next(s for s in SETTINGS if s.name == args.child)
+    args.out.write_text(json.dumps(run_here(s, args.teacher, args)) + "\n")
+
+
+def run_isolated(s: Setting, teacher: Path, args: argparse.Namespace, seconds: float) -> dict:
+    """One setting in a child process (its own session), killed with its compile workers after ``seconds``.
+
+    Its output goes to this process's (a crash's Python stack too: ``-X faulthandler``).
+    """
+    import os
+    import signal
+    import subprocess
+
+    out = Path(tempfile.mkdtemp(prefix="gpu_dmd_child_")) / "row.json"
+    cmd = [sys.executable, "-X", "faulthandler", __file__, "--child", s.name, "--teacher", str(teacher), "--out", str(out),
+           "--device", args.device, "--batch", str(args.batch), "--iters", str(args.iters), "--warmup", str(args.warmup)]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=max(seconds, 1))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return {"error": f"stopped at the time budget, after {time.monotonic() - t0:.0f} s (--budget {args.budget:.0f})"}
+    if rc != 0 or not out.is_file():
+        how = f"signal {-rc}" if rc < 0 else f"exit status {rc}"
+        return {"error": f"the child process ended with {how} after {time.monotonic() - t0:.0f} s (its output is above)"}
+    return json.loads(out.read_text())
 
 
 def _framework_over_bare(rows: dict) -> None:

@@ -5,9 +5,9 @@
 #   carry: .whl (built by `bash benchmarks/gpu_wheels.sh`: this package's wheel, and wheels of diffusers, importlib_metadata,
 #          omegaconf, pydantic(-core), annotated-types, typing-inspection, clean-fid, lpips for the machine's Python 3.12)
 #          .sdcache (a SCOREDISTILL_CACHE holding the digits teacher, classifier, pairs)
-#   run:   bash benchmarks/gpu_session.sh            (GPU_BENCH_TIMEOUT=540; GPU_BENCH_ONLY="bf16 bf16+compile" picks
-#          settings, e.g. GPU_BENCH_ONLY="bf16 bare:bf16 bf16+compile bf16+compile+cudagraphs"; SWEEP=1
-#          SWEEP_TIMEOUT=250 adds the sweep)
+#   run:   bash benchmarks/gpu_session.sh            (GPU_BENCH_BUDGET=540 seconds for the table; GPU_BENCH_ONLY picks
+#          settings and their order, e.g. GPU_BENCH_ONLY="bf16 bare:bf16 bf16+bf16_teacher bf16+compile+cudagraphs
+#          bf16+compile"; SWEEP=1 SWEEP_TIMEOUT=250 adds the sweep)
 set -u
 OUT=${OUT:-/tmp/gpu_session}
 mkdir -p "$OUT"
@@ -17,11 +17,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 python3 -c "import torch, diffusers, scoredistill; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
 
 # 1. issue 7: the GPU table (fp32, tf32, bf16, bf16+channels_last, bf16 at 4x batch, then bf16+compile without and with
-#    CUDA graphs), CUDA's sync detector over two iterations, and a kernel profile. JSON after each setting: a timeout
-#    keeps what is done.
+#    CUDA graphs), CUDA's sync detector over two iterations, and a kernel profile. JSON after each setting. The
+#    compiled rows run in child processes that gpu_dmd.py stops at its --budget (a row still compiling then is
+#    recorded as stopped, and the rows done are kept); `timeout` is only a safety net.
 #    The unfiltered output goes to gpu_dmd_raw.log (session 7's CUDA-graphs row ended with no message in the filtered
 #    log), and faulthandler prints a crash's Python stack there.
-timeout "${GPU_BENCH_TIMEOUT:-540}" python3 -X faulthandler benchmarks/gpu_dmd.py --iters 20 --out "$OUT/gpu_dmd.json" \
+BUDGET=${GPU_BENCH_BUDGET:-540}
+timeout "$(( BUDGET + 20 ))" python3 -X faulthandler benchmarks/gpu_dmd.py --iters 20 --budget "$BUDGET" --out "$OUT/gpu_dmd.json" \
     --profile-out "$OUT/gpu_profile.txt" ${GPU_BENCH_ONLY:+--only $GPU_BENCH_ONLY} 2>&1 | tee "$OUT/gpu_dmd_raw.log" | grep -v -e "UserWarning" -e "warn_once" -e "^$" -e "This call originates" -e "File \"" -e "is_torch_version" -e "\^\^\^" \
     | tee "$OUT/gpu_dmd.log"
 

@@ -124,6 +124,41 @@ def test_gpu_script_runs_on_cpu_and_times_issue_7s_reference_iteration(tmp_path)
     assert 7.0 < forwards < 8.6, forwards  # two fake-score updates would be about 12
 
 
+def test_gpu_script_builds_each_setting_as_named(tmp_path):
+    """The compile mode and teacher dtype each row asks for reach the run's config (a bare row's run is not compiled:
+    the hand-written loop compiles its own copies)."""
+    gpu_dmd = _load_benchmark("gpu_dmd")
+    teacher = gpu_dmd.save_teacher(tmp_path / "teacher", gpu_dmd.TINY_UNET, 8)
+    want = {"bf16": (False, None, "fp32"), "bf16+compile": (True, None, "fp32"),
+            "bf16+compile+cudagraphs": (True, "reduce-overhead", "fp32"), "bare:bf16+compile": (False, None, "fp32"),
+            "bf16+bf16_teacher": (False, None, "bf16")}
+    for s in gpu_dmd.SETTINGS:
+        if s.name in want:
+            cfg = gpu_dmd.setting_run(teacher, "cpu", s, 2).config
+            assert (cfg.runtime.compile, cfg.runtime.compile_mode, cfg.teacher.config.dtype) == want[s.name], s.name
+
+
+@pytest.mark.slow
+def test_gpu_script_keeps_to_its_time_budget(tmp_path):
+    """A compiled row (minutes of warm-up) runs in a child process that is stopped at --budget; the rows done are
+    kept, the script ends in time with exit 0, and a row with no time left is skipped."""
+    import time
+
+    out = tmp_path / "gpu.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_dmd.py"), "--device", "cpu", "--tiny", "--batch", "8",
+           "--iters", "1", "--warmup", "1", "--no-profile", "--budget", "40", "--out", str(out),
+           "--only", "bf16", "bf16+compile", "bf16+compile+cudagraphs"]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    wall = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert wall < 40 + 20, wall  # the interpreter's start and exit besides the budget
+    rows = json.loads(out.read_text())["settings"]
+    assert _positive_finite(rows["bf16"]["images_per_s"])
+    assert "stopped at the time budget" in rows["bf16+compile"]["error"]
+    assert "no time left" in rows["bf16+compile+cudagraphs"]["skipped"]
+
+
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_gpu_scripts_bare_loop_computes_what_the_trainer_computes(tmp_path, precision):
     """The GPU table's bare rows time overhead.py's hand-written iteration: from the same weights and seeds it must
