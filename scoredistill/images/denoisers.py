@@ -409,7 +409,7 @@ def load_denoiser(path: str, *, guidance_scale: float = 1.0, null_class: Optiona
     """Load a diffusers UNet + scheduler config (local folder or hub id) as a sigma-form denoiser.
 
     ``prediction_type`` overrides the scheduler config's; ``dtype`` is the UNet's weights'
-    (diffusers' ``torch_dtype``; default: as saved). Every failure is a one-line
+    (diffusers' ``torch_dtype``; by default diffusers loads float32). Every failure is a one-line
     :class:`~scoredistill.errors.UserError` saying what to place where.
     """
     import diffusers

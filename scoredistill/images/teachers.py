@@ -35,8 +35,8 @@ TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.f
 
 def _dtype_field():
     return Field("fp32", description="the frozen teacher UNet's weights: bf16 or fp16 halve its memory and, under "
-                                        "runtime.mixed_precision, spare autocast's cast of its weights on every call (the "
-                                        "generator and fake score stay float32 copies)")
+                 "runtime.mixed_precision, spare autocast's cast of its weights on every call (the generator and fake "
+                 "score stay float32 copies)")
 
 
 class ImageTeacher(Teacher):
