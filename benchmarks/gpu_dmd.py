@@ -19,13 +19,16 @@ The card's bf16 rate is measured here too (an 8192^3 bf16 matrix product), and t
 CUDA kernels of a bf16 iteration are profiled, so the table says where the time goes. The
 ``bare`` settings time ``benchmarks/overhead.py``'s hand-written iteration on copies of the
 same networks instead (``framework_over_bare``: scoredistill's time over it, same machine).
-Writes ``--out`` (JSON) and ``--profile-out`` (text).
+The script keeps to ``--budget`` seconds: compiled settings run in child processes that are
+stopped when it ends. Writes ``--out`` (JSON) and ``--profile-out`` (text).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -266,7 +269,12 @@ def main() -> None:
         sys.exit("gpu_dmd: no CUDA device here; use --device cpu --tiny for a smoke test")
     if args.child:
         return run_child(args)
-    left = lambda: args.budget - (time.monotonic() - started)  # noqa: E731
+
+    def left() -> float:
+        return args.budget - (time.monotonic() - started)
+
+    # inductor's cache: empty at the start (the warm-up a new machine sees), then shared by the rows
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="gpu_dmd_inductor_")
     arch, size = (TINY_UNET, 8) if args.tiny else (CIFAR_UNET, 32)
     teacher = save_teacher(Path(tempfile.mkdtemp(prefix="gpu_dmd_teacher_")), arch, size)
 
@@ -304,12 +312,7 @@ def main() -> None:
             if result["measured_bf16_tflops"]:
                 r["share_of_bf16_peak"] = r["images_per_s"] * flops / (result["measured_bf16_tflops"] * 1e12)
             _framework_over_bare(result["settings"])
-            print(f"  {name:<23} batch {r['batch']:>4}: {r['images_per_s']:8.1f} images/s  {r['iterations_per_s']:6.2f} it/s  "
-                  f"CPU {r['cpu_seconds_per_iteration'] / r['seconds_per_iteration']:4.0%} of wall  peak {r['peak_gib']:5.1f} GiB  share of bf16 peak {r.get('share_of_bf16_peak', float('nan')):.1%}  "
-                  f"(warm-up {r['warmup_seconds']:.0f} s)" + (f"  framework / bare {r['framework_over_bare']:.3f}" if "framework_over_bare" in r else ""),
-                  flush=True)
-        else:
-            print(f"  {name:<23} {r.get('error') or r.get('skipped')}"[:400], flush=True)
+        print(_row_line(name, r), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")  # after each setting: partial results survive
 
@@ -343,7 +346,6 @@ def run_isolated(s: Setting, teacher: Path, args: argparse.Namespace, seconds: f
 
     Its output goes to this process's (a crash's Python stack too: ``-X faulthandler``).
     """
-    import os
     import signal
     import subprocess
 
@@ -352,16 +354,32 @@ def run_isolated(s: Setting, teacher: Path, args: argparse.Namespace, seconds: f
            "--device", args.device, "--batch", str(args.batch), "--iters", str(args.iters), "--warmup", str(args.warmup)]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, start_new_session=True)
+    rc = None
     try:
         rc = proc.wait(timeout=max(seconds, 1))
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        pass
+    finally:  # at the budget, on an interrupt, and after a normal end: no compile worker outlives its row
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    if rc is None:
+        # a compile killed midway can leave a truncated kernel in inductor's cache, which a later row would load
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="gpu_dmd_inductor_")
         return {"error": f"stopped at the time budget, after {time.monotonic() - t0:.0f} s (--budget {args.budget:.0f})"}
     if rc != 0 or not out.is_file():
         how = f"signal {-rc}" if rc < 0 else f"exit status {rc}"
         return {"error": f"the child process ended with {how} after {time.monotonic() - t0:.0f} s (its output is above)"}
     return json.loads(out.read_text())
+
+
+def _row_line(name: str, r: dict) -> str:
+    if "images_per_s" not in r:
+        return f"  {name:<23} {r.get('error') or r.get('skipped')}"[:400]
+    return (f"  {name:<23} batch {r['batch']:>4}: {r['images_per_s']:8.1f} images/s  {r['iterations_per_s']:6.2f} it/s  "
+            f"CPU {r['cpu_seconds_per_iteration'] / r['seconds_per_iteration']:4.0%} of wall  peak {r['peak_gib']:5.1f} GiB  "
+            f"share of bf16 peak {r.get('share_of_bf16_peak', float('nan')):.1%}  (warm-up {r['warmup_seconds']:.0f} s)"
+            + (f"  framework / bare {r['framework_over_bare']:.3f}" if "framework_over_bare" in r else ""))
 
 
 def _framework_over_bare(rows: dict) -> None:
