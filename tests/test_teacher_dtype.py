@@ -47,8 +47,9 @@ def test_the_teacher_loads_in_its_dtype_and_the_trained_copies_are_float32_from_
     for role in (run.models.generator, run.models.fake_score):
         unet = role.denoiser.unet
         assert {p.dtype for p in unet.parameters()} == {torch.float32}
-        for (key, mine), theirs in zip(unet.state_dict().items(), teacher_unet.state_dict().values()):
-            assert torch.equal(mine, theirs.float()), key  # the teacher's rounded weights, exactly
+        theirs = teacher_unet.state_dict()
+        for key, mine in unet.state_dict().items():
+            assert torch.equal(mine, theirs[key].float()), key  # the teacher's rounded weights, exactly
     fp32 = _run(hooks, tmp_path, folder, name="fp32")
     assert run.models.teacher.fingerprint() != fp32.models.teacher.fingerprint()  # its pairs and samples are its own
 
@@ -86,8 +87,7 @@ def test_under_autocast_a_bf16_teacher_casts_none_of_its_weights(hooks, tmp_path
 
 def test_a_run_with_a_bf16_teacher_trains_in_fp32_and_under_bf16_autocast(hooks, tmp_path, folder):
     for precision in ("no", "bf16"):
-        run = _run(hooks, tmp_path, folder, "teacher.dtype=bf16", f"runtime.mixed_precision={precision}", "pairs.num_pairs=8",
-                   name=precision)
+        run = _run(hooks, tmp_path, folder, "teacher.dtype=bf16", f"runtime.mixed_precision={precision}", name=precision)
         before = [p.detach().clone() for p in run.models.generator.parameters()]
         for _ in range(2):
             logs = train_iteration(run)
