@@ -702,6 +702,9 @@ def prepare_run_dir(path: Path) -> Path:
 
 @dataclass
 class RunResult:
+    """What :func:`execute` returns on the main process. Under several processes ``run.trained`` is
+    empty: its DDP/FSDP wrappers are freed with the process group."""
+
     run: Run
     samples: torch.Tensor
     metrics: dict
@@ -718,7 +721,10 @@ def execute(config: RunConfig, hooks: Hooks, run_dir: Path, resume: Optional[ckp
         check_run_dir_free(run_dir)  # before accelerate starts: nothing to undo on a mistake
     engine = Engine(config.runtime)
     try:
-        return _execute(config, hooks, Path(run_dir), engine, resume)
+        result = _execute(config, hooks, Path(run_dir), engine, resume)
+        if result is not None and engine.distributed:
+            result.run.trained.clear()  # the DDP/FSDP wrappers hold the process group: Engine.close frees them
+        return result
     finally:
         engine.close()
 

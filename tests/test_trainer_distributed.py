@@ -68,3 +68,28 @@ def test_fsdp_gives_the_weights_of_ddp(ddp_run, tmp_path):
     assert hashes(run_dir, 0) == hashes(ddp_run, 0)
     a, b = load_file(str(run_dir / "generator.safetensors")), load_file(str(ddp_run / "generator.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+FREED_CHECK = """
+import gc, sys
+import torch
+from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.nn.parallel import DistributedDataParallel
+from scoredistill.cli import main
+
+code = main(sys.argv[1:])
+alive = [type(o).__name__ for o in gc.get_objects() if isinstance(o, (FullyShardedDataParallel, DistributedDataParallel))]
+print("alive wrappers:", alive, "group:", torch.distributed.is_initialized(), file=sys.stderr)
+sys.exit(code or (3 if alive or torch.distributed.is_initialized() else 0))
+"""
+
+
+def test_a_finished_run_frees_its_process_group(tmp_path):
+    # left to interpreter exit, the group's gloo threads could abort the process (SIGABRT) after a good run
+    script = tmp_path / "freed.py"
+    script.write_text(FREED_CHECK)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           "run", "dmd", "--out", str(tmp_path / "run"), *TINY, "--set", "train.steps=3", "--set", "runtime.distributed=fsdp"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("alive wrappers: [] group: False") == 2
