@@ -202,35 +202,38 @@ class NonFiniteGuard:
         self.pending: list[tuple[str, str, list[str], list[Tensor]]] = []  # stop: the values, checked later
         self.skipped = torch.zeros((), device=device)
 
-    def observe(self, where: str, network: str, terms: dict[str, Tensor], grad_norms: list[Tensor]) -> Optional[Tensor]:
-        """Record (``stop``) or act on (``skip``) one update's loss terms and gradient norms (0-d tensors)."""
-        grads = grad_norms if self.watch_gradients else []
-        values = list(terms.values()) + grads
+    def observe(self, where: str, network: str, terms: dict[str, Tensor], grad_norm: Optional[Tensor]) -> Optional[Tensor]:
+        """Record (``stop``) or act on (``skip``) one update's loss terms (0-d) and gradient norm (one tensor)."""
+        values = list(terms.values())
+        if self.watch_gradients and grad_norm is not None:
+            values.append(grad_norm)
         if self.mode == "stop":
             self.pending.append((where, network, list(terms), values))  # no device work until check()
             return None
-        bad = (~torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in values])).all()).float()
+        bad = (~_all_finite(values)).float()
         self.skipped += bad
         return bad
 
     def check(self, run: "Run") -> None:
         """Raise :class:`TrainingStopped` for the first non-finite update since the last check (a host sync)."""
         pending, self.pending = self.pending, []
-        if not pending:
+        if not pending or bool(_all_finite([v for *_, values in pending for v in values])):
             return
-        finite = torch.isfinite(torch.stack([v.detach().float().reshape(()) for *_, values in pending for v in values]))
-        if bool(finite.all()):
-            return
-        flags = iter(finite.tolist())
-        for where, network, terms, values in pending:
-            ok = [next(flags) for _ in values]
+        for where, network, terms, values in pending:  # something is not finite: find the first (host reads, once)
+            ok = [bool(torch.isfinite(v).all()) for v in values]
             if not all(ok):
-                i = ok.index(False)  # the loss terms come first, then the gradient norms
+                i = ok.index(False)  # the loss terms come first, then the gradient norm
                 bad = f"loss term '{terms[i]}'" if i < len(terms) else f"gradient of the {network.replace('_', ' ')}"
                 last = run.last_checkpoint
                 keep = f"its last good checkpoint is {last}" if last is not None else "no checkpoint was written before it"
                 raise TrainingStopped(f"non-finite {bad} at {where}: the run stopped; {keep}; "
                                       "set train.on_nonfinite=skip to skip such updates, or lower the learning rates")
+
+
+def _all_finite(values: list[Tensor]) -> Tensor:
+    """A 0-d device bool: every entry of every tensor in ``values`` is finite (one ``cat``, no host sync)."""
+    with torch.no_grad():
+        return torch.isfinite(torch.cat([v.reshape(-1) for v in values])).all()
 
 
 def _update(run: Run, net: Trained, loss: Tensor, terms: dict[str, Tensor], where: str) -> None:
@@ -243,8 +246,8 @@ def _update(run: Run, net: Trained, loss: Tensor, terms: dict[str, Tensor], wher
         scaler.unscale_(opt)
     else:
         loss.backward()
-    grad_norms = run.engine.grad_norms(net.wrapper, net.params, run.config.train.grad_clip)
-    skip = run.guard.observe(where, net.name, terms, grad_norms)
+    grad_norm = run.engine.grad_norm(net.wrapper, net.params, run.config.train.grad_clip)
+    skip = run.guard.observe(where, net.name, terms, grad_norm)
     if skip is not None:
         opt.found_inf = skip  # read by the fused optimiser: it skips the update on the device
     if scaling:

@@ -1,0 +1,84 @@
+"""The non-finite guard's host work does not grow with the number of parameter tensors (issue 7: host-bound GPU).
+
+On a GPU whose iteration is launch-bound, every aten op the host issues costs about as much as
+a kernel. The guard reads one gradient value per update (the per-tensor norms stacked, or the
+clipped total), so its check at log steps and its ``skip`` test on every update cost a handful of
+ops, whatever the network. Counted on CPU with a dispatch mode, on a diffusers UNet.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from scoredistill import trainer
+from scoredistill.config import resolve
+from scoredistill.images.testing import tiny_diffusers_teacher_folder
+from scoredistill.plugins import Hooks, make_plugin_manager
+
+
+class OpCount(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _unet_run(hooks, tmp_path, *overrides: str):
+    folder = tiny_diffusers_teacher_folder(tmp_path / "teacher")
+    config = resolve(hooks.registry, "dmd", "digits", ["regression"],
+                     ["teacher.component=diffusers_unet", f"teacher.path={folder}", "generator.component=unet_generator",
+                      "fake_score.component=unet_denoiser", "train.batch_size=2", "train.fake_updates_per_step=1",
+                      "runtime.progress=false", "train.fake_score_warmup_steps=0", *overrides])
+    run = trainer.build(config, Hooks(make_plugin_manager()), tmp_path / "run")
+    trainer.setup(run)
+    trainer.train_iteration(run)  # lazy state outside the counts
+    run.guard.check(run)
+    return run
+
+
+def _ops(fn) -> int:
+    with OpCount() as mode:
+        fn()
+    return mode.ops
+
+
+@pytest.mark.parametrize("grad_clip", ["null", "1.0"])
+def test_the_guards_check_costs_a_few_ops_per_update(hooks, tmp_path, grad_clip):
+    run = _unet_run(hooks, tmp_path, f"train.grad_clip={grad_clip}")
+    tensors = len(run.trained["generator"].params)
+    assert tensors > 40  # the UNet: many parameter tensors, so a per-tensor cost would show
+    for _ in range(5):
+        trainer.train_iteration(run)
+    updates = len(run.guard.pending)
+    assert updates == 10  # a generator and a fake-score update per iteration
+    assert all(len(values) <= 3 for *_, values in run.guard.pending)  # its loss terms and one gradient value
+    ops = _ops(lambda: run.guard.check(run))
+    assert ops <= 4 * 3 * updates + 10, (ops, tensors)
+
+
+def test_skipping_non_finite_updates_costs_a_few_ops_per_update(hooks, tmp_path):
+    stop = _unet_run(hooks, tmp_path / "stop")
+    skip = _unet_run(hooks, tmp_path / "skip", "train.on_nonfinite=skip")
+    extra = _ops(lambda: trainer.train_iteration(skip)) - _ops(lambda: trainer.train_iteration(stop))
+    assert 0 < extra <= 2 * 20, extra  # two updates: a cat of a few values, isfinite, all, the flag
+    stop.guard.check(stop)
+    assert float(skip.guard.skipped) == 0
+
+
+def test_a_non_finite_entry_in_one_of_many_gradient_tensors_is_caught(hooks, tmp_path):
+    run = _unet_run(hooks, tmp_path)
+    original = run.engine.grad_norm
+
+    def poisoned(wrapper, params, max_norm):  # one NaN in one of the gradient tensors, after the update's backward
+        params[len(params) // 2].grad.view(-1)[0] = float("nan")
+        return original(wrapper, params, max_norm)
+
+    run.engine.grad_norm = poisoned
+    trainer.train_iteration(run)
+    with pytest.raises(trainer.TrainingStopped, match="non-finite gradient of the generator at generator step 2"):
+        run.guard.check(run)
