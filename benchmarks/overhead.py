@@ -391,7 +391,7 @@ def breakdown(run, iters: int) -> dict[str, float]:
                 acc[name] = acc.get(name, 0.0) + clock() - t0
         return wrapper
 
-    targets = [(engine_mod.Engine, "grad_norm", "engine.grad_norm", timed),
+    targets = [(engine_mod.Engine, "grad_norms", "engine.grad_norms", timed),
                (engine_mod.Engine, "autocast", "engine.autocast", timed_cm),
                (engine_mod.Engine, "full_parameters", "engine.full_parameters", timed_cm),
                (trainer, "_frozen", "trainer._frozen", timed_cm),

@@ -160,22 +160,20 @@ class Engine:
         return self.accelerator.autocast()
 
     # -- gradients
-    def grad_norm(self, wrapper: nn.Module, params: list[nn.Parameter], max_norm: Optional[float]) -> Optional[torch.Tensor]:
-        """The gradient norm of ``params`` (``wrapper``'s) as one device tensor, clipping to ``max_norm`` when given;
-        ``None`` when no parameter has a gradient.
+    def grad_norms(self, wrapper: nn.Module, params: list[nn.Parameter], max_norm: Optional[float]) -> list[torch.Tensor]:
+        """Gradient norms of ``params`` (``wrapper``'s) as 0-d device tensors, clipping to ``max_norm`` when given.
 
-        Clipping (or FSDP, where the norm is a collective every process must agree on): the total
-        norm, 0-d. Otherwise the per-tensor norms, stacked (one ``_foreach_norm`` and one ``stack``,
-        not reduced further): finite exactly when the gradients are, which is all the non-finite
-        guard reads. One tensor per update, not one per parameter tensor: the guard's check then
-        reads a few values per update, not hundreds (the CIFAR UNet has 329 parameter tensors).
+        Clipping (or FSDP, where the norm is a collective every process must agree on): the
+        total norm, one tensor. Otherwise one norm per tensor (one ``_foreach_norm`` call,
+        left unreduced: no further op per update): they are finite exactly when the gradients
+        are, which is all the non-finite guard reads (it stacks them, in one op, when it checks).
         """
         if self.fsdp:
-            return wrapper.clip_grad_norm_(max_norm if max_norm is not None else float("inf"))
+            return [wrapper.clip_grad_norm_(max_norm if max_norm is not None else float("inf"))]
         if max_norm is not None:
-            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+            return [torch.nn.utils.clip_grad_norm_(params, max_norm)]
         grads = [p.grad for p in params if p.grad is not None]  # one device, one dtype: no grouping needed
-        return torch.stack(torch._foreach_norm(grads)) if grads else None
+        return list(torch._foreach_norm(grads)) if grads else []
 
     # -- state (collective under FSDP: every process must call these)
     def _options(self, **kw: Any):

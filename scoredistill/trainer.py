@@ -202,11 +202,11 @@ class NonFiniteGuard:
         self.pending: list[tuple[str, str, list[str], list[Tensor]]] = []  # stop: the values, checked later
         self.skipped = torch.zeros((), device=device)
 
-    def observe(self, where: str, network: str, terms: dict[str, Tensor], grad_norm: Optional[Tensor]) -> Optional[Tensor]:
-        """Record (``stop``) or act on (``skip``) one update's loss terms (0-d) and gradient norm (one tensor)."""
-        values = list(terms.values())
-        if self.watch_gradients and grad_norm is not None:
-            values.append(grad_norm)
+    def observe(self, where: str, network: str, terms: dict[str, Tensor], grad_norms: list[Tensor]) -> Optional[Tensor]:
+        """Record (``stop``) or act on (``skip``) one update's loss terms and gradient norms (0-d tensors)."""
+        values = [v.reshape(()) if v.dim() else v for v in terms.values()]
+        if self.watch_gradients:
+            values += grad_norms
         if self.mode == "stop":
             self.pending.append((where, network, list(terms), values))  # no device work until check()
             return None
@@ -222,7 +222,7 @@ class NonFiniteGuard:
         for where, network, terms, values in pending:  # something is not finite: find the first (host reads, once)
             ok = [bool(torch.isfinite(v).all()) for v in values]
             if not all(ok):
-                i = ok.index(False)  # the loss terms come first, then the gradient norm
+                i = ok.index(False)  # the loss terms come first, then the gradient norms
                 bad = f"loss term '{terms[i]}'" if i < len(terms) else f"gradient of the {network.replace('_', ' ')}"
                 last = run.last_checkpoint
                 keep = f"its last good checkpoint is {last}" if last is not None else "no checkpoint was written before it"
@@ -231,9 +231,10 @@ class NonFiniteGuard:
 
 
 def _all_finite(values: list[Tensor]) -> Tensor:
-    """A 0-d device bool: every entry of every tensor in ``values`` is finite (one ``cat``, no host sync)."""
+    """A 0-d device bool: every one of ``values`` (0-d tensors) is finite. One ``stack``, however many there are
+    (a UNet has hundreds of gradient norms per update: on a launch-bound GPU each op costs about a kernel)."""
     with torch.no_grad():
-        return torch.isfinite(torch.cat([v.reshape(-1) for v in values])).all()
+        return torch.isfinite(torch.stack(values)).all()
 
 
 def _update(run: Run, net: Trained, loss: Tensor, terms: dict[str, Tensor], where: str) -> None:
@@ -246,8 +247,8 @@ def _update(run: Run, net: Trained, loss: Tensor, terms: dict[str, Tensor], wher
         scaler.unscale_(opt)
     else:
         loss.backward()
-    grad_norm = run.engine.grad_norm(net.wrapper, net.params, run.config.train.grad_clip)
-    skip = run.guard.observe(where, net.name, terms, grad_norm)
+    grad_norms = run.engine.grad_norms(net.wrapper, net.params, run.config.train.grad_clip)
+    skip = run.guard.observe(where, net.name, terms, grad_norms)
     if skip is not None:
         opt.found_inf = skip  # read by the fused optimiser: it skips the update on the device
     if scaling:

@@ -1,9 +1,10 @@
 """The non-finite guard's host work does not grow with the number of parameter tensors (issue 7: host-bound GPU).
 
 On a GPU whose iteration is launch-bound, every aten op the host issues costs about as much as
-a kernel. The guard reads one gradient value per update (the per-tensor norms stacked, or the
-clipped total), so its check at log steps and its ``skip`` test on every update cost a handful of
-ops, whatever the network. Counted on CPU with a dispatch mode, on a diffusers UNet.
+a kernel. The guard keeps each update's loss terms and per-tensor gradient norms as they are and
+stacks them in one op, so its check at log steps and its ``skip`` test on every update cost a
+handful of ops whatever the network (they were three per value: 13,167 ops for a check after
+ten CIFAR-UNet iterations). Counted on CPU with a dispatch mode, on a diffusers UNet.
 """
 
 from __future__ import annotations
@@ -54,31 +55,31 @@ def test_the_guards_check_costs_a_few_ops_per_update(hooks, tmp_path, grad_clip)
     assert tensors > 40  # the UNet: many parameter tensors, so a per-tensor cost would show
     for _ in range(5):
         trainer.train_iteration(run)
-    updates = len(run.guard.pending)
-    assert updates == 10  # a generator and a fake-score update per iteration
-    assert all(len(values) <= 3 for *_, values in run.guard.pending)  # its loss terms and one gradient value
+    assert len(run.guard.pending) == 10  # a generator and a fake-score update per iteration
+    values = sum(len(v) for *_, v in run.guard.pending)
+    assert values >= 10 * (1 if grad_clip != "null" else tensors // 2)  # what it watches: not less than before
     ops = _ops(lambda: run.guard.check(run))
-    assert ops <= 4 * 3 * updates + 10, (ops, tensors)
+    assert ops <= 10, (ops, values)  # stack, isfinite, all and the host read; not one or more per value
 
 
 def test_skipping_non_finite_updates_costs_a_few_ops_per_update(hooks, tmp_path):
     stop = _unet_run(hooks, tmp_path / "stop")
     skip = _unet_run(hooks, tmp_path / "skip", "train.on_nonfinite=skip")
     extra = _ops(lambda: trainer.train_iteration(skip)) - _ops(lambda: trainer.train_iteration(stop))
-    assert 0 < extra <= 2 * 20, extra  # two updates: a cat of a few values, isfinite, all, the flag
+    assert 0 < extra <= 2 * 12, extra  # per update: one stack of its values, isfinite, all, the flag and its use
     stop.guard.check(stop)
     assert float(skip.guard.skipped) == 0
 
 
 def test_a_non_finite_entry_in_one_of_many_gradient_tensors_is_caught(hooks, tmp_path):
     run = _unet_run(hooks, tmp_path)
-    original = run.engine.grad_norm
+    original = run.engine.grad_norms
 
     def poisoned(wrapper, params, max_norm):  # one NaN in one of the gradient tensors, after the update's backward
         params[len(params) // 2].grad.view(-1)[0] = float("nan")
         return original(wrapper, params, max_norm)
 
-    run.engine.grad_norm = poisoned
+    run.engine.grad_norms = poisoned
     trainer.train_iteration(run)
     with pytest.raises(trainer.TrainingStopped, match="non-finite gradient of the generator at generator step 2"):
         run.guard.check(run)
