@@ -158,7 +158,8 @@ def time_setting(teacher: Path, device: str, s: Setting, batch: int, warmup: int
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return {"batch": batch, "seconds_per_iteration": sec, "cpu_seconds_per_iteration": cpu, "iterations_per_s": 1 / sec, "images_per_s": batch / sec,
-            "peak_gib": peak, "warmup_seconds": warm, "losses_finite": finite}
+            "peak_gib": peak, "warmup_seconds": warm, "losses_finite": finite,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark}  # runtime.cudnn_benchmark, set by the run's engine on CUDA
 
 
 def count_flops(teacher: Path, device: str, batch: int) -> float:

@@ -128,6 +128,9 @@ class RuntimeConfig(BaseModel):
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
         "no", description="autocast the forward passes: bf16, or fp16 with dynamic loss scaling (CUDA only); weights stay fp32")
     tf32: bool = Field(True, description="allow TF32 matrix products and convolutions on CUDA GPUs that have them")
+    cudnn_benchmark: bool = Field(
+        True, description="CUDA: let cuDNN time its convolution algorithms once per input shape and keep the fastest "
+                          "(the first step of each shape is slower); false for repeatable GPU runs")
     compile: bool = Field(False, description="torch.compile the teacher, generator and fake score for training (GPUs: faster after a warm-up of minutes)")
     compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = Field(None, description="torch.compile mode: null (default), 'reduce-overhead' (CUDA graphs) or 'max-autotune'")
     channels_last: bool = Field(False, description="keep the networks' 4-D weights in channels-last memory format (convolutional UNets on GPUs)")

@@ -73,6 +73,8 @@ class Engine:
         if runtime.tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        if device.type == "cuda":  # fixed shapes: cuDNN's timed choice per shape (EDM's training loop does the same)
+            torch.backends.cudnn.benchmark = runtime.cudnn_benchmark
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
         from accelerate.utils import DistributedDataParallelKwargs
