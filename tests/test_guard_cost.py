@@ -67,7 +67,6 @@ def test_skipping_non_finite_updates_costs_a_few_ops_per_update(hooks, tmp_path)
     skip = _unet_run(hooks, tmp_path / "skip", "train.on_nonfinite=skip")
     extra = _ops(lambda: trainer.train_iteration(skip)) - _ops(lambda: trainer.train_iteration(stop))
     assert 0 < extra <= 2 * 12, extra  # per update: one stack of its values, isfinite, all, the flag and its use
-    stop.guard.check(stop)
     assert float(skip.guard.skipped) == 0
 
 

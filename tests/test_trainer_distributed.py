@@ -18,8 +18,8 @@ TINY = ["--preset", "toy2d", "--set", "train.steps=30", "--set", "pairs.num_pair
         "--set", "train.sample_every=null", "--set", "train.ema_decay=0.9", "--set", "runtime.debug_weight_hashes=true", "--quiet"]
 
 
-def torchrun(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "scoredistill.cli", *args]
+def torchrun(*args: str, entry: tuple[str, ...] = ("-m", "scoredistill.cli")) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *entry, *args]
     return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
 
 
@@ -88,8 +88,7 @@ def test_a_finished_run_frees_its_process_group(tmp_path):
     # left to interpreter exit, the group's gloo threads could abort the process (SIGABRT) after a good run
     script = tmp_path / "freed.py"
     script.write_text(FREED_CHECK)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           "run", "dmd", "--out", str(tmp_path / "run"), *TINY, "--set", "train.steps=3", "--set", "runtime.distributed=fsdp"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    proc = torchrun("run", "dmd", "--out", str(tmp_path / "run"), *TINY, "--set", "train.steps=3", "--set", "runtime.distributed=fsdp",
+                    entry=(str(script),))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("alive wrappers: [] group: False") == 2
