@@ -36,7 +36,7 @@ load on a shared machine). glibc's malloc is told to keep freed memory (:func:`s
 off with ``--default-malloc``): otherwise page faults land unevenly on the two loops.
 
 ``--breakdown N`` adds the microseconds per iteration spent in the trainer's pieces around the
-networks (gradient norm, autocast, freezing, EMA, ...), timed in place over N more iterations.
+networks (gradient check, autocast, freezing, EMA, ...), timed in place over N more iterations.
 """
 
 from __future__ import annotations
@@ -391,7 +391,7 @@ def breakdown(run, iters: int) -> dict[str, float]:
                 acc[name] = acc.get(name, 0.0) + clock() - t0
         return wrapper
 
-    targets = [(engine_mod.Engine, "grad_norms", "engine.grad_norms", timed),
+    targets = [(engine_mod.Engine, "check_gradients", "engine.check_gradients", timed),
                (engine_mod.Engine, "autocast", "engine.autocast", timed_cm),
                (engine_mod.Engine, "full_parameters", "engine.full_parameters", timed_cm),
                (trainer, "_frozen", "trainer._frozen", timed_cm),

@@ -140,12 +140,11 @@ class GaussianMixtureTeacher(Teacher):
 
     def _denoise(self, x_noisy: Tensor, sigma: Tensor) -> Tensor:
         x = x_noisy.to(torch.float64)
-        s = sigma.to(torch.float64).reshape(-1, 1).expand(x.shape[0], 1)
-        var = self._vars + s**2  # (N, K), and x - mu_k once: the same numbers as responsibilities(x, s)
-        diff = x[:, None, :] - self.means[None]  # (N, K, d)
+        var = self._vars + sigma.to(torch.float64).reshape(-1, 1) ** 2  # (N or 1, K)
+        diff = x[:, None, :] - self.means  # (N, K, d), once: the same numbers as responsibilities(x, s)
         r = torch.softmax(self._log_probs(diff, var), dim=1)  # (N, K)
-        shrink = self._vars / var  # (N, K)
-        cond_means = self.means[None] + shrink[..., None] * diff  # (N, K, d)
+        shrink = self._vars / var  # (N or 1, K)
+        cond_means = self.means + shrink[..., None] * diff  # (N, K, d)
         return (r[..., None] * cond_means).sum(1).to(x_noisy.dtype)
 
     def fingerprint(self) -> str:

@@ -77,27 +77,27 @@ class MLPDenoiserNet(nn.Module):
         self.labels = LabelEmbedding(num_classes)
         self.net = mlp(dim + embed_dim + input_features + self.labels.dim, dim, width, depth)
 
-    def _hidden(self, x: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-        """The last hidden layer ``(N, width)`` at ``(x, sigma, cond)``, with ``c_skip`` and ``c_out`` (one preconditioning)."""
-        sigma = sigma.to(x.dtype).expand(x.shape[0])
+    def _inputs(self, x: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The MLP's input ``(N, F)`` at ``(x, sigma, cond)``, with ``c_skip`` and ``c_out`` (one preconditioning)."""
+        if sigma.dtype != x.dtype or sigma.shape != x.shape[:1]:  # one noise level per sample, in x's precision
+            sigma = sigma.to(x.dtype).expand(x.shape[0])
         c_skip, c_out, c_in, c_noise = edm_preconditioning(sigma, self.sigma_data)
         h = append_dims(c_in, x.ndim) * x
         parts = [h, fourier_features(c_noise, self.embed.freqs)]
         if self.input_embed is not None:
             parts.append(fourier_features(h, self.input_embed.freqs))
-        h = torch.cat(parts + self.labels.parts(cond), dim=1)
-        for layer in itertools.islice(self.net, len(self.net) - 1):  # (slicing a Sequential builds a new module per call)
-            h = layer(h)
-        return h, c_skip, c_out
+        return torch.cat(parts + self.labels.parts(cond), dim=1), c_skip, c_out
 
     def features(self, x: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
         """The last hidden layer ``(N, width)`` at ``(x, sigma, cond)``."""
-        return self._hidden(x, sigma, cond)[0]
+        h = self._inputs(x, sigma, cond)[0]
+        for layer in itertools.islice(self.net, len(self.net) - 1):  # (slicing a Sequential builds a new module per call)
+            h = layer(h)
+        return h
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
-        h, c_skip, c_out = self._hidden(x, sigma, cond)
-        f = self.net[-1](h)
-        return append_dims(c_skip, x.ndim) * x + append_dims(c_out, x.ndim) * f
+        h, c_skip, c_out = self._inputs(x, sigma, cond)
+        return append_dims(c_skip, x.ndim) * x + append_dims(c_out, x.ndim) * self.net(h)
 
 
 class MLPConfig(BaseModel):

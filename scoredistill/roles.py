@@ -28,7 +28,7 @@ def score_from_denoiser(denoised: Tensor, x_noisy: Tensor, sigma: Tensor) -> Ten
 
 def append_dims(t: Tensor, ndim: int) -> Tensor:
     """Reshape a per-sample tensor ``(N,)`` to broadcast against ``(N, ...)`` of ``ndim`` dims."""
-    return t.reshape(t.shape + (1,) * (ndim - t.ndim))
+    return t.reshape(*t.shape, *(1,) * (ndim - t.ndim))  # (not t.shape + (...): a new torch.Size, twice the host time)
 
 
 class Role(nn.Module):

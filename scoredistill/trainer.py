@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from scoredistill import checkpoint as ckpt
 from scoredistill.config import RunConfig, TrainConfig, load_run_config
-from scoredistill.engine import Engine, launched_processes, rank_seed
+from scoredistill.engine import Engine, Trainable, launched_processes, rank_seed
 from scoredistill.errors import UserError
 from scoredistill.io import environment_versions, load_tensors, save_tensors, write_json, write_text
 from scoredistill.plugins import Hooks
@@ -80,6 +80,8 @@ class Trained:
 
     def __call__(self, objective: Callable[[nn.Module], Any]) -> Any:
         """Run ``objective(network)`` as this network's forward (so DDP/FSDP see the whole update)."""
+        if type(self.wrapper) is Trainable:  # one process: no DDP/FSDP around it, and no hooks on it to run
+            return objective(self.wrapper.net)
         return self.wrapper(objective)
 
 
@@ -186,7 +188,7 @@ def build(config: RunConfig, hooks: Hooks, run_dir: Path, with_losses: bool = Tr
 
 
 class NonFiniteGuard:
-    """Watches every update's loss terms and gradient norm for NaN and inf, without waiting for the device.
+    """Watches every update's loss terms and gradients for NaN and inf, without waiting for the device.
 
     ``stop``: the values are kept (no device work) and :meth:`check`, at log and
     checkpoint steps (one host sync), reports the first bad update by step and term; no
@@ -199,40 +201,50 @@ class NonFiniteGuard:
 
     def __init__(self, mode: str, device: torch.device, watch_gradients: bool = True) -> None:
         self.mode, self.watch_gradients = mode, watch_gradients
-        self.pending: list[tuple[str, str, list[str], list[Tensor]]] = []  # stop: the values, checked later
+        # stop: (where, network, term names, term values, gradient flag) of each update, checked later
+        self.pending: list[tuple[str, str, list[str], list[Tensor], Optional[Tensor]]] = []
         self.skipped = torch.zeros((), device=device)
 
-    def observe(self, where: str, network: str, terms: dict[str, Tensor], grad_norms: list[Tensor]) -> Optional[Tensor]:
-        """Record (``stop``) or act on (``skip``) one update's loss terms and gradient norms (0-d tensors)."""
+    def observe(self, where: str, network: str, terms: dict[str, Tensor], gradients: Optional[Tensor]) -> Optional[Tensor]:
+        """Record (``stop``) or act on (``skip``) one update's loss terms and gradient flag.
+
+        ``gradients``: :meth:`Engine.check_gradients`' flag (1.0: a gradient is not finite), or ``None``.
+        ``skip`` returns the update's own flag, 1.0 to skip it.
+        """
         values = [v.reshape(()) if v.dim() else v for v in terms.values()]
-        if self.watch_gradients:
-            values += grad_norms
         if self.mode == "stop":
-            self.pending.append((where, network, list(terms), values))  # no device work until check()
+            self.pending.append((where, network, list(terms), values, gradients))  # no device work until check()
             return None
         bad = (~_all_finite(values)).float()
+        if gradients is not None:
+            bad = torch.maximum(bad, gradients)
         self.skipped += bad
         return bad
 
     def check(self, run: "Run") -> None:
         """Raise :class:`TrainingStopped` for the first non-finite update since the last check (a host sync)."""
         pending, self.pending = self.pending, []
-        if not pending or bool(_all_finite([v for *_, values in pending for v in values])):
+        if not pending:
             return
-        for where, network, terms, values in pending:  # something is not finite: find the first (host reads, once)
-            ok = [bool(torch.isfinite(v).all()) for v in values]
-            if not all(ok):
-                i = ok.index(False)  # the loss terms come first, then the gradient norms
-                bad = f"loss term '{terms[i]}'" if i < len(terms) else f"gradient of the {network.replace('_', ' ')}"
+        ok = _all_finite([v for *_, values, _ in pending for v in values])
+        flags = [flag for *_, flag in pending if flag is not None]
+        if flags:
+            ok = ok & (torch.stack(flags) == 0).all()
+        if bool(ok):
+            return
+        for where, network, terms, values, flag in pending:  # something is not finite: find the first (host reads, once)
+            bad = [name for name, v in zip(terms, values) if not bool(torch.isfinite(v))]
+            if bad or (flag is not None and bool(flag)):
+                what = f"loss term '{bad[0]}'" if bad else f"gradient of the {network.replace('_', ' ')}"
                 last = run.last_checkpoint
                 keep = f"its last good checkpoint is {last}" if last is not None else "no checkpoint was written before it"
-                raise TrainingStopped(f"non-finite {bad} at {where}: the run stopped; {keep}; "
+                raise TrainingStopped(f"non-finite {what} at {where}: the run stopped; {keep}; "
                                       "set train.on_nonfinite=skip to skip such updates, or lower the learning rates")
 
 
 def _all_finite(values: list[Tensor]) -> Tensor:
     """A 0-d device bool: every one of ``values`` (0-d tensors) is finite. One ``stack``, however many there are
-    (a UNet has hundreds of gradient norms per update: on a launch-bound GPU each op costs about a kernel)."""
+    (on a launch-bound GPU each op costs about a kernel)."""
     with torch.no_grad():
         return torch.isfinite(torch.stack(values)).all()
 
@@ -247,8 +259,8 @@ def _update(run: Run, net: Trained, loss: Tensor, terms: dict[str, Tensor], wher
         scaler.unscale_(opt)
     else:
         loss.backward()
-    grad_norms = run.engine.grad_norms(net.wrapper, net.params, run.config.train.grad_clip)
-    skip = run.guard.observe(where, net.name, terms, grad_norms)
+    gradients = run.engine.check_gradients(net.wrapper, net.params, run.config.train.grad_clip, run.guard.watch_gradients)
+    skip = run.guard.observe(where, net.name, terms, gradients)
     if skip is not None:
         opt.found_inf = skip  # read by the fused optimiser: it skips the update on the device
     if scaling:
