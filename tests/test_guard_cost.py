@@ -23,11 +23,13 @@ from scoredistill.plugins import Hooks, make_plugin_manager
 class OpCount(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
-        self.ops = 0
+        self.ops = self.outputs = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
         self.ops += 1
-        return func(*args, **(kwargs or {}))
+        self.outputs += len(out) if isinstance(out, (list, tuple)) else int(out is not None)
+        return out
 
 
 def _unet_run(hooks, tmp_path, *overrides: str):
@@ -66,8 +68,11 @@ def test_the_gradient_check_is_one_op_whatever_the_number_of_tensors(hooks, tmp_
     run = _unet_run(hooks, tmp_path)
     net = run.trained["generator"]
     assert len(net.params) > 40
-    ops = _ops(lambda: run.engine.check_gradients(net.wrapper, net.params, None))
-    assert ops <= 2, ops  # the flag's zero and one foreach check (a per-tensor norm was one output per tensor)
+    with OpCount() as mode:
+        flag = run.engine.check_gradients(net.wrapper, net.params, None)
+    assert mode.ops <= 2, mode.ops  # the flag's zero and one foreach check
+    assert mode.outputs <= 2, mode.outputs  # a per-tensor norm (_foreach_norm) gave one output per parameter tensor
+    assert flag.shape == ()  # what the guard keeps per update
 
 
 def test_skipping_non_finite_updates_costs_a_few_ops_per_update(hooks, tmp_path):
