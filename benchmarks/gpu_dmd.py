@@ -56,6 +56,7 @@ class Setting(NamedTuple):
     batch_mult: int = 1
     bare: bool = False  # overhead.py's hand-written loop on the same networks, instead of scoredistill
     teacher_dtype: str = "fp32"  # teacher.dtype: bf16 spares autocast's cast of the frozen teacher's weights per call
+    cast_weights: str = "auto"  # runtime.cast_weights: auto is per_update (weight copies) in the eager mixed-precision rows
 
 
 #: the compiled settings last: their warm-up is minutes, and the eager rows are kept if the time runs out. The bare
@@ -66,6 +67,7 @@ SETTINGS = [
     Setting("tf32", "no", True, False),
     Setting("bf16", "bf16", True, False),
     Setting("bare:bf16", "bf16", True, False, bare=True),
+    Setting("bf16+per_call_casts", "bf16", True, False, cast_weights="per_call"),  # autocast's cast of every weight per call
     Setting("bf16+bf16_teacher", "bf16", True, False, teacher_dtype="bf16"),
     Setting("bf16+channels_last", "bf16", True, False, channels_last=True),
     Setting("bf16+batch_x4", "bf16", True, False, batch_mult=4),
@@ -87,7 +89,7 @@ def save_teacher(folder: Path, arch: dict, size: int) -> Path:
 
 
 def make_run(teacher: Path, batch: int, device: str, precision: str, tf32: bool, compile_: Union[bool, str], channels_last: bool,
-             teacher_dtype: str = "fp32"):
+             teacher_dtype: str = "fp32", cast_weights: str = "auto"):
     from scoredistill.config import resolve
     from scoredistill.plugins import Hooks
     from scoredistill.trainer import build, setup
@@ -100,7 +102,7 @@ def make_run(teacher: Path, batch: int, device: str, precision: str, tf32: bool,
                  "train.lr_schedule=constant", f"runtime.device={device}", f"runtime.mixed_precision={precision}",
                  f"runtime.tf32={str(tf32).lower()}", f"runtime.compile={str(bool(compile_)).lower()}",
                  f"runtime.channels_last={str(channels_last).lower()}", "runtime.progress=false", "runtime.num_threads=null",
-                 f"teacher.dtype={teacher_dtype}"]
+                 f"teacher.dtype={teacher_dtype}", f"runtime.cast_weights={cast_weights}"]
     if compile_ and compile_ != "default":
         overrides.append(f"runtime.compile_mode={compile_}")
     config = resolve(hooks.registry, "dmd", "digits", ["regression"], overrides)
@@ -131,13 +133,15 @@ def bare_loop(run, compile_: Union[bool, str]) -> Callable[[], dict]:
 
 def setting_run(teacher: Path, device: str, s: Setting, batch: int):
     """scoredistill's run for setting ``s``; built for a bare row too, which takes uncompiled copies of its networks."""
-    return make_run(teacher, batch, device, s.precision, s.tf32, False if s.bare else s.compile, s.channels_last, s.teacher_dtype)
+    return make_run(teacher, batch, device, s.precision, s.tf32, False if s.bare else s.compile, s.channels_last, s.teacher_dtype,
+                    s.cast_weights)
 
 
 def time_setting(teacher: Path, device: str, s: Setting, batch: int, warmup: int, iters: int) -> dict:
     from scoredistill.trainer import train_iteration
 
     run = setting_run(teacher, device, s, batch)
+    copies = not s.bare and run.engine.weight_copies_dtype is not None
     step = bare_loop(run, s.compile) if s.bare else (lambda: train_iteration(run))
     t0 = time.perf_counter()
     for _ in range(warmup):
@@ -159,7 +163,8 @@ def time_setting(teacher: Path, device: str, s: Setting, batch: int, warmup: int
         torch.cuda.empty_cache()
     return {"batch": batch, "seconds_per_iteration": sec, "cpu_seconds_per_iteration": cpu, "iterations_per_s": 1 / sec, "images_per_s": batch / sec,
             "peak_gib": peak, "warmup_seconds": warm, "losses_finite": finite,
-            "cudnn_benchmark": torch.backends.cudnn.benchmark}  # runtime.cudnn_benchmark, set by the run's engine on CUDA
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,  # runtime.cudnn_benchmark, set by the run's engine on CUDA
+            "weight_copies": copies}  # runtime.cast_weights as resolved: the trained networks' bf16 weight copies
 
 
 def count_flops(teacher: Path, device: str, batch: int) -> float:

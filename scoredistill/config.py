@@ -127,6 +127,11 @@ class RuntimeConfig(BaseModel):
         None, ge=1, description="FSDP: wrap every submodule of at least this many parameters as its own unit; null: one unit per network")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
         "no", description="autocast the forward passes: bf16, or fp16 with dynamic loss scaling (CUDA only); weights stay fp32")
+    cast_weights: Literal["auto", "per_call", "per_update"] = Field(
+        "auto", description="mixed precision: when the generator's and fake score's convolution and linear weights are cast "
+                            "to it: per_call (autocast, in every forward and backward), per_update (low-precision copies "
+                            "refreshed after each optimiser step: the same numbers, two fewer ops per weight and call); "
+                            "auto: per_update in one eager process (torch >= 2.4), else per_call")
     tf32: bool = Field(True, description="allow TF32 matrix products and convolutions on CUDA GPUs that have them")
     cudnn_benchmark: bool = Field(
         True, description="CUDA: let cuDNN time its convolution algorithms once per input shape and keep the fastest "

@@ -100,6 +100,26 @@ class Engine:
         # would no longer give DDP's weights bit for bit.
         self.fused_adam = self.device.type == "cuda" or (self.device.type == "cpu" and not self.distributed
                                                          and _torch_at_least(2, 4))
+        self.weight_copies_dtype = self._weight_copies_dtype(runtime)
+
+    def _weight_copies_dtype(self, runtime: RuntimeConfig) -> Optional[torch.dtype]:
+        """The dtype of the trained networks' weight copies (:mod:`scoredistill.precision`), or None: autocast casts per call.
+
+        The copies live outside DDP's and FSDP's view (their gradients would not be reduced), and
+        a compiled graph casts inside its own kernels, so they are for one eager process.
+        """
+        mode = runtime.cast_weights
+        if mode == "per_call" or (mode == "auto" and runtime.mixed_precision == "no"):
+            return None
+        why = ("runtime.mixed_precision is 'no' (nothing is cast)" if runtime.mixed_precision == "no" else
+               f"this run has {self.world_size} processes (DDP and FSDP reduce the weights' own gradients)" if self.distributed else
+               "runtime.compile is on (the compiled graphs cast inside their kernels)" if runtime.compile else
+               f"torch {torch.__version__} is older than 2.4" if not _torch_at_least(2, 4) else None)
+        if why is not None:
+            if mode == "auto":
+                return None
+            raise UserError(f"runtime.cast_weights=per_update cannot be used: {why}; use per_call or auto")
+        return torch.bfloat16 if runtime.mixed_precision == "bf16" else torch.float16
 
     # -- lifecycle
     def close(self) -> None:

@@ -45,6 +45,7 @@ from scoredistill.engine import Engine, Trainable, launched_processes, rank_seed
 from scoredistill.errors import UserError
 from scoredistill.io import environment_versions, load_tensors, save_tensors, write_json, write_text
 from scoredistill.plugins import Hooks
+from scoredistill.precision import WeightCopies
 from scoredistill.roles import (BuildContext, FakeScoreLoss, GeneratorBatch, GeneratorLoss, Models, PairSource, Role, cat_conditions,
                                seeded_conditions)
 from scoredistill.runlog import METRICS_CSV, RunLog, check_tensorboard, weights_hash
@@ -77,6 +78,7 @@ class Trained:
     optimizer: torch.optim.Optimizer
     schedule: Optional[torch.optim.lr_scheduler.LRScheduler]  # None: a constant lr
     params: list[nn.Parameter] = field(default_factory=list)
+    copies: Optional[WeightCopies] = None  # its low-precision weight copies (runtime.cast_weights=per_update)
 
     def __call__(self, objective: Callable[[nn.Module], Any]) -> Any:
         """Run ``objective(network)`` as this network's forward (so DDP/FSDP see the whole update)."""
@@ -251,14 +253,16 @@ def _all_finite(values: list[Tensor]) -> Tensor:
 
 def _update(run: Run, net: Trained, loss: Tensor, terms: dict[str, Tensor], where: str) -> None:
     """``backward -> unscale -> clip -> step`` of one network, watching for non-finite values."""
-    opt, scaler = net.optimizer, run.engine.scaler
+    opt, scaler, copies = net.optimizer, run.engine.scaler, net.copies
     scaling = scaler.is_enabled()  # fp16 only
     opt.zero_grad(set_to_none=True)
+    if copies is not None:
+        copies.zero_grad()
+    (scaler.scale(loss) if scaling else loss).backward()
+    if copies is not None:
+        copies.gradients_to_masters()
     if scaling:
-        scaler.scale(loss).backward()
         scaler.unscale_(opt)
-    else:
-        loss.backward()
     gradients = run.engine.check_gradients(net.wrapper, net.params, run.config.train.grad_clip, run.guard.watch_gradients)
     skip = run.guard.observe(where, net.name, terms, gradients)
     if skip is not None:
@@ -270,6 +274,8 @@ def _update(run: Run, net: Trained, loss: Tensor, terms: dict[str, Tensor], wher
         opt.step()
     if skip is not None and hasattr(opt, "found_inf"):
         del opt.found_inf
+    if copies is not None:
+        copies.refresh()
 
 
 @contextlib.contextmanager
@@ -461,7 +467,9 @@ def setup(run: Run) -> None:
         wrapper = engine.wrap(net)
         opt = _make_optimizer(cfg, name, wrapper, net, lr, fused)
         params = [p for p in wrapper.parameters() if p.requires_grad]
-        run.trained[name] = Trained(name, wrapper, opt, _lr_schedule(opt, cfg.lr_schedule, cfg.steps), params)
+        dtype = engine.weight_copies_dtype  # after the EMA's copy and the speed options: the EMA keeps the plain layers
+        copies = WeightCopies(net, dtype, engine.device.type) if dtype is not None else None
+        run.trained[name] = Trained(name, wrapper, opt, _lr_schedule(opt, cfg.lr_schedule, cfg.steps), params, copies)
     run.guard = NonFiniteGuard(cfg.on_nonfinite, engine.device, watch_gradients=not engine.scaler.is_enabled())
 
 
@@ -512,6 +520,8 @@ def restore(run: Run, checkpoint: ckpt.Checkpoint) -> None:
     try:
         for name, net in run.trained.items():
             engine.load_model_state(net.wrapper, ckpt.prefixed(tensors, name))
+            if net.copies is not None:
+                net.copies.refresh()
             flat = ckpt.optimizer_from_flat(name, tensors, state["optimizers"][name])
             engine.load_optimizer_state(net.wrapper, net.optimizer, flat)
             if net.schedule is not None:
