@@ -92,6 +92,7 @@ class Bare:
         from scoredistill.images.networks import UNetFakeScore, UNetGenerator
         from scoredistill.images.teachers import ImageTeacher
         from scoredistill.networks import MLPFakeScore, MLPGenerator
+        from scoredistill.precision import without_weight_copies  # the hand-written loop casts as autocast does
 
         cfg, m = run.config, run.models
         tr = cfg.train
@@ -113,7 +114,7 @@ class Bare:
             self.teacher = self._gmm_denoiser
             self.train_sigma = None  # uniform over the timesteps (below)
         elif isinstance(teacher, ImageTeacher) and teacher.kind == "edm" and teacher.denoiser.prediction_type == "epsilon":
-            self.t_unet = copy.deepcopy(teacher.denoiser.unet).eval().requires_grad_(False)
+            self.t_unet = without_weight_copies(copy.deepcopy(teacher.denoiser.unet)).eval().requires_grad_(False)
             self.teacher = lambda x, s: self._unet_denoiser(self.t_unet, x, s)
             lo, hi, pm, ps = float(self.sigmas[0]), float(self.sigmas[-1]), teacher.p_mean, teacher.p_std
             self.train_sigma = lambda n: (pm + ps * torch.randn((n,), device=self.device)).exp().clamp(lo, hi)
@@ -126,11 +127,11 @@ class Bare:
         # -- the generator G
         g = m.generator
         if isinstance(g, MLPGenerator):
-            self.g_net = copy.deepcopy(g.net)
+            self.g_net = without_weight_copies(copy.deepcopy(g.net))
             self.g_feats = g.features.freqs.clone() if g.features is not None else None
             self.G = self._mlp_generator
         elif isinstance(g, UNetGenerator):
-            self.g_net = copy.deepcopy(g.denoiser.unet)
+            self.g_net = without_weight_copies(copy.deepcopy(g.denoiser.unet))
             self.g_sigma = g.sigma
             self.G = lambda z: self._unet_denoiser(self.g_net, z * self.g_sigma, torch.full((z.shape[0],), self.g_sigma, device=z.device))
         else:
@@ -141,12 +142,12 @@ class Bare:
         f = m.fake_score
         if isinstance(f, MLPFakeScore):
             d = f.denoiser
-            self.f_net = copy.deepcopy(d.net)
+            self.f_net = without_weight_copies(copy.deepcopy(d.net))
             self.f_embed = d.embed.freqs.clone()
             self.f_in = d.input_embed.freqs.clone() if d.input_embed is not None else None
             self.fake = self._mlp_denoiser
         elif isinstance(f, UNetFakeScore):
-            self.f_net = copy.deepcopy(f.denoiser.unet)
+            self.f_net = without_weight_copies(copy.deepcopy(f.denoiser.unet))
             self.fake = lambda x, s: self._unet_denoiser(self.f_net, x, s)
         else:
             raise SystemExit(f"overhead.py: no bare loop for fake score {type(f).__name__}")

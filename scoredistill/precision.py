@@ -51,11 +51,14 @@ class _LayerCopies:
         self.owner = weakref.ref(layer)  # a deep copy of the layer shares this reference: it is not the owner
         self.device_type, self.dtype, self.weight, self.w, self.bias, self.b = device_type, dtype, layer.weight, w, layer.bias, b
 
+    def __deepcopy__(self, memo: dict) -> None:
+        return None  # a deep copy of the layer has weights of its own: no copies (and no memory for them)
+
 
 def _forward_with_copies(self: nn.Module, x: Tensor) -> Tensor:
     """A layer's forward that uses its low-precision copies while autocast runs at their dtype."""
-    c: _LayerCopies = self.__dict__[_KEY]
-    if c.owner() is not self or not torch.is_autocast_enabled(c.device_type) or torch.get_autocast_dtype(c.device_type) != c.dtype:
+    c: Optional[_LayerCopies] = self.__dict__[_KEY]
+    if c is None or c.owner() is not self or not torch.is_autocast_enabled(c.device_type) or torch.get_autocast_dtype(c.device_type) != c.dtype:
         return type(self).forward(self, x)  # a deep copy, or no autocast at this dtype: the layer as it is
     w, b = c.w, c.b
     if w.requires_grad is not c.weight.requires_grad:  # follows the weight (frozen while another network updates)
@@ -126,6 +129,18 @@ class WeightCopies:
     def remove(self) -> None:
         """Give every layer its own forward back (then the copies are unused)."""
         for layer in self.layers:
-            layer.__dict__.pop(_KEY, None)
-            layer.__dict__.pop("forward", None)
+            _restore(layer)
         self.layers = []
+
+
+def _restore(layer: nn.Module) -> None:
+    if _KEY in layer.__dict__:
+        del layer.__dict__[_KEY]
+        layer.__dict__.pop("forward", None)
+
+
+def without_weight_copies(net: nn.Module) -> nn.Module:
+    """``net`` with every layer's own forward (for a deep copy that is compiled or traced on its own); returns ``net``."""
+    for layer in net.modules():
+        _restore(layer)
+    return net

@@ -125,17 +125,18 @@ def test_gpu_script_runs_on_cpu_and_times_issue_7s_reference_iteration(tmp_path)
 
 
 def test_gpu_script_builds_each_setting_as_named(tmp_path):
-    """The compile mode and teacher dtype each row asks for reach the run's config (a bare row's run is not compiled:
-    the hand-written loop compiles its own copies)."""
+    """The compile mode, teacher dtype and weight casts each row asks for reach the run (a bare row's run is not
+    compiled: the hand-written loop compiles its own copies)."""
     gpu_dmd = _load_benchmark("gpu_dmd")
     teacher = gpu_dmd.save_teacher(tmp_path / "teacher", gpu_dmd.TINY_UNET, 8)
-    want = {"bf16": (False, None, "fp32"), "bf16+compile": (True, None, "fp32"),
-            "bf16+compile+cudagraphs": (True, "reduce-overhead", "fp32"), "bare:bf16+compile": (False, None, "fp32"),
-            "bf16+bf16_teacher": (False, None, "bf16")}
+    want = {"bf16": (False, None, "fp32", True), "bf16+compile": (True, None, "fp32", False),
+            "bf16+compile+cudagraphs": (True, "reduce-overhead", "fp32", False), "bare:bf16+compile": (False, None, "fp32", True),
+            "bf16+bf16_teacher": (False, None, "bf16", True), "bf16+per_call_casts": (False, None, "fp32", False)}
     for s in gpu_dmd.SETTINGS:
         if s.name in want:
-            cfg = gpu_dmd.setting_run(teacher, "cpu", s, 2).config
-            assert (cfg.runtime.compile, cfg.runtime.compile_mode, cfg.teacher.config.dtype) == want[s.name], s.name
+            run = gpu_dmd.setting_run(teacher, "cpu", s, 2)
+            cfg, copies = run.config, run.trained["generator"].copies is not None
+            assert (cfg.runtime.compile, cfg.runtime.compile_mode, cfg.teacher.config.dtype, copies) == want[s.name], s.name
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from scoredistill import checkpoint as ckpt
 from scoredistill.config import RuntimeConfig, resolve
 from scoredistill.engine import Engine
 from scoredistill.errors import UserError
-from scoredistill.precision import WeightCopies
+from scoredistill.precision import WeightCopies, without_weight_copies
 from scoredistill.trainer import build, generate, restore, save_checkpoint, setup, train_iteration
 
 BF16 = torch.bfloat16
@@ -95,6 +95,7 @@ def test_the_copies_are_used_only_under_autocast_at_their_dtype_and_not_by_a_dee
         with _autocast():
             assert torch.equal(twin(x), plain(x))  # a deep copy has its own weights: the layer's own forward
             assert not torch.equal(mine(x), plain(x))  # the stale copies are what the original uses (so the test can fail)
+    assert "forward" not in without_weight_copies(copy.deepcopy(mine)).conv.__dict__  # what the hand-written loop compiles
     copies.remove()
     with torch.no_grad(), _autocast():
         assert torch.equal(mine(x), plain(x))
