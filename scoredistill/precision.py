@@ -1,29 +1,32 @@
-"""Low-precision copies of a trained network's weights, cast once per update instead of on every call.
+"""Low-precision copies of a network's weights, cast once per update instead of on every call.
 
 Under autocast (bf16 or fp16) every convolution and linear layer casts its float32 weight and
 bias to the low precision in every forward, and the backward casts their gradients back: two
-aten ops per tensor and call. On a GPU whose host sets the pace, each costs the host about a
+aten ops per tensor and call. On a GPU whose host sets the pace each costs the host about a
 kernel launch and more (session 7's H200 profile: 28 µs per cast, 42 µs per cast's backward
-node); in a bf16 DMD iteration on the CIFAR UNet they are 1,144 of its 6,657 aten ops
+node). In a bf16 DMD iteration on the CIFAR UNet they are 1,352 of its 6,885 aten ops
 (``benchmarks/README.md``, "GPU").
 
-:class:`WeightCopies` keeps those casts as tensors of their own, refreshed after each
-optimiser step (one foreach copy), and gives each layer's forward the copies while autocast
-runs at their dtype. Gradients land on the copies and are moved to the float32 weights in one
-foreach copy. The numbers are the same bit for bit: autocast would compute exactly these casts
-(round to nearest even), and the float32 gradient is the low-precision one, cast once, as
-autocast's backward does. This is the master-weights scheme of Micikevicius et al., "Mixed
-Precision Training" (ICLR 2018), restricted to the tensors autocast casts.
+:class:`WeightCopies` keeps those casts as tensors of their own, and gives each layer's forward
+the copies while autocast runs at their dtype. Gradients land on the copies and reach the
+float32 weights in one foreach copy; one more refreshes the copies after each optimiser step.
+The trainer gives the generator and the fake score copies, and the frozen teacher copies made
+once (``runtime.cast_weights``). The numbers are the same bit for bit: autocast would compute
+exactly these casts (round to nearest even), and the float32 gradient is the low-precision one
+cast once, as autocast's backward casts it. This is the master-weights scheme of Micikevicius
+et al., "Mixed Precision Training" (ICLR 2018), restricted to the tensors autocast casts.
 
 The float32 weights stay the network's parameters, so the optimiser, checkpoints, the EMA and
-sampling outside autocast (``trainer.generate``) see the network as it was. Left alone (cast
-per call, as before): layers of other types, weights tied between layers, and deep copies of the network
-(they fall back to the layer's own forward). A layer called several times in one autocast
-region sums its gradients in the low precision, as autocast does (its cast cache gives every
-call the same cast tensor); called in separate regions before one backward, autocast would sum
-the casts' gradients in float32 (the trainer runs each update's forward in one region). A weight changed in place outside the trainer's
-updates must be followed by :meth:`WeightCopies.refresh` (the trainer does it after each step
-and after a resume).
+sampling outside autocast (``trainer.generate``) see the network as it was.
+
+- Left alone (cast per call, as before): layers of other types, weights tied between layers,
+  and deep copies of the network (they fall back to the layer's own forward).
+- A layer called several times in one autocast region sums its gradients in the low precision,
+  as autocast does (its cast cache gives every call the same cast tensor). Called in separate
+  regions before one backward, autocast would sum the casts' gradients in float32; the trainer
+  runs each update's forward in one region.
+- A weight changed in place outside the trainer's updates must be followed by
+  :meth:`WeightCopies.refresh` (the trainer refreshes after each step and after a resume).
 """
 
 from __future__ import annotations

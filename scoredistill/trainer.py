@@ -110,6 +110,7 @@ class Run:
     last_checkpoint: Optional[Path] = None
     started: Optional[float] = None  # perf_counter() when this process began training
     cuda_graphs: bool = False  # the networks replay CUDA graphs (compile_mode=reduce-overhead on CUDA); set by setup()
+    teacher_copies: Optional[WeightCopies] = None  # the frozen teacher's low-precision weights (runtime.cast_weights)
 
     def elapsed(self) -> float:
         """Seconds of training so far, over every process that worked on this run (resumes included)."""
@@ -459,6 +460,9 @@ def setup(run: Run) -> None:
     if cfg.ema_decay is not None:
         run.ema = EMA(models.generator, cfg.ema_decay)
     _speed_options(run)
+    dtype = engine.weight_copies_dtype  # after the EMA's copy and the speed options: the EMA keeps the plain layers
+    if dtype is not None:  # the frozen teacher's copies are made once: its weights never change
+        run.teacher_copies = WeightCopies(models.teacher, dtype, engine.device.type)
     fused = cfg.on_nonfinite == "skip" or engine.fused_adam  # one kernel per tensor: faster on CPUs too
     nets = {"generator": (models.generator, cfg.generator_lr)}
     if run.trains_fake_score():
@@ -467,7 +471,6 @@ def setup(run: Run) -> None:
         wrapper = engine.wrap(net)
         opt = _make_optimizer(cfg, name, wrapper, net, lr, fused)
         params = [p for p in wrapper.parameters() if p.requires_grad]
-        dtype = engine.weight_copies_dtype  # after the EMA's copy and the speed options: the EMA keeps the plain layers
         copies = WeightCopies(net, dtype, engine.device.type) if dtype is not None else None
         run.trained[name] = Trained(name, wrapper, opt, _lr_schedule(opt, cfg.lr_schedule, cfg.steps), params, copies)
     run.guard = NonFiniteGuard(cfg.on_nonfinite, engine.device, watch_gradients=not engine.scaler.is_enabled())
