@@ -128,9 +128,9 @@ class RuntimeConfig(BaseModel):
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
         "no", description="autocast the forward passes: bf16, or fp16 with dynamic loss scaling (CUDA only); weights stay fp32")
     cast_weights: Literal["auto", "per_call", "per_update"] = Field(
-        "auto", description="mixed precision: when the generator's and fake score's convolution and linear weights are cast "
-                            "to it: per_call (autocast, in every forward and backward), per_update (low-precision copies "
-                            "refreshed after each optimiser step: the same numbers, two fewer ops per weight and call); "
+        "auto", description="mixed precision: when the networks' convolution and linear weights are cast to it: per_call "
+                            "(autocast, in every forward and backward), per_update (low-precision copies, refreshed after "
+                            "each optimiser step, made once for the frozen teacher: the same numbers, fewer ops per call); "
                             "auto: per_update in one eager process (torch >= 2.4), else per_call")
     tf32: bool = Field(True, description="allow TF32 matrix products and convolutions on CUDA GPUs that have them")
     cudnn_benchmark: bool = Field(

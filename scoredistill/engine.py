@@ -103,7 +103,7 @@ class Engine:
         self.weight_copies_dtype = self._weight_copies_dtype(runtime)
 
     def _weight_copies_dtype(self, runtime: RuntimeConfig) -> Optional[torch.dtype]:
-        """The dtype of the trained networks' weight copies (:mod:`scoredistill.precision`), or None: autocast casts per call.
+        """The dtype of the networks' weight copies (:mod:`scoredistill.precision`), or None: autocast casts per call.
 
         The copies live outside DDP's and FSDP's view (their gradients would not be reduced), and
         a compiled graph casts inside its own kernels, so they are for one eager process.
