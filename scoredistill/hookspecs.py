@@ -168,7 +168,11 @@ def scoredistill_make_pair_source(spec: ComponentSpec, ctx: BuildContext) -> Pai
 
 @hookspec
 def scoredistill_train_start(run: Run) -> None:
-    """Called once the models are built, before the first optimisation step."""
+    """Called once the models are built, before the first optimisation step.
+
+    Weights set here in place (an initialisation of the plugin's own) are the ones the first
+    step uses: the trainer refreshes its low-precision weight copies after this hook.
+    """
 
 
 @hookspec

@@ -26,7 +26,8 @@ sampling outside autocast (``trainer.generate``) see the network as it was.
   regions before one backward, autocast would sum the casts' gradients in float32; the trainer
   runs each update's forward in one region.
 - A weight changed in place outside the trainer's updates must be followed by
-  :meth:`WeightCopies.refresh` (the trainer refreshes after each step and after a resume).
+  :meth:`WeightCopies.refresh` (the trainer refreshes after each step, after a resume and after
+  the ``train_start`` hooks).
 """
 
 from __future__ import annotations

@@ -476,6 +476,13 @@ def setup(run: Run) -> None:
     run.guard = NonFiniteGuard(cfg.on_nonfinite, engine.device, watch_gradients=not engine.scaler.is_enabled())
 
 
+def _refresh_weight_copies(run: Run) -> None:
+    """The low-precision weight copies follow weights changed outside an update (a resume, ``train_start`` hooks)."""
+    for copies in (run.teacher_copies, *(net.copies for net in run.trained.values())):
+        if copies is not None:
+            copies.refresh()
+
+
 def _update_ema(run: Run) -> None:
     if run.ema is not None:
         with run.engine.full_parameters(run.trained["generator"].wrapper):
@@ -523,8 +530,6 @@ def restore(run: Run, checkpoint: ckpt.Checkpoint) -> None:
     try:
         for name, net in run.trained.items():
             engine.load_model_state(net.wrapper, ckpt.prefixed(tensors, name))
-            if net.copies is not None:
-                net.copies.refresh()
             flat = ckpt.optimizer_from_flat(name, tensors, state["optimizers"][name])
             engine.load_optimizer_state(net.wrapper, net.optimizer, flat)
             if net.schedule is not None:
@@ -535,6 +540,7 @@ def restore(run: Run, checkpoint: ckpt.Checkpoint) -> None:
             engine.scaler.load_state_dict(state["scaler"])
     except (KeyError, RuntimeError, ValueError) as exc:
         raise UserError(f"checkpoint {checkpoint.path} does not fit this run's networks: {str(exc).splitlines()[0]}") from None
+    _refresh_weight_copies(run)
     run.step, run.warmup_step, run.history = state["step"], state["warmup_step"], list(state["history"])
     run.guard.skipped.fill_(state["skipped"])
     run.train_seconds, run.checkpoint_seconds = state["train_seconds"], state["checkpoint_seconds"]
@@ -607,6 +613,7 @@ def train(run: Run, resume: Optional[ckpt.Checkpoint] = None) -> None:
     elif engine.rank > 0:
         torch.manual_seed(rank_seed(run.config.seed, engine.rank))  # each process draws its own noise
     run.hooks.train_start(run=run)
+    _refresh_weight_copies(run)  # a plugin may have set weights
     run.started = time.perf_counter()
     check_every = 1 if not engine.distributed else cfg.log_every  # processes agree on a stop at log steps only
 

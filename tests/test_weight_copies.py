@@ -14,11 +14,13 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from scoredistill import checkpoint as ckpt
+from scoredistill import hookimpl
 from scoredistill.config import RuntimeConfig, resolve
 from scoredistill.engine import Engine
 from scoredistill.errors import UserError
+from scoredistill.plugins import Hooks, make_plugin_manager
 from scoredistill.precision import WeightCopies, without_weight_copies
-from scoredistill.trainer import build, generate, restore, save_checkpoint, setup, train_iteration
+from scoredistill.trainer import build, generate, restore, save_checkpoint, setup, train, train_iteration
 
 BF16 = torch.bfloat16
 
@@ -242,4 +244,31 @@ def test_a_resumed_run_with_copies_continues_bit_for_bit(hooks, tmp_path, unet_t
     for _ in range(2):
         train_iteration(resumed)
     a, b = _state(whole), _state(resumed)
+    assert not [k for k in a if not torch.equal(a[k], b[k])]
+
+
+class ShrinkG:
+    """A plugin that sets the generator's weights in place when training starts."""
+
+    @hookimpl
+    def scoredistill_train_start(self, run):
+        with torch.no_grad():
+            for p in run.models.generator.parameters():
+                p.mul_(0.5)
+
+
+def test_weights_a_plugin_sets_at_train_start_are_the_ones_the_first_step_uses(tmp_path, unet_teacher):
+    finals = {}
+    for cast in ("per_call", "per_update"):
+        pm = make_plugin_manager()
+        pm.register(ShrinkG(), name="shrink_g")
+        hooks = Hooks(pm)
+        method, preset, ablations, overrides = CASES["unet"](unet_teacher)
+        config = resolve(hooks.registry, method, preset, ablations, [
+            *overrides, "runtime.mixed_precision=bf16", f"runtime.cast_weights={cast}", "runtime.progress=false",
+            "train.steps=2", "train.sample_every=null", "train.checkpoint_every=null"])
+        run = build(config, hooks, tmp_path / cast)
+        train(run)
+        finals[cast] = _state(run)
+    a, b = finals["per_call"], finals["per_update"]
     assert not [k for k in a if not torch.equal(a[k], b[k])]
