@@ -106,7 +106,10 @@ class Engine:
         """The dtype of the networks' weight copies (:mod:`scoredistill.precision`), or None: autocast casts per call.
 
         The copies live outside DDP's and FSDP's view (their gradients would not be reduced), and
-        a compiled graph casts inside its own kernels, so they are for one eager process.
+        a compiled graph casts inside its own kernels: there inductor fuses a gradient's cast into
+        the reduction that makes it (a bias gradient summed in float32), so copies, whose gradients
+        are rounded to bf16 first, would not give the same numbers (seen on CPU with an MLP). They
+        are for one eager process.
         """
         mode = runtime.cast_weights
         if mode == "per_call" or (mode == "auto" and runtime.mixed_precision == "no"):
