@@ -253,7 +253,11 @@ def _all_finite(values: list[Tensor]) -> Tensor:
 
 
 def _update(run: Run, net: Trained, loss: Tensor, terms: dict[str, Tensor], where: str) -> None:
-    """``backward -> unscale -> clip -> step`` of one network, watching for non-finite values."""
+    """``backward -> unscale -> clip -> step`` of one network, watching for non-finite values.
+
+    With low-precision weight copies (``runtime.cast_weights``), their gradients reach the float32
+    weights before the unscale, and the copies are refreshed after the step.
+    """
     opt, scaler, copies = net.optimizer, run.engine.scaler, net.copies
     scaling = scaler.is_enabled()  # fp16 only
     opt.zero_grad(set_to_none=True)
