@@ -112,7 +112,8 @@ class WeightCopies:
 
     @torch.no_grad()
     def gradients_to_masters(self) -> None:
-        """Each weight's ``.grad`` <- its copy's gradient in float32 (added, if the weight had one of its own)."""
+        """Each weight's ``.grad`` <- its copy's gradient in float32 (added, if the weight had one of its own); the
+        copies' gradients are then dropped."""
         if self._grads is None:
             self._grads = [torch.empty_like(m) for m in self.masters]
         fresh, into, grads = [], [], []
@@ -129,6 +130,7 @@ class WeightCopies:
             torch._foreach_copy_(fresh, grads)
         for g, c in into:
             g.add_(c)
+        self.zero_grad()  # their memory is free until the next backward
 
     def remove(self) -> None:
         """Give every layer its own forward back (then the copies are unused)."""
