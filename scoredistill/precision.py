@@ -58,12 +58,18 @@ class _LayerCopies:
     def __deepcopy__(self, memo: dict) -> None:
         return None  # a deep copy of the layer has weights of its own: no copies (and no memory for them)
 
+    def serve(self, layer: nn.Module) -> bool:
+        """Whether ``layer`` should use the copies now: its own, on the same parameters, under autocast at their dtype."""
+        params = layer._parameters
+        return (self.owner() is layer and params["weight"] is self.weight and params.get("bias") is self.bias
+                and torch.is_autocast_enabled(self.device_type) and torch.get_autocast_dtype(self.device_type) == self.dtype)
+
 
 def _forward_with_copies(self: nn.Module, x: Tensor) -> Tensor:
     """A layer's forward that uses its low-precision copies while autocast runs at their dtype."""
     c: Optional[_LayerCopies] = self.__dict__[_KEY]
-    if c is None or c.owner() is not self or not torch.is_autocast_enabled(c.device_type) or torch.get_autocast_dtype(c.device_type) != c.dtype:
-        return type(self).forward(self, x)  # a deep copy, or no autocast at this dtype: the layer as it is
+    if c is None or not c.serve(self):  # a deep copy, new parameters, or no autocast at this dtype: the layer as it is
+        return type(self).forward(self, x)
     w, b = c.w, c.b
     if w.requires_grad is not c.weight.requires_grad:  # follows the weight (frozen while another network updates)
         w.requires_grad_(c.weight.requires_grad)
@@ -83,7 +89,7 @@ class WeightCopies:
 
     def __init__(self, net: nn.Module, dtype: torch.dtype, device_type: str) -> None:
         owners = Counter(id(p) for m in net.modules() for p in m.parameters(recurse=False))
-        self.dtype, self.masters, self.copies, self.layers = dtype, [], [], []
+        self.masters, self.copies, self.layers = [], [], []
         for layer in net.modules():
             own = [p for p in (layer.weight, getattr(layer, "bias", None)) if p is not None] if type(layer) in LAYERS else []
             if not own or any(owners[id(p)] != 1 or p.dtype != torch.float32 for p in own):  # tied weights keep autocast

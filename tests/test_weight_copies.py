@@ -98,6 +98,9 @@ def test_the_copies_are_used_only_under_autocast_at_their_dtype_and_not_by_a_dee
             assert torch.equal(twin(x), plain(x))  # a deep copy has its own weights: the layer's own forward
             assert not torch.equal(mine(x), plain(x))  # the stale copies are what the original uses (so the test can fail)
     assert "forward" not in without_weight_copies(copy.deepcopy(mine)).conv.__dict__  # what the hand-written loop compiles
+    mine.conv.weight = nn.Parameter(plain.conv.weight.detach().clone())  # a new parameter object: its copy is not its
+    with torch.no_grad(), _autocast():
+        assert torch.equal(mine.conv(x), plain.conv(x))
     copies.remove()
     with torch.no_grad(), _autocast():
         assert torch.equal(mine(x), plain(x))
