@@ -53,11 +53,11 @@ def _pair(seed: int = 0):
     return plain, copy.deepcopy(plain)
 
 
-def _step(net: nn.Module, x: torch.Tensor, copies: WeightCopies | None = None):
+def _step(net: nn.Module, x: torch.Tensor, copies: WeightCopies | None = None, dtype=BF16):
     net.zero_grad(set_to_none=True)
     if copies is not None:
         copies.zero_grad()
-    with _autocast():
+    with _autocast(dtype):
         y = net(x)
     y.float().square().mean().backward()
     if copies is not None:
@@ -65,13 +65,14 @@ def _step(net: nn.Module, x: torch.Tensor, copies: WeightCopies | None = None):
     return y
 
 
-def test_a_layer_with_copies_computes_autocasts_numbers_and_gradients_bit_for_bit():
+@pytest.mark.parametrize("dtype", [BF16, torch.float16])
+def test_a_layer_with_copies_computes_autocasts_numbers_and_gradients_bit_for_bit(dtype):
     plain, mine = _pair()
-    copies = WeightCopies(mine, BF16, "cpu")
+    copies = WeightCopies(mine, dtype, "cpu")
     assert len(copies) == 6 and not any(t is mine.tied.weight for t in copies.masters)  # conv, twice, head; not the tied weight
     x = torch.randn(2, 3, 6, 6)
-    a, b = _step(plain, x), _step(mine, x, copies)
-    assert torch.equal(a, b)
+    a, b = _step(plain, x, dtype=dtype), _step(mine, x, copies, dtype)
+    assert a.dtype == dtype and torch.equal(a, b)  # (autocast ran at that dtype)
     for (name, p), q in zip(plain.named_parameters(), mine.parameters()):
         assert p.grad is not None and q.grad is not None and q.grad.dtype == torch.float32, name
         assert torch.equal(p.grad, q.grad), name
@@ -80,7 +81,7 @@ def test_a_layer_with_copies_computes_autocasts_numbers_and_gradients_bit_for_bi
             p.sub_(0.1 * p.grad)
             q.sub_(0.1 * q.grad)
     copies.refresh()
-    assert torch.equal(_step(plain, x), _step(mine, x, copies))
+    assert torch.equal(_step(plain, x, dtype=dtype), _step(mine, x, copies, dtype))
 
 
 def test_the_copies_are_used_only_under_autocast_at_their_dtype_and_not_by_a_deep_copy():
