@@ -57,6 +57,7 @@ class Setting(NamedTuple):
     bare: bool = False  # overhead.py's hand-written loop on the same networks, instead of scoredistill
     teacher_dtype: str = "fp32"  # teacher.dtype: bf16 spares autocast's cast of the frozen teacher's weights per call
     cast_weights: str = "auto"  # runtime.cast_weights: auto is per_update (weight copies) in the eager mixed-precision rows
+    graph: bool = False  # the eager iteration captured once as a CUDA graph and replayed: the host out of the way
 
 
 #: the compiled settings last: their warm-up is minutes, and the eager rows are kept if the time runs out. The bare
@@ -68,6 +69,7 @@ SETTINGS = [
     Setting("bf16", "bf16", True, False),
     Setting("bare:bf16", "bf16", True, False, bare=True),
     Setting("bf16+per_call_casts", "bf16", True, False, cast_weights="per_call"),  # autocast's cast of every weight per call
+    Setting("bf16+cuda_graph", "bf16", True, False, graph=True),
     Setting("bf16+bf16_teacher", "bf16", True, False, teacher_dtype="bf16"),
     Setting("bf16+channels_last", "bf16", True, False, channels_last=True),
     Setting("bf16+batch_x4", "bf16", True, False, batch_mult=4),
@@ -131,6 +133,40 @@ def bare_loop(run, compile_: Union[bool, str]) -> Callable[[], dict]:
     return bare.iteration
 
 
+def graphed_iteration(run, device: str) -> Callable[[], dict]:
+    """scoredistill's eager ``train_iteration``, captured once as one CUDA graph and replayed: what the
+    iteration costs when the host's dispatch is out of the way (issue 7's plan to 2,000, item 1).
+
+    A measurement of the headroom, not a way to train: a replay repeats the captured kernels (with
+    fresh noise: the default CUDA generator is graph-safe), while the trainer's host-side work (the
+    step counter, the non-finite guard's list, the lr schedule) ran once, at capture. The optimisers
+    are made capturable, and the warm-up runs on a side stream, as CUDA graph capture needs. The run
+    has no host-device synchronisation in an iteration (the sync check), which capture also needs.
+    """
+    from scoredistill.trainer import train_iteration
+
+    if not device.startswith("cuda"):
+        raise RuntimeError("a CUDA graph needs a CUDA device")
+    for net in run.trained.values():
+        for group in net.optimizer.param_groups:
+            group["capturable"] = True  # fused Adam keeps its step count on the device
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # lazy state (optimiser moments, gradient buffers) and cuDNN's choices, before capture
+            train_iteration(run)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logs = train_iteration(run)
+
+    def replay() -> dict:
+        graph.replay()
+        return logs
+
+    return replay
+
+
 def setting_run(teacher: Path, device: str, s: Setting, batch: int):
     """scoredistill's run for setting ``s``; built for a bare row too, which takes uncompiled copies of its networks."""
     return make_run(teacher, batch, device, s.precision, s.tf32, False if s.bare else s.compile, s.channels_last, s.teacher_dtype,
@@ -142,7 +178,7 @@ def time_setting(teacher: Path, device: str, s: Setting, batch: int, warmup: int
 
     run = setting_run(teacher, device, s, batch)
     copies = not s.bare and run.engine.weight_copies_dtype is not None
-    step = bare_loop(run, s.compile) if s.bare else (lambda: train_iteration(run))
+    step = bare_loop(run, s.compile) if s.bare else graphed_iteration(run, device) if s.graph else (lambda: train_iteration(run))
     t0 = time.perf_counter()
     for _ in range(warmup):
         logs = step()
@@ -306,7 +342,8 @@ def main() -> None:
         if s.compile and cuda and not profiled and left() > 60:  # the sync check and profile before the long compile warm-up
             diagnose(teacher, args, result)
             profiled = True
-        isolate = args.isolate == "all" or (args.isolate == "compiled" and bool(s.compile))
+        # a compiled row's warm-up is minutes; a failed graph capture can leave the CUDA context unusable
+        isolate = args.isolate == "all" or (args.isolate == "compiled" and (bool(s.compile) or s.graph))
         if left() < 10:
             r = {"skipped": f"no time left in the budget of {args.budget:.0f} s"}
         elif isolate:

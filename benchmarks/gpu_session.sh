@@ -6,7 +6,7 @@
 #          omegaconf, pydantic(-core), annotated-types, typing-inspection, clean-fid, lpips for the machine's Python 3.12)
 #          .sdcache (a SCOREDISTILL_CACHE holding the digits teacher, classifier, pairs)
 #   run:   bash benchmarks/gpu_session.sh            (GPU_BENCH_BUDGET=540 seconds for the table; GPU_BENCH_ONLY picks
-#          settings and their order, e.g. GPU_BENCH_ONLY="bf16 bare:bf16 bf16+per_call_casts bf16+compile+cudagraphs
+#          settings and their order, e.g. GPU_BENCH_ONLY="bf16 bare:bf16 bf16+per_call_casts bf16+cuda_graph bf16+compile+cudagraphs
 #          bf16+compile"; SWEEP=1 SWEEP_TIMEOUT=250 adds the sweep)
 set -u
 OUT=${OUT:-/tmp/gpu_session}

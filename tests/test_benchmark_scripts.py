@@ -131,7 +131,8 @@ def test_gpu_script_builds_each_setting_as_named(tmp_path):
     teacher = gpu_dmd.save_teacher(tmp_path / "teacher", gpu_dmd.TINY_UNET, 8)
     want = {"bf16": (False, None, "fp32", True), "bf16+compile": (True, None, "fp32", False),
             "bf16+compile+cudagraphs": (True, "reduce-overhead", "fp32", False), "bare:bf16+compile": (False, None, "fp32", True),
-            "bf16+bf16_teacher": (False, None, "bf16", True), "bf16+per_call_casts": (False, None, "fp32", False)}
+            "bf16+bf16_teacher": (False, None, "bf16", True), "bf16+per_call_casts": (False, None, "fp32", False),
+            "bf16+cuda_graph": (False, None, "fp32", True)}
     for s in gpu_dmd.SETTINGS:
         if s.name in want:
             run = gpu_dmd.setting_run(teacher, "cpu", s, 2)
