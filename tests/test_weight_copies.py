@@ -203,6 +203,25 @@ def test_training_with_copies_is_bit_for_bit_trainings_with_autocasts_casts(hook
     assert torch.equal(*samples)
 
 
+def _methods():
+    return sorted(Hooks(make_plugin_manager()).registry.methods)
+
+
+@pytest.mark.parametrize("method", _methods())
+def test_every_method_trains_bit_for_bit_with_copies_on_toy2d(hooks, tmp_path, method):
+    """Over the registry (timm-style): each method's iterations, in bf16, with copies and with autocast's casts."""
+    case = (method, "toy2d", [], ["train.batch_size=32", "pairs.num_pairs=64", "train.fake_score_warmup_steps=0"])
+    states = {}
+    for cast in ("per_call", "per_update"):
+        run = _run(hooks, tmp_path, case, cast, cast)
+        assert all((net.copies is not None and len(net.copies) > 0) == (cast == "per_update") for net in run.trained.values())
+        logs = [train_iteration(run) for _ in range(2)]
+        states[cast] = (_state(run), [{k: v.clone() for k, v in d.items()} for d in logs])
+    (a, la), (b, lb) = states["per_call"], states["per_update"]
+    assert not [k for k in a if not torch.equal(a[k], b[k])]
+    assert all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(la, lb))
+
+
 class WeightCasts(TorchDispatchMode):
     """Counts every aten op, and the ``_to_copy`` calls on the given parameters (autocast's weight casts)."""
 
