@@ -347,7 +347,8 @@ def main() -> None:
         if left() < 10:
             r = {"skipped": f"no time left in the budget of {args.budget:.0f} s"}
         elif isolate:
-            r = run_isolated(s, teacher, args, left() - 5)
+            # an eager row isolated for safety gets two minutes at most: a hang must not cost the compiled rows
+            r = run_isolated(s, teacher, args, left() - 5 if s.compile else min(left() - 5, 120))
         else:
             r = run_here(s, teacher, args)
         result["settings"][name] = r
