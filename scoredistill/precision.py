@@ -33,7 +33,6 @@ sampling outside autocast (``trainer.generate``) see the network as it was.
 from __future__ import annotations
 
 import types
-import weakref
 from collections import Counter
 from typing import Optional
 
@@ -47,21 +46,20 @@ _KEY = "_scoredistill_weight_copies"
 
 
 class _LayerCopies:
-    """One layer's copies and float32 weights, and the layer they belong to."""
+    """One layer's copies and the float32 weights they copy."""
 
-    __slots__ = ("owner", "device_type", "dtype", "weight", "w", "bias", "b")
+    __slots__ = ("device_type", "dtype", "weight", "w", "bias", "b")
 
     def __init__(self, layer: nn.Module, device_type: str, dtype: torch.dtype, w: Tensor, b: Optional[Tensor]) -> None:
-        self.owner = weakref.ref(layer)  # a deep copy of the layer shares this reference: it is not the owner
         self.device_type, self.dtype, self.weight, self.w, self.bias, self.b = device_type, dtype, layer.weight, w, layer.bias, b
 
     def __deepcopy__(self, memo: dict) -> None:
         return None  # a deep copy of the layer has weights of its own: no copies (and no memory for them)
 
     def serve(self, layer: nn.Module) -> bool:
-        """Whether ``layer`` should use the copies now: its own, on the same parameters, under autocast at their dtype."""
+        """Whether ``layer`` should use the copies now: on the same parameters, under autocast at their dtype."""
         params = layer._parameters
-        return (self.owner() is layer and params["weight"] is self.weight and params.get("bias") is self.bias
+        return (params["weight"] is self.weight and params.get("bias") is self.bias
                 and torch.is_autocast_enabled(self.device_type) and torch.get_autocast_dtype(self.device_type) == self.dtype)
 
 

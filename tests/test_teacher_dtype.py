@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from scoredistill.config import resolve
 from scoredistill.images.teachers import DigitsTeacher
 from scoredistill.images.testing import tiny_diffusers_teacher_folder
+from scoredistill.testing import WeightCasts
 from scoredistill.trainer import build, setup, train_iteration
 
 
@@ -24,19 +24,6 @@ def _run(hooks, tmp_path, folder, *overrides, name="run"):
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return tiny_diffusers_teacher_folder(tmp_path_factory.mktemp("teacher"))
-
-
-class WeightCasts(TorchDispatchMode):
-    """Counts the ``_to_copy`` calls whose input is one of ``params`` (autocast's weight casts)."""
-
-    def __init__(self, params):
-        super().__init__()
-        self.ptrs, self.count = {p.data_ptr() for p in params}, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket is torch.ops.aten._to_copy and args and args[0].data_ptr() in self.ptrs:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("name,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
@@ -80,7 +67,7 @@ def test_under_autocast_a_bf16_teacher_casts_none_of_its_weights(hooks, tmp_path
         mode = WeightCasts(params)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), mode:
             teacher(x, sigma)
-        counts[name] = mode.count
+        counts[name] = mode.casts
     matmul_weights = sum(2 for m in teacher.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
     assert counts == {"fp32": matmul_weights, "bf16": 0}
 

@@ -11,7 +11,6 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from scoredistill import checkpoint as ckpt
 from scoredistill import hookimpl
@@ -20,6 +19,7 @@ from scoredistill.engine import Engine
 from scoredistill.errors import UserError
 from scoredistill.plugins import Hooks, make_plugin_manager
 from scoredistill.precision import WeightCopies, without_weight_copies
+from scoredistill.testing import WeightCasts
 from scoredistill.trainer import build, generate, restore, save_checkpoint, setup, train, train_iteration
 
 BF16 = torch.bfloat16
@@ -220,20 +220,6 @@ def test_every_method_trains_bit_for_bit_with_copies_on_toy2d(hooks, tmp_path, m
     (a, la), (b, lb) = states["per_call"], states["per_update"]
     assert not [k for k in a if not torch.equal(a[k], b[k])]
     assert all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(la, lb))
-
-
-class WeightCasts(TorchDispatchMode):
-    """Counts every aten op, and the ``_to_copy`` calls on the given parameters (autocast's weight casts)."""
-
-    def __init__(self, params) -> None:
-        super().__init__()
-        self.ptrs, self.casts, self.ops = {p.data_ptr() for p in params}, 0, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
-        if func.overloadpacket is torch.ops.aten._to_copy and args and args[0].data_ptr() in self.ptrs:
-            self.casts += 1
-        return func(*args, **(kwargs or {}))
 
 
 def test_an_iteration_with_copies_casts_no_weight_and_issues_fewer_ops(hooks, tmp_path, unet_teacher):
