@@ -232,7 +232,8 @@ def matmul_peak(device: str, n: int = 8192, reps: int = 10) -> float:
 
 
 def profile_kernels(teacher: Path, device: str, batch: int, top: int = 25) -> str:
-    """The top CUDA kernels of three bf16 iterations (eager), by total device time."""
+    """The top CUDA kernels of three bf16 iterations (eager), by total device time; then the host's side: aten ops by
+    self CPU time, and Python functions by own time (cProfile)."""
     from torch.profiler import ProfilerActivity, profile
 
     from scoredistill.trainer import train_iteration
@@ -245,7 +246,29 @@ def profile_kernels(teacher: Path, device: str, batch: int, top: int = 25) -> st
         for _ in range(3):
             train_iteration(run)
         _sync(device)
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70)
+    ops = prof.key_averages()
+    kernels = ops.table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70)
+    host = ops.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=70)
+    return (f"{kernels}\n\nThe host's side: aten ops by self CPU time (three iterations)\n{host}\n\n"
+            f"The host's side: Python functions by own time (cProfile, three iterations, no torch profiler)\n"
+            f"{_python_profile(lambda: train_iteration(run), device, top)}")
+
+
+def _python_profile(step: Callable[[], dict], device: str, top: int) -> str:
+    """cProfile of three iterations, by own time: where the host's Python goes (diffusers', torch's, ours)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(3):
+        step()
+    _sync(device)
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
 
 
 def sync_check(teacher: Path, device: str, batch: int, iters: int = 2) -> dict:
