@@ -57,7 +57,7 @@ class Setting(NamedTuple):
     bare: bool = False  # overhead.py's hand-written loop on the same networks, instead of scoredistill
     teacher_dtype: str = "fp32"  # teacher.dtype: bf16 spares autocast's cast of the frozen teacher's weights per call
     cast_weights: str = "auto"  # runtime.cast_weights: auto is per_update (weight copies) in the eager mixed-precision rows
-    graph: bool = False  # the eager iteration captured once as a CUDA graph and replayed: the host out of the way
+    cuda_graph: bool = False  # runtime.cuda_graph: the eager iteration's updates replayed as one CUDA graph
 
 
 #: the compiled settings last: their warm-up is minutes, and the eager rows are kept if the time runs out. The bare
@@ -69,7 +69,9 @@ SETTINGS = [
     Setting("bf16", "bf16", True, False),
     Setting("bare:bf16", "bf16", True, False, bare=True),
     Setting("bf16+per_call_casts", "bf16", True, False, cast_weights="per_call"),  # autocast's cast of every weight per call
-    Setting("bf16+cuda_graph", "bf16", True, False, graph=True),
+    Setting("bf16+cuda_graph", "bf16", True, False, cuda_graph=True),
+    Setting("bf16+cuda_graph+channels_last", "bf16", True, False, channels_last=True, cuda_graph=True),
+    Setting("bf16+cuda_graph+batch_x4", "bf16", True, False, batch_mult=4, cuda_graph=True),
     Setting("bf16+bf16_teacher", "bf16", True, False, teacher_dtype="bf16"),
     Setting("bf16+channels_last", "bf16", True, False, channels_last=True),
     Setting("bf16+batch_x4", "bf16", True, False, batch_mult=4),
@@ -91,7 +93,7 @@ def save_teacher(folder: Path, arch: dict, size: int) -> Path:
 
 
 def make_run(teacher: Path, batch: int, device: str, precision: str, tf32: bool, compile_: Union[bool, str], channels_last: bool,
-             teacher_dtype: str = "fp32", cast_weights: str = "auto"):
+             teacher_dtype: str = "fp32", cast_weights: str = "auto", cuda_graph: bool = False):
     from scoredistill.config import resolve
     from scoredistill.plugins import Hooks
     from scoredistill.trainer import build, setup
@@ -104,7 +106,8 @@ def make_run(teacher: Path, batch: int, device: str, precision: str, tf32: bool,
                  "train.lr_schedule=constant", f"runtime.device={device}", f"runtime.mixed_precision={precision}",
                  f"runtime.tf32={str(tf32).lower()}", f"runtime.compile={str(bool(compile_)).lower()}",
                  f"runtime.channels_last={str(channels_last).lower()}", "runtime.progress=false", "runtime.num_threads=null",
-                 f"teacher.dtype={teacher_dtype}", f"runtime.cast_weights={cast_weights}"]
+                 f"teacher.dtype={teacher_dtype}", f"runtime.cast_weights={cast_weights}",
+                 f"runtime.cuda_graph={str(cuda_graph).lower()}"]
     if compile_ and compile_ != "default":
         overrides.append(f"runtime.compile_mode={compile_}")
     config = resolve(hooks.registry, "dmd", "digits", ["regression"], overrides)
@@ -133,44 +136,10 @@ def bare_loop(run, compile_: Union[bool, str]) -> Callable[[], dict]:
     return bare.iteration
 
 
-def graphed_iteration(run, device: str) -> Callable[[], dict]:
-    """scoredistill's eager ``train_iteration``, captured once as one CUDA graph and replayed: what the
-    iteration costs when the host's dispatch is out of the way (issue 7's plan to 2,000, item 1).
-
-    A measurement of the headroom, not a way to train: a replay repeats the captured kernels (with
-    fresh noise: the default CUDA generator is graph-safe), while the trainer's host-side work (the
-    step counter, the non-finite guard's list, the lr schedule) ran once, at capture. The optimisers
-    are made capturable, and the warm-up runs on a side stream, as CUDA graph capture needs. The run
-    has no host-device synchronisation in an iteration (the sync check), which capture also needs.
-    """
-    from scoredistill.trainer import train_iteration
-
-    if not device.startswith("cuda"):
-        raise RuntimeError("a CUDA graph needs a CUDA device")
-    for net in run.trained.values():
-        for group in net.optimizer.param_groups:
-            group["capturable"] = True  # fused Adam keeps its step count on the device
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):  # lazy state (optimiser moments, gradient buffers) and cuDNN's choices, before capture
-            train_iteration(run)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        logs = train_iteration(run)
-
-    def replay() -> dict:
-        graph.replay()
-        return logs
-
-    return replay
-
-
 def setting_run(teacher: Path, device: str, s: Setting, batch: int):
     """scoredistill's run for setting ``s``; built for a bare row too, which takes uncompiled copies of its networks."""
     return make_run(teacher, batch, device, s.precision, s.tf32, False if s.bare else s.compile, s.channels_last, s.teacher_dtype,
-                    s.cast_weights)
+                    s.cast_weights, s.cuda_graph and not s.bare)
 
 
 def time_setting(teacher: Path, device: str, s: Setting, batch: int, warmup: int, iters: int) -> dict:
@@ -178,7 +147,11 @@ def time_setting(teacher: Path, device: str, s: Setting, batch: int, warmup: int
 
     run = setting_run(teacher, device, s, batch)
     copies = not s.bare and run.engine.weight_copies_dtype is not None
-    step = bare_loop(run, s.compile) if s.bare else graphed_iteration(run, device) if s.graph else (lambda: train_iteration(run))
+    step = bare_loop(run, s.compile) if s.bare else (lambda: train_iteration(run))
+    if s.cuda_graph:  # the eager iterations and the capture in the warm-up, not in the timing
+        from scoredistill.cuda_graph import WARMUP_ITERATIONS
+
+        warmup = max(warmup, WARMUP_ITERATIONS + 2)
     t0 = time.perf_counter()
     for _ in range(warmup):
         logs = step()
@@ -194,11 +167,13 @@ def time_setting(teacher: Path, device: str, s: Setting, batch: int, warmup: int
     cpu = (time.process_time() - c0) / iters  # the host's CPU time (all threads): near `sec` when launch-bound
     finite = all(bool(torch.isfinite(v).all()) for v in logs.values())
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
+    # a CUDA graph's memory pool is reserved at capture: its tensors do not show in the peak allocated after it
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if device.startswith("cuda") else float("nan")
     del run, step
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return {"batch": batch, "seconds_per_iteration": sec, "cpu_seconds_per_iteration": cpu, "iterations_per_s": 1 / sec, "images_per_s": batch / sec,
-            "peak_gib": peak, "warmup_seconds": warm, "losses_finite": finite,
+            "peak_gib": peak, "peak_reserved_gib": reserved, "warmup_seconds": warm, "cuda_graph": s.cuda_graph, "losses_finite": finite,
             "cudnn_benchmark": torch.backends.cudnn.benchmark,  # runtime.cudnn_benchmark, set by the run's engine on CUDA
             "weight_copies": copies}  # runtime.cast_weights as resolved: the trained networks' bf16 weight copies
 
@@ -366,7 +341,7 @@ def main() -> None:
             diagnose(teacher, args, result)
             profiled = True
         # a compiled row's warm-up is minutes; a failed graph capture can leave the CUDA context unusable
-        isolate = args.isolate == "all" or (args.isolate == "compiled" and (bool(s.compile) or s.graph))
+        isolate = args.isolate == "all" or (args.isolate == "compiled" and (bool(s.compile) or s.cuda_graph))
         if left() < 10:
             r = {"skipped": f"no time left in the budget of {args.budget:.0f} s"}
         elif isolate:

@@ -138,6 +138,10 @@ class RuntimeConfig(BaseModel):
                           "(the first step of each shape is slower); false for repeatable GPU runs")
     compile: bool = Field(False, description="torch.compile the teacher, generator and fake score for training (GPUs: faster after a warm-up of minutes)")
     compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = Field(None, description="torch.compile mode: null (default), 'reduce-overhead' (CUDA graphs) or 'max-autotune'")
+    cuda_graph: bool = Field(
+        False, description="CUDA: after three eager iterations, capture an iteration's updates (generator and fake-score "
+                           "steps) as one CUDA graph and replay it: the same numbers, paced by the GPU's kernels instead "
+                           "of the host's dispatch; one eager process, no fp16 (scoredistill.cuda_graph)")
     channels_last: bool = Field(False, description="keep the networks' 4-D weights in channels-last memory format (convolutional UNets on GPUs)")
     find_unused_parameters: bool = Field(False, description="DDP: allow trained parameters that a step does not use (slower)")
     tensorboard: Optional[bool] = Field(

@@ -101,6 +101,17 @@ class Engine:
         self.fused_adam = self.device.type == "cuda" or (self.device.type == "cpu" and not self.distributed
                                                          and _torch_at_least(2, 4))
         self.weight_copies_dtype = self._weight_copies_dtype(runtime)
+        if runtime.cuda_graph:
+            self._check_cuda_graph(runtime)
+
+    def _check_cuda_graph(self, runtime: RuntimeConfig) -> None:
+        """``runtime.cuda_graph`` captures one process's eager iteration (:mod:`scoredistill.cuda_graph`): refuse the rest."""
+        why = ("runtime.compile is on (inductor makes its own graphs: runtime.compile_mode=reduce-overhead)" if runtime.compile else
+               "runtime.mixed_precision is fp16 (its loss scaling decides on the host)" if runtime.mixed_precision == "fp16" else
+               f"this run has {self.world_size} processes (one eager process only)" if self.distributed else
+               f"runtime.device is {runtime.device}, and CUDA graphs need a CUDA device" if self.device.type != "cuda" else None)
+        if why is not None:
+            raise UserError(f"runtime.cuda_graph=true cannot be used: {why}; set runtime.cuda_graph=false")
 
     def _weight_copies_dtype(self, runtime: RuntimeConfig) -> Optional[torch.dtype]:
         """The dtype of the networks' weight copies (:mod:`scoredistill.precision`), or None: autocast casts per call.

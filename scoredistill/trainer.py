@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from scoredistill import checkpoint as ckpt
 from scoredistill.config import RunConfig, TrainConfig, load_run_config
+from scoredistill.cuda_graph import IterationGraph
 from scoredistill.engine import Engine, Trainable, launched_processes, rank_seed
 from scoredistill.errors import UserError
 from scoredistill.io import environment_versions, load_tensors, save_tensors, write_json, write_text
@@ -111,6 +112,7 @@ class Run:
     started: Optional[float] = None  # perf_counter() when this process began training
     cuda_graphs: bool = False  # the networks replay CUDA graphs (compile_mode=reduce-overhead on CUDA); set by setup()
     teacher_copies: Optional[WeightCopies] = None  # the frozen teacher's low-precision weights (runtime.cast_weights)
+    iteration_graph: Optional[IterationGraph] = None  # runtime.cuda_graph: the updates captured and replayed; set by setup()
 
     def elapsed(self) -> float:
         """Seconds of training so far, over every process that worked on this run (resumes included)."""
@@ -347,19 +349,26 @@ def fake_score_step(run: Run, x: Optional[Tensor] = None, cond: Optional[Tensor]
     return loss.detach()
 
 
-def train_iteration(run: Run) -> dict[str, Tensor]:
-    """One training iteration (Algorithm 1): a generator step, ``train.fake_updates_per_step`` fake-score
-    steps (the first on the generator step's own samples), the lr schedules and the EMA.
-
-    Returns the logged values as device tensors: nothing here waits for the device.
-    """
-    if run.cuda_graphs:  # the graphs' outputs from the last iteration are dead from here on
-        torch.compiler.cudagraph_mark_step_begin()
+def updates(run: Run) -> dict[str, Tensor]:
+    """An iteration's device work: a generator step, then ``train.fake_updates_per_step`` fake-score steps (the
+    first on the generator step's own samples); returns the logged values as device tensors."""
     x, cond, logs = generator_step(run)
     x = run.keep(x)
     if "fake_score" in run.trained:
         for k in range(run.config.train.fake_updates_per_step):  # the first on sg(G(z, c)), later ones on fresh samples
             logs["fake_score"] = fake_score_step(run, x if k == 0 else None, cond if k == 0 else None)
+    return logs
+
+
+def train_iteration(run: Run) -> dict[str, Tensor]:
+    """One training iteration (Algorithm 1): the :func:`updates` (replayed as one CUDA graph with
+    ``runtime.cuda_graph``: :mod:`scoredistill.cuda_graph`), then the lr schedules and the EMA.
+
+    Returns the logged values as device tensors: nothing here waits for the device.
+    """
+    if run.cuda_graphs:  # the graphs' outputs from the last iteration are dead from here on
+        torch.compiler.cudagraph_mark_step_begin()
+    logs = run.iteration_graph(run, updates) if run.iteration_graph is not None else updates(run)
     for net in run.trained.values():
         if net.schedule is not None:
             net.schedule.step()
@@ -478,6 +487,7 @@ def setup(run: Run) -> None:
         copies = WeightCopies(net, dtype, engine.device.type) if dtype is not None else None
         run.trained[name] = Trained(name, wrapper, opt, _lr_schedule(opt, cfg.lr_schedule, cfg.steps), params, copies)
     run.guard = NonFiniteGuard(cfg.on_nonfinite, engine.device, watch_gradients=not engine.scaler.is_enabled())
+    run.iteration_graph = IterationGraph() if run.config.runtime.cuda_graph else None  # the engine checked it can be
 
 
 def _refresh_weight_copies(run: Run) -> None:

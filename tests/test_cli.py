@@ -75,6 +75,7 @@ def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
         (["run", "dmd", "--set", "train.steps=lots"], "invalid config value 'train.steps'"),
         (["run", "dmd", "--preset", "toy2d", "--set", "teacher.weights=[1,1,1,1,1,1,1,1]"], "sum to 1"),
         (["run", "dmd", "--ablate", "regression", "--ablate", "distribution_matching"], "nothing would train the generator"),
+        (["run", "dmd", "--preset", "toy2d", "--set", "runtime.cuda_graph=true"], "runtime.cuda_graph=true cannot be used"),
         (["run"], "the following arguments are required"),
         (["frobnicate"], "invalid choice"),
         (["sample", "/nonexistent", "--num", "3", "--out", "x.npy"], "is not a run folder"),
