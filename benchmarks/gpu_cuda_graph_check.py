@@ -79,10 +79,14 @@ def _difference(a: tuple[list[dict], dict], b: tuple[list[dict], dict]) -> dict:
 
 def compare(name: str, case: tuple, folder: Path, eager_twice: bool = False) -> dict:
     t0 = time.perf_counter()
-    eager = iterations(case, False, folder)
-    row = {"graph_vs_eager": _difference(eager, iterations(case, True, folder))}
-    if eager_twice:
-        row["eager_vs_eager"] = _difference(eager, iterations(case, False, folder))
+    try:
+        eager = iterations(case, False, folder)
+        row = {"graph_vs_eager": _difference(eager, iterations(case, True, folder))}
+        if eager_twice:
+            row["eager_vs_eager"] = _difference(eager, iterations(case, False, folder))
+    except Exception as exc:  # one case failing must not hide the others
+        print(f"  {name:<40} ERROR {type(exc).__name__}: {exc}"[:1500], flush=True)
+        return {"error": f"{type(exc).__name__}: {exc}"[:2000], "graph_vs_eager": {"equal": False}}
     row["seconds"] = time.perf_counter() - t0
     print(f"  {name:<40} " + "  ".join(f"{k}: {'EQUAL' if v['equal'] else 'differs'} (logs {v['max_log_difference']:.3g}, "
                                           f"weights {v['max_weight_difference']:.3g})" for k, v in row.items() if k != "seconds"),
@@ -157,7 +161,10 @@ def main() -> None:
            "train.fake_score_warmup_steps=5", *toy[:2]]
     for name, more, poison in (("train() toy2d dmd", [], None),
                                ("train() with a NaN weight after step 6", ["train.log_every=1"], 6)):  # stop: step 7 named
-        row = cases[name] = whole_train(folder, [*run, *more], poison)
+        try:
+            row = cases[name] = whole_train(folder, [*run, *more], poison)
+        except Exception as exc:
+            row = cases[name] = {"error": f"{type(exc).__name__}: {exc}"[:2000], "weights_equal": False}
         print(f"  {name:<40} {row}", flush=True)
     result["all_equal"] = all(r.get("graph_vs_eager", {}).get("equal", True) and r.get("weights_equal", True)
                               and r.get("history_equal", True) and r.get("stopped_eager") == r.get("stopped_graph")
