@@ -77,7 +77,8 @@ class IterationGraph:
                 group["lr"] = lr
         first = len(run.guard.pending)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: the loop's background threads (the sample pictures' device-to-host copy) may use CUDA meanwhile
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.logs = updates(run)
         self.observed, run.guard.pending[first:] = run.guard.pending[first:], []
         self.captured_at = run.step
