@@ -7,6 +7,8 @@ so another plugin can replace any of them by returning a value first.
 
 from __future__ import annotations
 
+import copy
+
 from pathlib import Path
 from typing import Any
 
@@ -87,11 +89,12 @@ def scoredistill_evaluate(run, samples):
         return None
     seed = run.config.eval.seed
     n = len(samples)
-    exact = teacher.sample(n, generator=torch.Generator().manual_seed(seed + 1))
+    host = copy.deepcopy(teacher).cpu()  # the metrics are computed on the host, whatever the run's device
+    exact = host.sample(n, generator=torch.Generator().manual_seed(seed + 1))
     return {
-        **mixture_metrics(teacher, samples, seed=seed),
-        "teacher": {"sampler": f"heun-{TEACHER_ODE_STEPS}", **mixture_metrics(teacher, teacher_ode_samples(teacher, n, seed), seed=seed)},
-        "target": {"sampler": "exact", **mixture_metrics(teacher, exact, seed=seed)},
+        **mixture_metrics(host, samples.cpu(), seed=seed),
+        "teacher": {"sampler": f"heun-{TEACHER_ODE_STEPS}", **mixture_metrics(host, teacher_ode_samples(teacher, n, seed), seed=seed)},
+        "target": {"sampler": "exact", **mixture_metrics(host, exact, seed=seed)},
     }
 
 

@@ -100,14 +100,17 @@ class GaussianMixtureTeacher(Teacher):
         return torch.softmax(self.component_log_probs(x, sigma), dim=1)
 
     def sample(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
-        """Exact samples of the clean mixture (float32)."""
-        k = torch.multinomial(self.weights.float(), n, replacement=True, generator=generator)
-        eps = torch.randn((n, self.dim), generator=generator, dtype=torch.float64)
-        return (self.means[k] + self.stds[k, None] * eps).float()
+        """Exact samples of the clean mixture (float32), on the teacher's device; drawn there, or with ``generator``
+        on its device (a seeded CPU generator gives the same samples whatever the teacher's device)."""
+        where = self.means.device if generator is None else generator.device
+        weights, means, stds = (t.to(where) for t in (self.weights, self.means, self.stds))
+        k = torch.multinomial(weights.float(), n, replacement=True, generator=generator)
+        eps = torch.randn((n, self.dim), generator=generator, dtype=torch.float64, device=where)
+        return (means[k] + stds[k, None] * eps).float().to(self.means.device)
 
     def real_samples(self, n: int) -> Tensor:
         """The mixture is its own ground truth: exact samples."""
-        return self.sample(n).to(self.sigmas.device)
+        return self.sample(n)
 
     @property
     def num_classes(self) -> Optional[int]:

@@ -25,7 +25,7 @@ def draw_scatter(ax, teacher: GaussianMixtureTeacher, samples: torch.Tensor, tit
     """Generator samples (dots) over the target's log-density (shading) on one axis."""
     x0, x1, y0, y1 = _extent(teacher)
     gx, gy = torch.meshgrid(torch.linspace(x0, x1, 200), torch.linspace(y0, y1, 200), indexing="xy")
-    logp = teacher.log_prob(torch.stack([gx.flatten(), gy.flatten()], 1)).reshape(200, 200)
+    logp = teacher.log_prob(torch.stack([gx.flatten(), gy.flatten()], 1).to(teacher.means.device)).reshape(200, 200).cpu()
     ax.imshow(logp.clamp(min=logp.max() - 8).numpy(), extent=(x0, x1, y0, y1), origin="lower", cmap="Blues", alpha=0.9)
     s = samples[:max_points].cpu()
     ax.scatter(s[:, 0], s[:, 1], s=2, c="tab:red", alpha=0.5, linewidths=0)

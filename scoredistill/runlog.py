@@ -80,7 +80,7 @@ def sample_picture(teacher: Any, samples: torch.Tensor, path: Path, title: str) 
             from scoredistill.io import save_figure
 
             fig, ax = plt.subplots(figsize=(5, 5))
-            s = samples[:3000]
+            s = samples[:3000].cpu()
             ax.scatter(s[:, 0], s[:, 1], s=2, c="tab:red", alpha=0.5, linewidths=0)
             ax.set_title(title, fontsize=9)
             save_figure(fig, path)

@@ -109,8 +109,11 @@ class ImageTeacher(Teacher):
 
     def real_samples(self, n: int) -> Tensor:
         """``n`` images drawn with replacement from the real training data."""
-        x = self.real_data("train")
-        return x[torch.randint(0, len(x), (n,))].to(self.sigmas.device)
+        device = self.sigmas.device
+        cached = self.__dict__.get("_real_train")  # drawn on the device: no host copy per step (a CUDA graph can replay it)
+        if cached is None or cached.device != device:
+            cached = self.__dict__["_real_train"] = self.real_data("train").to(device)
+        return cached[torch.randint(0, len(cached), (n,), device=device)]
 
     # -- sampling
     @torch.no_grad()
