@@ -77,6 +77,7 @@ SETTINGS = [
     Setting("bf16+batch_x4", "bf16", True, False, batch_mult=4),
     Setting("bf16+compile", "bf16", True, "default"),
     Setting("bf16+compile+cudagraphs", "bf16", True, "reduce-overhead"),
+    Setting("bf16+compile+cudagraphs+batch_x4", "bf16", True, "reduce-overhead", batch_mult=4),
     Setting("bare:bf16+compile", "bf16", True, "default", bare=True),
 ]
 
