@@ -8,7 +8,6 @@ so another plugin can replace any of them by returning a value first.
 from __future__ import annotations
 
 import copy
-
 from pathlib import Path
 from typing import Any
 

@@ -20,6 +20,12 @@ The networks, the optimisers and the maths are the ones of the eager iteration:
   iteration's step, so the guard's ``check`` reports the update it would report
   eagerly; ``skip`` counts on the device inside the graph.
 
+What a replay repeats is the kernels: anything a component computes on the host inside an
+update (a Python counter, a weight annealed by the step number, a draw from the CPU's random
+generator) is fixed at the capture. The built-in components keep such state on the device
+and draw their random numbers there; a plugin's components must do the same to be replayed
+correctly (``docs/tutorial.md``, "Checklist and common errors").
+
 What a graph cannot follow, and the engine therefore refuses (:class:`~scoredistill.engine.Engine`):
 CPU devices, several processes, ``runtime.compile`` (inductor's own graphs:
 ``compile_mode=reduce-overhead``) and fp16 loss scaling. Outside a replay nothing changes:
@@ -36,6 +42,8 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from torch import Tensor
+
+from scoredistill.errors import UserError
 
 if TYPE_CHECKING:
     from scoredistill.trainer import Run
@@ -78,14 +86,21 @@ class IterationGraph:
         first = len(run.guard.pending)
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: the loop's background threads (the sample pictures' device-to-host copy) may use CUDA meanwhile
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.logs = updates(run)
+        try:
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.logs = updates(run)
+        except RuntimeError as exc:  # e.g. a plugin's component waits for the device or copies from the host
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"runtime.cuda_graph: the training iteration could not be captured as a CUDA graph ({first_line}); "
+                            "a component synchronises with the host or uses CPU tensors in its update; set "
+                            "runtime.cuda_graph=false") from exc
+        finally:
+            for net, group in groups:
+                group["capturable"] = False
+            for group, _, value in self.lrs:
+                group["lr"] = value  # a float again, for the schedule and the checkpoints
         self.observed, run.guard.pending[first:] = run.guard.pending[first:], []
         self.captured_at = run.step
-        for net, group in groups:
-            group["capturable"] = False
-        for group, _, value in self.lrs:
-            group["lr"] = value  # a float again, for the schedule and the checkpoints
 
     def _fill_lrs(self) -> None:
         for i, (group, lr, value) in enumerate(self.lrs):
