@@ -90,7 +90,7 @@ class IterationGraph:
             with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.logs = updates(run)
         except RuntimeError as exc:  # e.g. a plugin's component waits for the device or copies from the host
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise UserError(f"runtime.cuda_graph: the training iteration could not be captured as a CUDA graph ({first_line}); "
                             "a component synchronises with the host or uses CPU tensors in its update; set "
                             "runtime.cuda_graph=false") from exc
