@@ -88,10 +88,10 @@ class Bare:
     """What a researcher writes by hand for one DMD iteration on these networks: no framework."""
 
     def __init__(self, run) -> None:
-        from scoredistill.gaussian_mixture import GaussianMixtureTeacher
+        from scoredistill.toy2d.gaussian_mixture import GaussianMixtureTeacher
         from scoredistill.images.networks import UNetFakeScore, UNetGenerator
         from scoredistill.images.teachers import ImageTeacher
-        from scoredistill.networks import MLPFakeScore, MLPGenerator
+        from scoredistill.toy2d.networks import MLPFakeScore, MLPGenerator
         from scoredistill.precision import without_weight_copies  # the hand-written loop casts as autocast does
 
         cfg, m = run.config, run.models

@@ -134,14 +134,6 @@ def summarise(hooks: Hooks, out: Path, specs: Sequence[Spec], seeds: int, preset
     for spec in specs:
         run = load_run(out / spec.slug / "seed0", hooks)
         panels.append((spec.label, generate(run, run.config.eval.num_samples, run.config.eval.seed), run))
-    _figure(panels, out / "comparison.png", preset)
+    hooks.draw_samples(teacher=panels[0][2].models.teacher, panels=[(label, samples) for label, samples, _ in panels],
+                       path=out / "comparison.png", title=preset)
     return markdown
-
-
-def _figure(panels, path: Path, preset: str) -> None:
-    from scoredistill import plots
-    from scoredistill.gaussian_mixture import GaussianMixtureTeacher
-
-    teacher = panels[0][2].models.teacher
-    if isinstance(teacher, GaussianMixtureTeacher) and teacher.dim == 2:
-        plots.scatter_panels(teacher, [(label, samples) for label, samples, _ in panels], path, title=preset)

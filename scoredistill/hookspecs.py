@@ -28,6 +28,7 @@ All hooks are called with keyword arguments only, through the typed facade
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -201,3 +202,16 @@ def scoredistill_evaluate(run: Run, samples: torch.Tensor) -> dict[str, Any] | N
 @hookspec
 def scoredistill_report(run: Run, samples: torch.Tensor, metrics: dict[str, Any]) -> None:
     """Write pictures into ``run.dir`` (sample grids, scatter plots, curves)."""
+
+
+@hookspec(firstresult=True)
+def scoredistill_draw_samples(teacher: Teacher, panels: list[tuple[str, torch.Tensor]], path: Path,
+                              title: str | None) -> bool | None:
+    """Draw generator samples as a picture at ``path``: one panel, or several side by side, each ``(label, samples)``.
+
+    Return ``True`` once drawn, ``None`` to leave it to another plugin (``samples`` this plugin
+    does not know how to show, e.g. of another teacher). One panel with ``title=None``: the label is
+    the picture's title. Used for the periodic sample pictures (``train.sample_every``) and
+    ``scoredistill compare``'s ``comparison.png``; where no plugin draws, the core shows 2-D points
+    as a plain scatter and images as a grid.
+    """

@@ -141,6 +141,11 @@ class Hooks:
     def report(self, *, run: "Run", samples: "torch.Tensor", metrics: dict[str, Any]) -> None:
         self.pm.hook.scoredistill_report(run=run, samples=samples, metrics=metrics)
 
+    def draw_samples(self, *, teacher: "Teacher", panels: list[tuple[str, "torch.Tensor"]], path: Any,
+                     title: Optional[str] = None) -> bool:
+        """True when a plugin drew the panels (:func:`~scoredistill.hookspecs.scoredistill_draw_samples`)."""
+        return bool(self.pm.hook.scoredistill_draw_samples(teacher=teacher, panels=panels, path=path, title=title))
+
     @staticmethod
     def _required(result: Any, role: str, spec: "ComponentSpec") -> Any:
         if result is None:

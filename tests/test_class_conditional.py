@@ -133,7 +133,7 @@ def test_dmd2_with_a_class_conditional_teacher_is_a_one_line_error(teacher_path,
 
 
 def _toy_teacher(**kw):
-    from scoredistill.gaussian_mixture import GaussianMixtureTeacher
+    from scoredistill.toy2d.gaussian_mixture import GaussianMixtureTeacher
 
     base = dict(means=[[4.0, 0.0], [0.0, 4.0], [-4.0, 0.0]], stds=[0.3, 0.5, 0.3], weights=[0.5, 0.25, 0.25])
     return GaussianMixtureTeacher(GaussianMixtureTeacher.Config(**{**base, **kw}))

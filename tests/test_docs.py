@@ -117,7 +117,7 @@ def test_the_run_folder_page_describes_every_file_and_metric():
 
     from scoredistill import trainer
     from scoredistill.testing import mixture
-    from scoredistill.toy_metrics import mixture_metrics
+    from scoredistill.toy2d.toy_metrics import mixture_metrics
 
     text = (DOCS / "reference" / "run-folder.md").read_text()
     text = text.replace("<!-- generated: run-files -->", "")
