@@ -1,4 +1,4 @@
-"""The core plugin: default role builders, the ODE pair source and the loss curves of every run.
+"""The core plugin: default role builders, the components methods share and the loss curves of every run.
 
 It is registered like any plugin (under the name ``core``). Its role hooks run
 last (``trylast``) and build the component the config names from the registry,
@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from scoredistill.config import ComponentSpec
+from scoredistill.fake_scores import SampleItself
 from scoredistill.hookspecs import hookimpl
 from scoredistill.pairs import ODEPairs
 from scoredistill.roles import BuildContext
@@ -17,7 +18,7 @@ from scoredistill.roles import BuildContext
 
 @hookimpl
 def scoredistill_add_components() -> list[type]:
-    return [ODEPairs]
+    return [ODEPairs, SampleItself]
 
 
 def _build(role: str, spec: ComponentSpec, ctx: BuildContext) -> Any:

@@ -7,7 +7,6 @@ score is ``(D(x_s, s) - x_s) / s**2``.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Optional
@@ -16,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from scoredistill.errors import UserError
+from scoredistill.hashing import stable_hash  # noqa: F401  (re-exported: components hash their settings with it)
 
 if TYPE_CHECKING:
     from scoredistill.plugins import Hooks
@@ -258,19 +258,6 @@ def default_cache_dir() -> Path:
 
     root = os.environ.get("SCOREDISTILL_CACHE")
     return Path(root) if root else Path.home() / ".cache" / "scoredistill"
-
-
-def stable_hash(*parts: Any) -> str:
-    """A short hex digest of ``repr`` of the parts (floats rounded to 12 significant digits)."""
-    h = hashlib.sha256()
-    for p in parts:
-        if isinstance(p, Tensor):
-            h.update(p.detach().cpu().contiguous().numpy().tobytes())
-        elif isinstance(p, float):
-            h.update(f"{p:.12g}".encode())
-        else:
-            h.update(repr(p).encode())
-    return h.hexdigest()[:16]
 
 
 def edm_preconditioning(sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:

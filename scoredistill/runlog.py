@@ -15,7 +15,6 @@ Nothing here synchronises the device except at the log steps the trainer chooses
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,6 +25,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from scoredistill.errors import UserError
+from scoredistill.hashing import state_hash
 from scoredistill.io import atomic_write, write_text
 
 if TYPE_CHECKING:
@@ -59,11 +59,7 @@ def progress_bar(enabled: bool) -> Progress:
 
 
 def weights_hash(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        h.update(key.encode())
-        h.update(tensors[key].detach().reshape(-1).clone().cpu().view(torch.uint8).numpy().tobytes())  # a copy (see checkpoint._digest)
-    return h.hexdigest()[:16]
+    return state_hash(tensors)
 
 
 def sample_picture(teacher: Any, samples: torch.Tensor, path: Path, title: str, hooks: Any = None) -> bool:

@@ -22,12 +22,8 @@ from scoredistill.errors import UserError
 from scoredistill.toy2d.gaussian_mixture import GaussianMixtureTeacher
 from scoredistill.plugins import Hooks, make_plugin_manager
 from scoredistill.roles import FakeScore, GeneratorBatch, Models, Teacher
-from scoredistill_baselines.gan import (
-    FakeScoreDenoiseGAN,
-    GANGenerator,
-    GANHead,
-    discriminator_logits,
-)
+from scoredistill.distill import GANHead, discriminator_logits
+from scoredistill_baselines.gan import FakeScoreDenoiseGAN, GANGenerator
 from scoredistill_baselines.losses import IKLGradient, SDSGradient, ikl_direction, sds_direction
 from scoredistill_dmd.losses import KLGradient
 
