@@ -292,7 +292,7 @@ def components_page() -> str:
         for name in sorted(table):
             info = table[name]
             cls = info.cls
-            section = "losses.<term>" if role == "generator_loss" else next((s for s, r in COMPONENT_SECTIONS.items() if r == role), role)
+            section = next((r.section for r in ROLE_TABLE if r.name == role), role)
             example = {"component": name}
             if role == "generator_loss":
                 example["weight"] = 1.0
