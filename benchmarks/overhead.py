@@ -395,7 +395,7 @@ def breakdown(run, iters: int) -> dict[str, float]:
     targets = [(engine_mod.Engine, "check_gradients", "engine.check_gradients", timed),
                (engine_mod.Engine, "autocast", "engine.autocast", timed_cm),
                (engine_mod.Engine, "full_parameters", "engine.full_parameters", timed_cm),
-               (trainer, "_frozen", "trainer._frozen", timed_cm),
+               (trainer, "frozen", "trainer.frozen", timed_cm),
                (trainer.NonFiniteGuard, "observe", "guard.observe", timed),
                (trainer, "_update_ema", "trainer._update_ema (EMA)", timed)]
     targets += [(run.engine.scaler, m, f"scaler.{m}", timed) for m in ("scale", "unscale_", "update")]

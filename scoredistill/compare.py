@@ -24,7 +24,9 @@ from scoredistill.config import resolve
 from scoredistill.errors import UserError
 from scoredistill.io import write_json, write_text
 from scoredistill.plugins import Hooks
-from scoredistill.trainer import METRICS_FILE, execute, generate, load_run, prepare_run_dir
+from scoredistill.run_dir import METRICS_FILE, load_run, prepare_run_dir
+from scoredistill.runner import execute
+from scoredistill.samples import generate
 
 #: metrics shown first when present (the rest follow in the order reported)
 REQUEST_FILE = "compare_request.json"

@@ -29,7 +29,7 @@ from scoredistill.hashing import state_hash
 from scoredistill.io import atomic_write, write_text
 
 if TYPE_CHECKING:
-    from scoredistill.trainer import Run
+    from scoredistill.run import Run
 
 METRICS_CSV = "metrics.csv"
 DEBUG_DIR = "debug"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,20 @@ def test_core_files_fit_a_screen_or_two():
     for path in CORE.glob("*.py"):
         lines = len(path.read_text().splitlines())
         assert lines <= 400, f"{path.relative_to(ROOT)} has {lines} lines (at most 400)"
+
+
+def test_the_contributing_map_matches_the_tree():
+    text = (ROOT / "docs" / "contributing.md").read_text()
+    table = text[text.index("## Where things are"):text.index("## Tests")]
+    first_cells = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
+    named = {path for cell in first_cells for path in re.findall(r"`([^`]+)`", cell)}
+    for path in sorted(named):
+        assert (ROOT / path).exists(), f"docs/contributing.md names {path}, which does not exist"
+    wanted = {f"scoredistill/{p.name}" for p in CORE.glob("*.py")}
+    wanted |= {f"scoredistill/{p.name}/" for p in CORE.iterdir() if (p / "__init__.py").is_file()}
+    wanted |= {f"plugins/{p.name}/" for p in (ROOT / "plugins").iterdir() if (p / "__init__.py").is_file()}
+    missing = sorted(wanted - named)
+    assert not missing, f"docs/contributing.md's map of the code does not name {', '.join(missing)}"
 
 
 @pytest.mark.slow

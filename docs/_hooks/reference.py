@@ -534,24 +534,24 @@ def hook_table() -> str:
         if name.startswith("scoredistill_add_"):
             kind = "registration"
         elif opts.get("firstresult"):
-            kind = "role (first result)"
+            kind = "role (first result)" if name.startswith("scoredistill_make_") else "picture (first result)"
         else:
             kind = "lifecycle" if name != "scoredistill_configure" else "configuration"
         args = ", ".join(code(a) for a in inspect.signature(fn).parameters)
         impls = ", ".join(sorted({i.plugin_name for i in caller.get_hookimpls()})) or "—"
         summary = (inspect.getdoc(fn) or "").split("\n\n")[0]
         rows.append(f"| [{code(name)}][scoredistill.hookspecs.{name}] | {kind} | {args or '—'} | {impls} | {cell(sphinx_roles.convert(summary, 'scoredistill.hookspecs'))} |")
-    order = {"registration": 0, "configuration": 1, "role (first result)": 2, "lifecycle": 3}
+    order = {"registration": 0, "configuration": 1, "role (first result)": 2, "lifecycle": 3, "picture (first result)": 4}
     head, body = rows[:2], rows[2:]
     body.sort(key=lambda r: order.get(r.split("|")[2].strip(), 9))
     return "\n".join(head + body) + "\n"
 
 
 def run_files() -> str:
-    """The run folder's file names, as the trainer defines them."""
-    from scoredistill import trainer
+    """The run folder's file names, as the run folder's module defines them."""
+    from scoredistill import run_dir
 
-    names = {k: v for k, v in vars(trainer).items() if k.endswith("_FILE") and isinstance(v, str)}
+    names = {k: v for k, v in vars(run_dir).items() if k.endswith("_FILE") and isinstance(v, str)}
     return ", ".join(code(v) for v in names.values()) + "\n"
 
 

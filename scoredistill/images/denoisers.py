@@ -1,4 +1,4 @@
-"""diffusers UNets as sigma-form denoisers ``D(x_s, s, cond)`` (DESIGN.md's one convention).
+"""diffusers UNets as sigma-form denoisers ``D(x_s, s, cond)`` (the one convention: Karras et al. 2022, Sec. 2).
 
 Noising is ``x_s = x + s * eps``. Two families of trained networks are adapted:
 
