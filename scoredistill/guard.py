@@ -42,7 +42,7 @@ class NonFiniteGuard:
     def observe(self, where: str, network: str, terms: dict[str, Tensor], gradients: Optional[Tensor]) -> Optional[Tensor]:
         """Record (``stop``) or act on (``skip``) one update's loss terms and gradient flag.
 
-        ``gradients``: :meth:`Engine.check_gradients`' flag (1.0: a gradient is not finite), or ``None``.
+        ``gradients``: :meth:`~scoredistill.engine.Engine.check_gradients`' flag (1.0: a gradient is not finite), or ``None``.
         ``skip`` returns the update's own flag, 1.0 to skip it.
         """
         values = [v.reshape(()) if v.dim() else v for v in terms.values()]

@@ -51,7 +51,7 @@ def save_checkpoint(run: Run) -> Path:
 
 
 def restore(run: Run, checkpoint: ckpt.Checkpoint) -> None:
-    """Put the run back exactly as it was when ``checkpoint`` was written (after :func:`setup`)."""
+    """Put the run back exactly as it was when ``checkpoint`` was written (after :func:`~scoredistill.prepare.setup`)."""
     engine, state, tensors = run.engine, checkpoint.state, checkpoint.tensors
     try:
         for name, net in run.trained.items():

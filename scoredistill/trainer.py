@@ -15,9 +15,9 @@ Around the loop, and out of its way:
 
 * the :class:`~scoredistill.engine.Engine` (accelerate): one process, or data-parallel
   processes under torchrun (DDP, or FSDP), mixed precision;
-* every update is ``backward -> unscale -> clip -> step`` (:meth:`Trained.update
-  <scoredistill.trained.Trained.update>`, which owns the weight copies, loss scaling and the
-  gradient check); a non-finite loss term or gradient either stops the run (checked at
+* every update is ``backward -> unscale -> clip -> step``
+  (:meth:`~scoredistill.trained.Trained.update`, which owns the weight copies, loss
+  scaling and the gradient check); a non-finite loss term or gradient either stops the run (checked at
   log and checkpoint steps, so the loop never waits for the device) or skips the update
   on the device (``train.on_nonfinite``, :mod:`scoredistill.guard`);
 * checkpoints (:mod:`scoredistill.resume`) every ``train.checkpoint_every``
