@@ -21,6 +21,7 @@ def scoredistill_add_components() -> list[type]:
     return [ODEPairs, SampleItself]
 
 
+# One implementation per role hook, alike on purpose: pluggy matches an implementation to its hook by name.
 def _build(role: str, spec: ComponentSpec, ctx: BuildContext) -> Any:
     return ctx.hooks.registry.component(role, spec.component).cls(spec.config, ctx)
 
