@@ -115,6 +115,22 @@ def test_the_core_asks_no_teacher_for_its_type():
                 assert not names & teachers, f"{path.relative_to(ROOT)}:{node.lineno} asks isinstance of {names & teachers}"
 
 
+def test_the_run_and_the_hooks_are_what_the_views_promise():
+    from scoredistill.plugins import Hooks
+    from scoredistill.roles import ComponentSource
+    from scoredistill.run import Run
+    from scoredistill.views import RunView
+
+    def members(protocol: type) -> set[str]:
+        return {n for n in vars(protocol) if not n.startswith("_")}
+
+    assert members(RunView) >= {"config", "dir", "models", "history", "step"}
+    for name in members(RunView):
+        assert name in Run.__dataclass_fields__ or isinstance(getattr(Run, name, None), property), f"Run has no {name}"
+    for name in members(ComponentSource):
+        assert isinstance(getattr(Hooks, name, None), property), f"Hooks has no {name}"
+
+
 def test_core_files_fit_a_screen_or_two():
     for path in CORE.glob("*.py"):
         lines = len(path.read_text().splitlines())
