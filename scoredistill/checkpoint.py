@@ -15,7 +15,7 @@ flipped bit anywhere in what a resume reads is caught).
 
 The file is written to a temporary name, flushed to disk and renamed into place, so a
 crash at any moment leaves the previous checkpoint intact; the temporary files a crash
-leaves (ours and safetensors' own ``.tmpXXXXXX``) are deleted at the next save or resume. Loading runs no pickle
+leaves (ours and safetensors' own ``.tmpXXXXXX``) are deleted at the next checkpoint save. Loading runs no pickle
 (safetensors and JSON only) and checks the checksum, so a truncated or corrupted file
 is reported in one line, naming the previous checkpoint to resume from instead.
 """

@@ -132,7 +132,8 @@ def train_digits_teacher(s: DigitsTeacherSettings, folder: Path, *, progress: bo
     state_path = partial / STATE_FILE
     if state_path.is_file():
         try:
-            state = torch.load(state_path, map_location="cpu", weights_only=False)
+            # weights_only: tensors, numbers, strings and containers, never code (a shared cache may be writable by others)
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
             unet.load_state_dict(state["unet"])
             ema.load_state_dict(state["ema"])
             opt.load_state_dict(state["opt"])
