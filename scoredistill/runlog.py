@@ -109,6 +109,7 @@ class RunLog:
         self.pending: list[Future] = []
         self.hash_file: Optional[Path] = None
         self._last = (0, 0.0)  # (step, time) of the previous record, for steps per second
+        self.csv_failed = False
 
     # -- lifecycle
     def __enter__(self) -> "RunLog":
@@ -179,12 +180,21 @@ class RunLog:
         write_text(self.run.dir / METRICS_CSV, buf.getvalue())
 
     def _append_csv(self, record: dict[str, float]) -> None:
+        """One row of ``metrics.csv``. A full disk (or any other OS fault) here costs that file only: one warning, no
+        more rows, training goes on (``history.json`` and the checkpoints keep every record)."""
+        if self.csv_failed:
+            return
         path = self.run.dir / METRICS_CSV
-        with open(path, "a", newline="") as f:
-            if self.columns is None:
-                self.columns = list(record)
-                csv.DictWriter(f, fieldnames=self.columns).writeheader()
-            csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore").writerow(record)
+        try:
+            with open(path, "a", newline="") as f:
+                if self.columns is None:
+                    self.columns = list(record)
+                    csv.DictWriter(f, fieldnames=self.columns).writeheader()
+                csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore").writerow(record)
+        except OSError as err:
+            self.csv_failed = True
+            sys.stderr.write(f"scoredistill: warning: cannot append to {path} ({err.strerror or err}); it gets no more rows "
+                             "this session (history.json keeps them; a --resume rewrites it)\n")
 
     # -- pictures and debug
     def picture(self, step: int, samples: torch.Tensor) -> None:
