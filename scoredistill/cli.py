@@ -7,7 +7,8 @@
     scoredistill compare SPEC [SPEC ...] [--preset P] [--seeds K] [--ablate NAME]... [--out DIR]
     scoredistill list
 
-A user mistake prints one line (what is wrong, what is allowed) and exits with 2.
+Results go to stdout; progress, warnings and errors to stderr (plain lines when stderr is
+not a terminal). A user mistake prints one line (what is wrong, what is allowed) and exits with 2.
 A run stopped by a non-finite loss exits with 1; one interrupted by SIGINT / SIGTERM
 saves a checkpoint, prints one line and exits with 130 / 143.
 
@@ -153,10 +154,8 @@ def cmd_run(args, hooks) -> int:
             sys.stderr.write(f"scoredistill: interrupted by {stop} at step {stop.step}; checkpoint saved: {stop.checkpoint}; "
                              f"continue with: {_launcher()} run --resume {out}\n")
         return stop.exit_code
-    if result is not None:
-        from rich.console import Console
-
-        Console(stderr=True).print(f"[green]done[/green]: {out}  " + _headline(result.metrics))
+    if result is not None:  # the result, on stdout (progress and messages go to stderr)
+        print(f"done: {out}  " + _headline(result.metrics), flush=True)
     return 0
 
 

@@ -14,9 +14,9 @@ from typing import Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from rich.progress import Progress
 
 from scoredistill.io import load_tensors, save_tensors
+from scoredistill.progress import progress as progress_display
 from scoredistill.registry import component
 from scoredistill.roles import BuildContext, PairSource, Teacher, seeded_conditions, stable_hash
 from scoredistill.sampling import heun_sample, karras_sigmas
@@ -76,7 +76,7 @@ class ODEPairs(PairSource):
         sigmas = karras_sigmas(c.steps, teacher.sigma_min, teacher.sigma_max, c.rho)
         device = teacher.sigmas.device
         ys = []
-        with Progress(transient=True, disable=not progress) as bar:
+        with progress_display(progress, transient=True) as bar:
             task = bar.add_task("ODE pairs (Heun)", total=c.num_pairs)
             for start in range(0, c.num_pairs, c.batch_size):
                 zb = z[start : start + c.batch_size].to(device)

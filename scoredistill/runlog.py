@@ -1,6 +1,6 @@
 """Where a run's numbers and pictures go while it trains (the main process only).
 
-* a progress bar (rich): step, losses, steps per second, time left;
+* progress on stderr (:mod:`scoredistill.progress`): step, total, time left, steps per second, losses;
 * ``metrics.csv``: one row per logged step (the records of ``history.json``);
 * TensorBoard scalars (an ``events.out.tfevents.*`` file in the run folder, so that
   ``tensorboard --logdir runs`` shows every run by its folder name) when the
@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from scoredistill.errors import UserError
 from scoredistill.io import atomic_write, write_text
+from scoredistill.progress import progress
 
 if TYPE_CHECKING:
     from scoredistill.trainer import Run
@@ -51,11 +51,9 @@ def check_tensorboard(setting: Optional[bool]) -> None:
                         "(or set runtime.tensorboard=false)")
 
 
-def progress_bar(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[losses]}"),
-        TextColumn("{task.fields[speed]}"), TimeElapsedColumn(), TimeRemainingColumn(), transient=False, disable=not enabled,
-    )
+def progress_bar(enabled: bool) -> Any:
+    """On stderr: step, total, time left, then speed and losses (cut first on a narrow terminal); plain lines in a log."""
+    return progress(enabled, "speed", "losses")
 
 
 def weights_hash(tensors: dict[str, torch.Tensor]) -> str:

@@ -189,8 +189,6 @@ def cmd_teacher_train(args, hooks) -> int:
 
 
 def cmd_eval(args, hooks) -> int:
-    from rich.console import Console
-
     from scoredistill.io import write_json
     from scoredistill.images.metrics import EVAL_OPTIONS
     from scoredistill.trainer import generate, load_run
@@ -224,6 +222,6 @@ def cmd_eval(args, hooks) -> int:
     keys = ("fid", "fid_train", "fid_inception", "class_coverage", "classes_present")
     line = "  ".join(f"{k}={metrics[k]}" for k in keys if k in metrics and metrics[k] is not None)
     tline = "  ".join(f"{k}={tm[k]}" for k in keys if k in tm and tm[k] is not None)
-    Console(stderr=True).print(f"[green]evaluated[/green] {args.run_dir} -> {out} (pictures: {out.stem}_*.png)\n  generator (1 NFE): {line}\n"
-                               f"  teacher ({tm.get('sampler', '?')}): {tline}")
+    print(f"evaluated {args.run_dir} -> {out} (pictures: {out.stem}_*.png)\n  generator (1 NFE): {line}\n"
+          f"  teacher ({tm.get('sampler', '?')}): {tline}")  # the result, on stdout
     return 0

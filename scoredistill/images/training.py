@@ -32,10 +32,10 @@ from typing import Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from scoredistill.errors import UserError
 from scoredistill.io import atomic_write, environment_versions, write_json
+from scoredistill.progress import progress as progress_display
 from scoredistill.roles import default_cache_dir, stable_hash
 
 from scoredistill.images.data import DIGITS_SHAPE, DIGITS_SPLIT_SEED, DIGITS_TEST_SIZE, digits
@@ -97,9 +97,8 @@ def make_unet(s: DigitsTeacherSettings):
                        norm_num_groups=s.norm_num_groups, attention_head_dim=8)
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled)
+def _progress(enabled: bool):
+    return progress_display(enabled, "info")
 
 
 def edm_loss(den: EDMDenoiser, x: torch.Tensor, s: DigitsTeacherSettings, gen: torch.Generator) -> torch.Tensor:
