@@ -1,6 +1,11 @@
-"""MkDocs hook: write the reference pages from the code at build time, so they cannot drift.
+"""The reference pages, written from the code, and the code the tutorial shows, copied from the example package.
 
-Generated pages (they exist only in the built site, never in ``docs/``):
+Both are committed, so that the docs read completely as plain Markdown in the repository;
+``tests/test_docs.py`` fails when a committed copy is stale, and one command refreshes them::
+
+    python docs/_hooks/reference.py
+
+Generated pages (``docs/reference/``):
 
 * ``reference/components.md``: every registered component, by role, with its
   docstring, paper and config fields (from its pydantic ``Config``);
@@ -14,9 +19,16 @@ Generated pages (they exist only in the built site, never in ``docs/``):
 Hand-written pages can also embed generated tables with a marker on a line of
 its own, e.g. ``<!-- generated: method-table -->`` (see ``MARKERS``).
 
+Code copied into pages: a region ``<!-- include LANG: FILE[:SECTION] -->`` ...
+``<!-- end include -->`` holds a fenced ``LANG`` block (no LANG: the text itself) with the
+part of FILE between its ``--8<-- [start:SECTION]`` and ``--8<-- [end:SECTION]`` comments
+(the whole file without no SECTION; ``FILE:N:`` from line N on; several, comma-separated,
+joined by a blank line). See :data:`INCLUDED`.
+
 Only the plugins that ship with scoredistill (its own ``scoredistill`` entry
 points) are documented; third-party plugins installed in the same environment
-are left out.
+are left out. As a MkDocs hook this file also loads the Sphinx-role extension and
+fills ``<!-- generated: NAME -->`` markers.
 """
 
 from __future__ import annotations
@@ -35,7 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from mkdocs.plugins import event_priority
-from mkdocs.structure.files import File, Files
+from mkdocs.structure.files import Files
 
 sys.path.insert(0, str(Path(__file__).parent))
 import sphinx_roles  # noqa: E402  (a sibling file, not a package)
@@ -119,9 +131,9 @@ def type_name(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin is typing.Literal:
-        return " \\| ".join(json.dumps(a) for a in args)
+        return " | ".join(json.dumps(a) for a in args)  # cell() escapes the pipes, once
     if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
-        return " \\| ".join(type_name(a) for a in args)
+        return " | ".join(type_name(a) for a in args)
     if origin is not None:
         name = getattr(origin, "__name__", str(origin))
         return f"{name}[{', '.join(type_name(a) for a in args)}]" if args else name
@@ -606,11 +618,81 @@ def on_config(config: Any) -> Any:
 
 
 def on_files(files: Files, config: Any) -> Files:
-    for path, make in GENERATED.items():
-        if files.get_file_from_path(path) is not None:
-            raise SystemExit(f"docs/{path} is generated at build time; delete the file of that name")
-        files.append(File.generated(config, path, content=make()))
+    for path in GENERATED:
+        if files.get_file_from_path(path) is None:
+            raise SystemExit(f"docs/{path} is missing; write it with: {REFRESH}")
     return files
+
+
+# --------------------------------------------------------------------------- committed copies
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs"
+REFRESH = "python docs/_hooks/reference.py"
+#: pages with ``<!-- include ... -->`` regions
+INCLUDED = ("tutorial.md", "results.md")
+HEADER = "<!-- Generated from the code by {refresh}: do not edit; run it again after changing the code. -->\n\n"
+INCLUDE = re.compile(r"^(?P<indent>[ ]*)<!-- include(?: (?P<lang>\w+))?: (?P<refs>[^>]+?) -->\n.*?^(?P=indent)<!-- end include -->$",
+                     flags=re.MULTILINE | re.DOTALL)
+
+
+def snippet(ref: str) -> str:
+    """The text ``ref`` names: ``FILE``, ``FILE:SECTION`` (between ``--8<-- [start:SECTION]`` and ``[end:SECTION]``),
+    or ``FILE:N:`` / ``FILE:N:M`` (lines N to M, from 1); the ``--8<--`` marker lines left out."""
+    path, _, rest = ref.strip().partition(":")
+    lines = (ROOT / path).read_text(encoding="utf-8").splitlines()
+    if rest and re.fullmatch(r"\d+:\d*", rest):
+        start, end = rest.split(":")
+        lines = lines[int(start) - 1: int(end) if end else None]
+    elif rest:
+        marks = [i for i, line in enumerate(lines) if f"--8<-- [start:{rest}]" in line or f"--8<-- [end:{rest}]" in line]
+        if len(marks) != 2:
+            raise SystemExit(f"{path} has no section '{rest}' (--8<-- [start:{rest}] ... [end:{rest}])")
+        lines = lines[marks[0] + 1: marks[1]]
+    return "\n".join(line for line in lines if "--8<-- [" not in line).strip("\n")
+
+
+def with_includes(markdown: str) -> str:
+    """``markdown`` with every include region filled from the files it names."""
+
+    def fill(m: re.Match) -> str:
+        indent, lang, refs = m["indent"], m["lang"], m["refs"]
+        body = "\n\n".join(snippet(r) for r in refs.split(","))
+        if lang:
+            body = f"```{lang}\n{body}\n```"
+        body = "\n".join(indent + line if line.strip() else "" for line in body.splitlines())
+        head = f"{indent}<!-- include{' ' + lang if lang else ''}: {refs} -->"
+        return f"{head}\n\n{body}\n\n{indent}<!-- end include -->"  # blank lines: an HTML comment ends at one
+
+    return INCLUDE.sub(fill, markdown)
+
+
+def committed_copies() -> dict[Path, str]:
+    """What every generated or included file must hold, by path."""
+    out = {DOCS / path: HEADER.format(refresh=REFRESH) + make().rstrip("\n") + "\n" for path, make in GENERATED.items()}
+    for name in INCLUDED:
+        out[DOCS / name] = with_includes((DOCS / name).read_text(encoding="utf-8"))
+    return out
+
+
+def stale() -> list[str]:
+    """The committed copies that differ from what the code gives now."""
+    return [str(path.relative_to(ROOT)) for path, text in committed_copies().items()
+            if not path.is_file() or path.read_text(encoding="utf-8") != text]
+
+
+def refresh() -> list[str]:
+    """Write every committed copy that is stale; returns their paths."""
+    changed = stale()
+    for path, text in committed_copies().items():
+        if str(path.relative_to(ROOT)) in changed:
+            path.write_text(text, encoding="utf-8")
+    return changed
+
+
+if __name__ == "__main__":
+    changed = refresh()
+    print("\n".join(f"wrote {c}" for c in changed) or "the reference pages and the included code are current")
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str:
