@@ -16,9 +16,6 @@ Generated pages (``docs/reference/``):
 * ``reference/cli.md``: every command and option of ``scoredistill``, from the
   argparse parser (``scoredistill.cli.make_parser``).
 
-Hand-written pages can also embed generated tables with a marker on a line of
-its own, e.g. ``<!-- generated: method-table -->`` (see ``MARKERS``).
-
 Code copied into pages: a region ``<!-- include LANG: FILE[:SECTION] -->`` ...
 ``<!-- end include -->`` holds a fenced ``LANG`` block (no LANG: the text itself) with the
 part of FILE between its ``--8<-- [start:SECTION]`` and ``--8<-- [end:SECTION]`` comments
@@ -27,8 +24,10 @@ joined by a blank line). See :data:`INCLUDED`.
 
 Only the plugins that ship with scoredistill (its own ``scoredistill`` entry
 points) are documented; third-party plugins installed in the same environment
-are left out. As a MkDocs hook this file also loads the Sphinx-role extension and
-fills ``<!-- generated: NAME -->`` markers.
+are left out. Hand-written pages hold generated tables in regions
+``<!-- generated: NAME -->`` ... ``<!-- end generated -->`` (see ``MARKERS``), refreshed the
+same way. As a MkDocs hook this file loads the Sphinx-role extension and checks that the
+generated pages exist.
 """
 
 from __future__ import annotations
@@ -291,7 +290,7 @@ def components_page() -> str:
         "Every component registered by the plugins that ship with scoredistill, by role. "
         "A config section selects one with `component: NAME`; the other keys of the section are "
         "its settings, checked against the table below (unknown keys are an error). "
-        "Generated from the registry at build time; `scoredistill list` prints the same names "
+        "Generated from the registry by `python docs/_hooks/reference.py`; `scoredistill list` prints the same names "
         "for whatever plugins are installed.",
         "",
         "| role | config section | components |",
@@ -348,7 +347,7 @@ def methods_page() -> str:
         "plus the ablations it allows (`--ablate NAME`, each a swap or removal of a component). "
         "The table shows every method and ablation as component choices; "
         "\"preset's\" means the method leaves that role to the preset, \"unused\" that nothing trains or calls it. "
-        "Generated from the registry at build time.",
+        "Generated from the registry by `python docs/_hooks/reference.py`.",
         "",
         method_table(),
     ]
@@ -397,7 +396,7 @@ def presets_page() -> str:
         "`--preset NAME`. The method's config is merged over it (the method's role choices and "
         "training settings win), then the preset retunes the loss terms the method has (for example "
         "the regression distance) but never adds one. "
-        "Generated from the registry at build time.",
+        "Generated from the registry by `python docs/_hooks/reference.py`.",
         "",
         "| preset | summary | plugin |",
         "|---|---|---|",
@@ -419,7 +418,7 @@ def config_page() -> str:
         "# Run config",
         "",
         "Every run is described by one resolved config, validated by pydantic and written to the "
-        "run folder as `config.yaml`. Generated from `scoredistill.config` at build time.",
+        "run folder as `config.yaml`. Generated from `scoredistill.config` by `python docs/_hooks/reference.py`.",
         "",
         "## How it is assembled",
         "",
@@ -510,7 +509,7 @@ def cli_page() -> str:
         "",
         sphinx_roles.convert(inspect.getdoc(cli) or "", context="scoredistill.cli").split("\n\n", 1)[0],
         "",
-        "Generated from `scoredistill.cli.make_parser()` at build time.",
+        "Generated from `scoredistill.cli.make_parser()` by `python docs/_hooks/reference.py`.",
         "",
         "```text",
         _usage(parser),
@@ -586,18 +585,20 @@ GENERATED: dict[str, Callable[[], str]] = {
     "reference/cli.md": cli_page,
 }
 
-MARKERS: dict[str, Callable[[Any], str]] = {
+MARKERS: dict[str, Callable[[str], str]] = {
     "method-table": lambda page: method_table(prefix=_prefix(page)),
     "hook-table": lambda page: hook_table(),
     "run-files": lambda page: run_files(),
 }
-MARKER = re.compile(r"^<!-- generated: (?P<name>[\w-]+) -->$", flags=re.MULTILINE)
+#: ``<!-- generated: NAME -->`` then the generated text then ``<!-- end generated -->`` (the end is added if missing)
+MARKER = re.compile(r"^<!-- generated: (?P<name>[\w-]+) -->$(?:(?:(?!<!-- generated:).)*?^<!-- end generated -->$)?",
+                    flags=re.MULTILINE | re.DOTALL)
 
 
-def _prefix(page: Any) -> str:
-    """Relative path from ``page`` to the reference folder."""
-    depth = page.file.src_uri.count("/")
-    here = page.file.src_uri.rsplit("/", 1)[0] if depth else ""
+def _prefix(src_uri: str) -> str:
+    """Relative path from the page ``src_uri`` (e.g. ``reference/hooks.md``) to the reference folder."""
+    depth = src_uri.count("/")
+    here = src_uri.rsplit("/", 1)[0] if depth else ""
     return "" if here == "reference" else "../" * depth + "reference/"
 
 
@@ -667,11 +668,30 @@ def with_includes(markdown: str) -> str:
     return INCLUDE.sub(fill, markdown)
 
 
+def with_generated(markdown: str, src_uri: str) -> str:
+    """``markdown`` (the page ``src_uri``) with every ``<!-- generated: NAME -->`` region filled."""
+
+    def fill(match: re.Match) -> str:
+        name = match["name"]
+        if name not in MARKERS:
+            raise SystemExit(f"docs/{src_uri}: unknown generated marker '{name}'; known: {', '.join(MARKERS)}")
+        return f"<!-- generated: {name} -->\n\n{MARKERS[name](src_uri).strip()}\n\n<!-- end generated -->"
+
+    return MARKER.sub(fill, markdown)
+
+
 def committed_copies() -> dict[Path, str]:
     """What every generated or included file must hold, by path."""
     out = {DOCS / path: HEADER.format(refresh=REFRESH) + make().rstrip("\n") + "\n" for path, make in GENERATED.items()}
     for name in INCLUDED:
         out[DOCS / name] = with_includes((DOCS / name).read_text(encoding="utf-8"))
+    for path in sorted(DOCS.rglob("*.md")):
+        rel = path.relative_to(DOCS).as_posix()
+        if rel.split("/")[0] in ("_hooks", "examples", "results") or rel in GENERATED:
+            continue
+        text = out.get(path) or path.read_text(encoding="utf-8")
+        if MARKER.search(text):
+            out[path] = with_generated(text, rel)
     return out
 
 
@@ -693,13 +713,3 @@ def refresh() -> list[str]:
 if __name__ == "__main__":
     changed = refresh()
     print("\n".join(f"wrote {c}" for c in changed) or "the reference pages and the included code are current")
-
-
-def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str:
-    def replace(match: re.Match) -> str:
-        name = match["name"]
-        if name not in MARKERS:
-            raise SystemExit(f"{page.file.src_uri}: unknown generated marker '{name}'; known: {', '.join(MARKERS)}")
-        return MARKERS[name](page)
-
-    return MARKER.sub(replace, markdown)
