@@ -3,7 +3,7 @@
 Both are written, like DMD's ``kl_gradient``, as a per-sample direction ``grad``
 fed to DMD's surrogate ``0.5 * mean((x - sg(x - grad))**2)`` (whose gradient in
 ``x`` is ``grad / numel``); they differ from DMD only in *which* scores enter
-and *how each noise level is weighted*. Sigma form throughout (DESIGN.md):
+and *how each noise level is weighted*. Sigma form throughout:
 ``x_s = x + s * eps``, ``D(x_s, s) ~ E[x | x_s]``, score ``(D - x_s) / s**2``,
 and the noise prediction ``eps_hat = (x_s - D) / s``.
 
