@@ -243,3 +243,29 @@ def test_as_a_user_runs_it(world, argv, tmp_path):
                           cwd=tmp_path, env=os.environ)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert snapshot(Path(world["TMP"])) == before and not list(tmp_path.iterdir())
+
+
+def test_under_torchrun_a_user_error_is_printed_once_by_rank_0(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "scoredistill.cli",
+           "run", "dmd", "--preset", "toy2d", "--set", "train.steps=true", "--out", str(tmp_path / "r")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("scoredistill: ")]
+    assert proc.returncode != 0 and len(ours) == 1 and "expected a number, not a boolean" in ours[0], proc.stderr
+    # torchrun's own summary (its traceback cannot be turned off from the processes): ranks exited with 2 (the
+    # other one may already have been stopped by torchrun)
+    assert "exitcode  : 2" in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_resume_command_suggested_after_an_interruption_repeats_the_launcher(monkeypatch):
+    from scoredistill.cli import _launcher
+
+    for key in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    assert _launcher() == "scoredistill"
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert _launcher() == "torchrun --nproc_per_node 4 -m scoredistill.cli"
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    assert _launcher() == "torchrun --nnodes 2 --nproc_per_node 4 -m scoredistill.cli"
