@@ -109,7 +109,7 @@ def check_out(path: Path, option: str = "--out", folder: bool = True) -> None:
         raise UserError(f"{option} '{path}' is an existing file; give a new folder")
     if path.is_dir() and not folder:
         raise UserError(f"{option} '{path}' is an existing folder; give a file name")
-    above = path.absolute().parent
+    above = path.absolute() if folder and path.is_dir() else path.absolute().parent  # where the files will go
     while not above.exists():
         above = above.parent
     if not above.is_dir():

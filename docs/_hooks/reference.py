@@ -534,9 +534,15 @@ def cli_page() -> str:
     out += [
         "## Exit status",
         "",
-        "`0` on success; `2` for a user mistake (unknown method, bad `--set` key, a run folder that "
-        "already exists, ...), printed as one line `scoredistill: error: ...` without a traceback; "
-        "`130` when interrupted.",
+        "`0` on success; `2` for a user mistake (unknown method, bad `--set` key or value, a run folder that "
+        "already exists, ...) or a fault of the file system that the user fixes (a full disk, a read-only "
+        "`--out`), printed as one line `scoredistill: error: ...` without a traceback, before anything is "
+        "written; `1` for a run stopped by a non-finite loss; `130` / `143` when interrupted by SIGINT / SIGTERM "
+        "(after saving a checkpoint). Under torchrun, rank 0 prints the line.",
+        "",
+        "Results (the `done:` line, `compare`'s table, `sample`'s and `export`'s summaries) go to stdout; "
+        "progress, warnings and errors to stderr. When stderr is not a terminal, progress is a plain line "
+        "at most every ten seconds.",
         "",
     ]
     return "\n".join(out)
