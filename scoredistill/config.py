@@ -270,14 +270,14 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item or not item.split("=", 1)[0].strip():
             raise UserError(f"--set expects key=value (for example train.steps=500), got '{item}'")
     out: dict = {}
-    for item in overrides:
+    for item in overrides:  # one at a time, so that an error names its item
         try:
             one = OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=True)
-        except (OmegaConfBaseException, yaml.YAMLError, ValueError, TypeError) as exc:
+            out = OmegaConf.to_container(OmegaConf.merge(out, one), resolve=True)
+        except (OmegaConfBaseException, yaml.YAMLError, ValueError, TypeError) as exc:  # a YAML tag (!!python/...) too
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise UserError(f"cannot parse --set {item!r}: {first} (values are plain YAML: numbers, strings, true/false, "
                             "null, [lists], {maps})") from None
-        out = OmegaConf.to_container(OmegaConf.merge(out, one), resolve=True)
     return out
 
 
