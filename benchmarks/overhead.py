@@ -2,7 +2,7 @@
 
     python benchmarks/overhead.py [--presets toy2d digits] [--iters N] [--warmup W] [--threads 1]
                                   [--sample-batch B] [--breakdown N] [--set key=value ...]
-                                  [--out benchmarks/results/overhead.json]
+                                  [--out benchmarks/results/overhead_cpu.json]
 
 GitHub issue 7, "Overhead": the framework's cost must be the cost of the networks, not of the
 framework (target: framework / bare <= 1.05 on CPU, for ``toy2d`` and ``digits``).
@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-DEFAULT_OUT = Path(__file__).parent / "results" / "overhead.json"
+DEFAULT_OUT = Path(__file__).parent / "results" / "overhead_cpu.json"
 DEFAULTS = {  # preset: (timed pairs of training iterations, warm-up pairs, sampling batch, timed pairs of sampling calls)
     "toy2d": (500, 30, 4096, 500),
     "digits": (30, 3, 500, 30),

@@ -5,7 +5,7 @@ bias to the low precision in every forward, and the backward casts their gradien
 aten ops per tensor and call. On a GPU whose host sets the pace each costs the host about a
 kernel launch and more (session 7's H200 profile: 28 µs per cast, 42 µs per cast's backward
 node). In a bf16 DMD iteration on the CIFAR UNet they are 1,352 of its 6,885 aten ops
-(``benchmarks/README.md``, "GPU").
+(``benchmarks/README.md``, "GPU throughput").
 
 :class:`WeightCopies` keeps those casts as tensors of their own, and gives each layer's forward
 the copies while autocast runs at their dtype. Gradients land on the copies and reach the

@@ -1,6 +1,6 @@
 """Where a run's numbers and pictures go while it trains (the main process only).
 
-* a progress bar (rich): step, losses, steps per second, time left;
+* progress on stderr (:mod:`scoredistill.progress`): step, total, time left, steps per second, losses;
 * ``metrics.csv``: one row per logged step (the records of ``history.json``);
 * TensorBoard scalars (an ``events.out.tfevents.*`` file in the run folder, so that
   ``tensorboard --logdir runs`` shows every run by its folder name) when the
@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from scoredistill.errors import UserError
 from scoredistill.hashing import state_hash
 from scoredistill.io import atomic_write, write_text
+from scoredistill.progress import progress
 
 if TYPE_CHECKING:
     from scoredistill.run import Run
@@ -51,11 +51,9 @@ def check_tensorboard(setting: Optional[bool]) -> None:
                         "(or set runtime.tensorboard=false)")
 
 
-def progress_bar(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[losses]}"),
-        TextColumn("{task.fields[speed]}"), TimeElapsedColumn(), TimeRemainingColumn(), transient=False, disable=not enabled,
-    )
+def progress_bar(enabled: bool) -> Any:
+    """On stderr: step, total, time left, then speed and losses (cut first on a narrow terminal); plain lines in a log."""
+    return progress(enabled, "speed", "losses")
 
 
 def weights_hash(tensors: dict[str, torch.Tensor]) -> str:
@@ -102,6 +100,7 @@ class RunLog:
         self.pending: list[Future] = []
         self.hash_file: Optional[Path] = None
         self._last = (0, 0.0)  # (step, time) of the previous record, for steps per second
+        self.csv_failed = False
 
     # -- lifecycle
     def __enter__(self) -> "RunLog":
@@ -172,12 +171,21 @@ class RunLog:
         write_text(self.run.dir / METRICS_CSV, buf.getvalue())
 
     def _append_csv(self, record: dict[str, float]) -> None:
+        """One row of ``metrics.csv``. A full disk (or any other OS fault) here costs that file only: one warning, no
+        more rows, training goes on (``history.json`` and the checkpoints keep every record)."""
+        if self.csv_failed:
+            return
         path = self.run.dir / METRICS_CSV
-        with open(path, "a", newline="") as f:
-            if self.columns is None:
-                self.columns = list(record)
-                csv.DictWriter(f, fieldnames=self.columns).writeheader()
-            csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore").writerow(record)
+        try:
+            with open(path, "a", newline="") as f:
+                if self.columns is None:
+                    self.columns = list(record)
+                    csv.DictWriter(f, fieldnames=self.columns).writeheader()
+                csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore").writerow(record)
+        except OSError as err:
+            self.csv_failed = True
+            sys.stderr.write(f"scoredistill: warning: cannot append to {path} ({err.strerror or err}); it gets no more rows "
+                             "this session (history.json keeps them; a --resume rewrites it)\n")
 
     # -- pictures and debug
     def picture(self, step: int, samples: torch.Tensor) -> None:

@@ -50,7 +50,7 @@ class FakeScoreDenoise(FakeScoreLoss):
     for a teacher trained uniformly over its timesteps (DDPM-style). They differ for an EDM
     teacher: its log-normal ``ln s ~ N(-1.2, 1.2^2)`` puts 4% of the updates above
     ``s = 2.5``, where half of the KL gradient's queries are, so there ``D_fake`` lags the
-    generator (digits measurements: benchmarks/README.md, "run-to-run spread").
+    generator (digits measurements: benchmarks/README.md, "Digits FID over seeds").
     """
 
     class Config(BaseModel):
