@@ -18,8 +18,6 @@ Every failure is a :class:`~scoredistill.errors.UserError` with one line.
 from __future__ import annotations
 
 import copy
-import types
-import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -30,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, FieldSerializationInfo, Valid
 
 from scoredistill.errors import UserError, one_of
 from scoredistill.registry import ROLE_TABLE, Registry
+from scoredistill.strict import check_strict_numbers, format_validation_error
 
 LOSS_SECTION, LOSS_ROLE = "losses", "generator_loss"
 #: run-config sections that name one component, and the role of that component (the loss terms are under LOSS_SECTION)
@@ -315,53 +314,6 @@ def _check_new_terms(method: str, terms: dict, changes: Any) -> None:
 # --------------------------------------------------------------------------- validation
 
 
-def _format_error(err: ValidationError, prefix: str, model: type[BaseModel]) -> str:
-    e = err.errors()[0]
-    loc = ".".join(str(p) for p in (prefix, *e["loc"]) if str(p))
-    if e["type"] == "extra_forbidden":
-        node: Any = model
-        for part in e["loc"][:-1]:
-            field = getattr(node, "model_fields", {}).get(part)
-            node = getattr(field, "annotation", None)
-        fields = sorted(getattr(node, "model_fields", {}) or [])
-        return f"unknown config key '{loc}'; allowed here: {', '.join(fields) or '(none)'}"
-    given = e.get("input")
-    shown = f" (got {given!r})" if not isinstance(given, dict) and e["type"] != "missing" else ""
-    return f"invalid config value '{loc}': {e['msg']}{shown}"
-
-
-def _number_kind(annotation: Any) -> Optional[type]:
-    """``int`` or ``float`` for a field typed ``int`` / ``float`` (also inside ``Optional``/``Annotated``), else None."""
-    args = typing.get_args(annotation)
-    if annotation in (int, float):
-        return annotation
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType, Annotated):
-        kinds = {_number_kind(a) for a in args if a is not type(None)} - {None}
-        return kinds.pop() if len(kinds) == 1 else None
-    return None
-
-
-def check_strict_numbers(model: type[BaseModel], raw: Any, prefix: str) -> None:
-    """Strict numbers in ``raw`` for ``model``: no boolean where a number goes (YAML's ``true`` is not 1), no
-    fractional or huge float (``1e30``) where an integer goes. Pydantic's lax mode would take both."""
-    if not isinstance(raw, dict):
-        return
-    for key, value in raw.items():
-        field = model.model_fields.get(key) if isinstance(key, str) else None
-        if field is None:
-            continue
-        where = f"{prefix}.{key}" if prefix else key
-        nested = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) else None
-        if nested is not None:
-            check_strict_numbers(nested, value, where)
-            continue
-        kind = _number_kind(field.annotation)
-        if kind is not None and isinstance(value, bool):
-            raise UserError(f"invalid config value '{where}': expected a number, not a boolean (got {value!r})")
-        if kind is int and isinstance(value, float):
-            raise UserError(f"invalid config value '{where}': expected an integer (got {value!r})")
-
-
 def validate_component(registry: Registry, section: str, role: str, raw: Any) -> ComponentSpec:
     if not isinstance(raw, dict) or "component" not in raw:
         allowed = ", ".join(sorted(registry.components[role]))
@@ -376,7 +328,7 @@ def validate_component(registry: Registry, section: str, role: str, raw: Any) ->
     try:
         config = info.config_model.model_validate(raw)
     except ValidationError as err:
-        raise UserError(_format_error(err, section, info.config_model)) from None
+        raise UserError(format_validation_error(err, section, info.config_model)) from None
     try:
         weight = float(weight)
     except (TypeError, ValueError):
@@ -398,7 +350,7 @@ def validate(registry: Registry, raw: dict) -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        raise UserError(_format_error(err, "", RunConfig)) from None
+        raise UserError(format_validation_error(err, "", RunConfig)) from None
 
 
 def resolve(registry: Registry, method: str, preset: str, ablations: list[str] = (), overrides: list[str] = ()) -> RunConfig:
