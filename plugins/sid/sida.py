@@ -6,14 +6,17 @@ encoder doubles as a discriminator: a head on its features gives a logit ``D(x_s
 
 * Fake-score step (``sida_fake_score``): at noise levels drawn as the teacher was
   trained (the released code: EDM's log-normal), generator samples ``x`` and real
-  images ``y`` are noised with the *same* ``s`` and ``eps``; per sample,
-  ``lambda(s) [ sum_{C,H,W} (D_fake(x_s) - x)^2 + w_D (softplus(-D(y_s)) + softplus(D(x_s))) / 2 ]``
-  (denoising score matching plus the binary cross-entropy, both with the teacher's
-  weighting ``lambda(s)``), averaged over the batch.
-* Generator step (``sida_adversarial``): at the SiD term's noise levels, per sample
-  ``numel(x) * softplus(-clamp(D(x_s), -10, 10)) / mean|x - D_real(x_s)|``, averaged
-  over the batch: the non-saturating loss scaled like SiD's summed loss and weighted
-  by SiD's ``1 / mean|x - r|``. The released code adds ``0.5 L_SiD + 0.5 L_adv``.
+  images ``y`` are noised with the *same* ``s`` and ``eps``;
+  ``mean_i lambda(s_i) sum_{C,H,W} (D_fake(x_s,i) - x_i)^2 + w_D mean_i lambda(s_i) * BCE``
+  with ``BCE = (mean softplus(-D(y_s)) + mean softplus(D(x_s))) / 2``: denoising score
+  matching plus the binary cross-entropy, both with the teacher's weighting ``lambda(s)``
+  (the released code multiplies the batch's mean cross-entropy by each sample's ``lambda``).
+* Generator step (``sida_adversarial``): at the SiD term's noise levels,
+  ``numel(x) * mean_i softplus(-clamp(D(x_s,i), -10, 10)) * mean_i 1 / mean|x_i - D_real(x_s,i)|``:
+  the non-saturating loss (its batch mean, as the released code's cross-entropy) scaled like
+  SiD's summed loss and by the batch mean of SiD's weight ``1 / mean|x - r|`` (the released
+  code divides the batch's mean cross-entropy by each sample's weight factor, then averages).
+  The released code adds ``0.5 L_SiD + 0.5 L_adv``.
 
 Here the two generator terms draw their own ``(s, eps)`` (the released code shares
 one draw): the same expectation, other noise.
@@ -70,7 +73,7 @@ def check_real_side(teacher: Teacher, what: str) -> None:
 
 @component("sida_adversarial", role="generator_loss", paper="Zhou et al. 2025 (SiDA, arXiv 2410.14919), Sec. 3: the generator's adversarial loss")
 class SiDAAdversarial(GeneratorLoss):
-    """SiDA's generator GAN term ``numel(x) softplus(-D(x_s)) / mean|x - r|`` from the fake score's head."""
+    """SiDA's generator GAN term ``numel(x) mean softplus(-D(x_s)) * mean 1 / mean|x - r|`` from the fake score's head."""
 
     differentiates_fake_score = True  # scored through D_fake's features and head, whose weights stay fixed
 
@@ -87,12 +90,12 @@ class SiDAAdversarial(GeneratorLoss):
         sigma = timestep_sigmas(models.teacher, len(x), c.min_timestep_ratio, c.max_timestep_ratio)
         x_noisy = add_noise(x, sigma)
         d = logits(models, x_noisy, sigma, batch.cond).clamp(-c.logit_clamp, c.logit_clamp)
-        loss = F.softplus(-d) * x[0].numel()
+        loss = F.softplus(-d).mean() * x[0].numel()
         if c.normalize:
             with torch.no_grad():
                 real = models.teacher(x_noisy, sigma, batch.cond)
-            loss = loss * dmd_weight(x, real)
-        return loss.mean()
+            loss = loss * dmd_weight(x, real).mean()
+        return loss
 
 
 @component("sida_fake_score", role="fake_score_loss", paper="Zhou et al. 2025 (SiDA, arXiv 2410.14919), Sec. 3: fake score and discriminator, one encoder")
@@ -120,10 +123,10 @@ class SiDAFakeScore(FakeScoreLoss):
         eps = torch.randn_like(x)
         s = sigma.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
         x_noisy, real_noisy = x + s * eps, real + s * eps  # the same s and eps on both sides
-        denoise = per_sample_sum((models.fake_score(x_noisy, sigma, cond, x_clean=x) - x) ** 2)
-        loss = denoise
+        weight = teacher.loss_weight(sigma).to(x.dtype)
+        loss = (weight * per_sample_sum((models.fake_score(x_noisy, sigma, cond, x_clean=x) - x) ** 2)).mean()
         if self.config.discriminator_weight:
             d = logits(models, torch.cat([x_noisy, real_noisy]), torch.cat([sigma, sigma]))  # unconditional (checked)
-            bce = (F.softplus(d[:n]) + F.softplus(-d[n:])) / 2
-            loss = loss + self.config.discriminator_weight * bce
-        return (teacher.loss_weight(sigma).to(x.dtype) * loss).mean()
+            bce = (F.softplus(d[:n]).mean() + F.softplus(-d[n:]).mean()) / 2
+            loss = loss + self.config.discriminator_weight * weight.mean() * bce
+        return loss
