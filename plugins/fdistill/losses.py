@@ -73,6 +73,9 @@ class FDivergenceGradient(GeneratorLoss):
     def __init__(self, config: "FDivergenceGradient.Config", ctx: Optional[BuildContext] = None) -> None:
         super().__init__()
         self.config = config
+        if ctx is not None and ctx.teacher is not None and ctx.teacher.num_classes is not None:
+            raise UserError("f_divergence_gradient reads r from an unconditional discriminator trained on unlabelled real "
+                            "data, but the teacher is class-conditional; use an unconditional teacher")
 
     def forward(self, batch: GeneratorBatch, models: Models) -> Tensor:
         c, x, teacher = self.config, batch.x, models.teacher
