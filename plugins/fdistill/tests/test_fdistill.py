@@ -165,3 +165,31 @@ def test_fdistill_runs_end_to_end_on_toy2d_from_the_cli(tmp_path):
     for key in ("mode_coverage", "max_mass_error", "within_3std", "energy_distance"):
         assert math.isfinite(metrics[key]), key
     assert metrics["non_finite"] == 0
+
+
+# --------------------------------------------------------------------------- image teachers
+
+
+@pytest.fixture(scope="module")
+def digits_teacher(tmp_path_factory):
+    from scoredistill.images.testing import tiny_teacher_folder
+
+    return tiny_teacher_folder(tmp_path_factory.mktemp("teacher") / "digits")
+
+
+@pytest.mark.parametrize("method, extra", [("fdistill", [])])
+def test_runs_on_a_tiny_digits_unet_teacher(digits_teacher, tmp_path, monkeypatch, method, extra):
+    """The same components on an image teacher: UNet denoisers, their features, real digits."""
+    from scoredistill.images import metrics
+    from scoredistill.images.testing import TINY_TEACHER_OVERRIDES, tiny_classifier_settings
+    from scoredistill.images.training import ENV_DIGITS_TEACHER
+
+    monkeypatch.setenv(ENV_DIGITS_TEACHER, str(digits_teacher))
+    monkeypatch.setattr(metrics, "CLASSIFIER_SETTINGS", tiny_classifier_settings())
+    monkeypatch.setattr(metrics, "inception_dir", lambda: None)
+    sets = TINY_TEACHER_OVERRIDES + ["train.steps=2", "train.batch_size=8", "train.fake_score_warmup_steps=1",
+                                     "eval.num_samples=40", "runtime.progress=false", "train.fake_updates_per_step=1", *extra]
+    out = tmp_path / method
+    assert main(["run", method, "--preset", "digits", "--out", str(out), "--quiet", *[a for s in sets for a in ("--set", s)]]) == 0
+    history = json.loads((out / "history.json").read_text())
+    assert history and all(math.isfinite(v) for v in history[-1].values())
