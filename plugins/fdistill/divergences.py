@@ -1,8 +1,8 @@
-"""The weighting ``h(r) = f''(r) r^2`` of each f-divergence (Xu, Nie and Vahdat 2025, arXiv 2502.15681, Table 1).
+"""The weighting ``h(r) = f''(r) r^2`` of each f-divergence (Xu, Nie and Vahdat 2025, arXiv 2502.15681, its table of f-divergences).
 
 ``D_f(p || q) = E_q[f(p / q)]`` with ``p`` the data (teacher) and ``q`` the generator's
 distribution, both noised; ``r = p_s / q_s``. The gradient of ``D_f(p_s || q_s)`` in the
-generator's parameters is ``E[h(r) (s_q - s_p)(x_s) dx_s/dtheta]`` (their Theorem 1, sign
+generator's parameters is ``E[h(r) (s_q - s_p)(x_s) dx_s/dtheta]`` (their main result, sign
 as a descent direction), so reverse KL (``h = 1``) is DMD's gradient.
 """
 

@@ -1,7 +1,7 @@
 """f-distill's generator gradient: DMD's per-sample direction times a normalised ``h(r)``.
 
 Xu, Nie and Vahdat, "One-step Diffusion Models with f-Divergence Distribution Matching"
-(arXiv 2502.15681), Sec. 4. Per generator step, without gradient:
+(arXiv 2502.15681). Per generator step, without gradient:
 ``t ~ U{0.02 T, ..., 0.98 T}``, ``x_s = x + s eps``, ``r = D_real(x_s)``, ``f = D_fake(x_s)``,
 then
 
@@ -53,14 +53,14 @@ def normalized_weights(divergence: str, logits: Tensor, max_log_ratio: float) ->
     return (h / h.mean().clamp(min=1e-12)).to(logits.dtype)
 
 
-@component("f_divergence_gradient", role="generator_loss", paper="Xu et al. 2025 (f-distill, arXiv 2502.15681), Sec. 4: Theorem 1 with the normalised weighting")
+@component("f_divergence_gradient", role="generator_loss", paper="Xu et al. 2025 (f-distill, arXiv 2502.15681), the f-divergence gradient with the normalised weighting")
 class FDivergenceGradient(GeneratorLoss):
     """DMD's KL gradient weighted per sample by ``h(r) = f''(r) r^2`` of the chosen f-divergence, ``r`` from the discriminator."""
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
         divergence: Divergence = Field("jensen_shannon", description="the f-divergence (f-distill's best on ImageNet-64: jensen_shannon)")
-        max_log_ratio: float = Field(5.0, gt=0, description="the discriminator's logit ln r is clipped to +-this before h(r)")
+        max_log_ratio: float = Field(5.0, gt=0, description="the discriminator's logit ln r is clipped to +-this before h(r) (a default chosen here: it bounds h for forward KL and Jeffreys)")
         min_timestep_ratio: float = Field(0.02, ge=0, le=1, description="t >= min_ratio * T (DMD: 0.02)")
         max_timestep_ratio: float = Field(0.98, ge=0, le=1, description="t <= max_ratio * T (DMD: 0.98)")
 

@@ -1,7 +1,7 @@
 """LADD's generator and discriminator losses, and ADD's distillation term.
 
 LADD: Sauer et al. 2024 (arXiv 2403.12015), Sec. 3. ADD: Sauer, Lorenz, Blattmann and
-Rombach, "Adversarial Diffusion Distillation" (arXiv 2311.17042), Sec. 3.2, eq. 5.
+Rombach, "Adversarial Diffusion Distillation" (arXiv 2311.17042), Sec. 3: the distillation loss.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class LADDDiscriminator(FakeScoreLoss):
         return discriminator_loss(d_real, d_fake, self.config.loss)
 
 
-@component("add_distillation", role="generator_loss", paper="Sauer et al. 2023 (ADD, arXiv 2311.17042), Sec. 3.2, eq. 5 with d = squared L2")
+@component("add_distillation", role="generator_loss", paper="Sauer et al. 2023 (ADD, arXiv 2311.17042), Sec. 3: the distillation loss with d = squared L2")
 class ADDDistillation(GeneratorLoss):
     """ADD's distillation loss ``c(s) ||x - sg(D_real(x + s eps, s))||^2``: the teacher's denoising of the generator's sample.
 

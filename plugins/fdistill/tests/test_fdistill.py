@@ -23,7 +23,7 @@ from scoredistill_fdistill.losses import FDivergenceGradient
 TINY = ["train.steps=6", "train.batch_size=64", "train.fake_score_warmup_steps=2", "eval.num_samples=300",
         "train.log_every=3", "fake_score.width=32", "generator.width=32"]
 
-#: f(r) of each divergence, written independently of the plugin (f-distill Table 1)
+#: f(r) of each divergence, written independently of the plugin (f-distill's table)
 F_OF_R = {
     "reverse_kl": lambda r: -torch.log(r),
     "softened_reverse_kl": lambda r: (r + 1) * torch.log((r + 1) / (2 * r)),
