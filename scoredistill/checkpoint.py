@@ -20,7 +20,6 @@ is reported in one line, naming the previous checkpoint to resume from instead.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -35,6 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from scoredistill.errors import UserError
+from scoredistill.hashing import sha256_digest
 from scoredistill.io import atomic_write
 
 FORMAT = "1"
@@ -132,13 +132,8 @@ def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        t = tensors[key]
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        # a copy: numpy() would mark the tensor's storage (a live parameter's, perhaps) as not resizable, which FSDP needs
-        h.update(t.reshape(-1).clone().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    return sha256_digest((chunk for key in sorted(tensors)
+                          for chunk in (f"{key}|{tensors[key].dtype}|{tuple(tensors[key].shape)}|".encode(), tensors[key])), length=None)
 
 
 def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -103,7 +103,9 @@ def _timestamp() -> str:
 
 def cmd_run(args, hooks) -> int:
     from scoredistill.config import resolve
-    from scoredistill.trainer import RunInterrupted, execute, resume_config
+    from scoredistill.resume import resume_config
+    from scoredistill.runner import execute
+    from scoredistill.trainer import RunInterrupted
 
     overrides = list(args.overrides) + (["runtime.progress=false"] if args.quiet else [])
     checkpoint = None

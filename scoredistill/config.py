@@ -27,17 +27,11 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, FieldSerializationInfo, ValidationError, field_serializer, field_validator, model_validator
 
 from scoredistill.errors import UserError, one_of
-from scoredistill.registry import Registry
+from scoredistill.registry import ROLE_TABLE, Registry
 
-#: run-config sections that name a component, and the role of that component
-COMPONENT_SECTIONS: dict[str, str] = {
-    "teacher": "teacher",
-    "generator": "generator",
-    "fake_score": "fake_score",
-    "fake_score_loss": "fake_score_loss",
-    "pairs": "pair_source",
-}
 LOSS_SECTION, LOSS_ROLE = "losses", "generator_loss"
+#: run-config sections that name one component, and the role of that component (the loss terms are under LOSS_SECTION)
+COMPONENT_SECTIONS: dict[str, str] = {r.section: r.name for r in ROLE_TABLE if r.name != LOSS_ROLE}
 
 
 class ComponentSpec(BaseModel):

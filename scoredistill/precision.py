@@ -17,7 +17,7 @@ cast once, as autocast's backward casts it. This is the master-weights scheme of
 et al., "Mixed Precision Training" (ICLR 2018), restricted to the tensors autocast casts.
 
 The float32 weights stay the network's parameters, so the optimiser, checkpoints, the EMA and
-sampling outside autocast (``trainer.generate``) see the network as it was.
+sampling outside autocast (``samples.generate``) see the network as it was.
 
 - Left alone (cast per call, as before): layers of other types, weights tied between layers,
   and deep copies of the network (they fall back to the layer's own forward).

@@ -15,7 +15,6 @@ Nothing here synchronises the device except at the log steps the trainer chooses
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,10 +25,11 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from scoredistill.errors import UserError
+from scoredistill.hashing import state_hash
 from scoredistill.io import atomic_write, write_text
 
 if TYPE_CHECKING:
-    from scoredistill.trainer import Run
+    from scoredistill.run import Run
 
 METRICS_CSV = "metrics.csv"
 DEBUG_DIR = "debug"
@@ -59,32 +59,25 @@ def progress_bar(enabled: bool) -> Progress:
 
 
 def weights_hash(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        h.update(key.encode())
-        h.update(tensors[key].detach().reshape(-1).clone().cpu().view(torch.uint8).numpy().tobytes())  # a copy (see checkpoint._digest)
-    return h.hexdigest()[:16]
+    return state_hash(tensors)
 
 
-def sample_picture(teacher: Any, samples: torch.Tensor, path: Path, title: str) -> bool:
-    """Samples as a picture: 2-D points as a scatter (over the target's density when known), images as a grid."""
-    from scoredistill import plots
-    from scoredistill.gaussian_mixture import GaussianMixtureTeacher
-
+def sample_picture(teacher: Any, samples: torch.Tensor, path: Path, title: str, hooks: Any = None) -> bool:
+    """Samples as a picture: as a plugin draws them (``scoredistill_draw_samples``, e.g. over the target's
+    density), else 2-D points as a scatter and images as a grid."""
+    if hooks is not None and hooks.draw_samples(teacher=teacher, panels=[(title, samples)], path=path):
+        return True
     if samples.ndim == 2 and samples.shape[1] == 2:
-        if isinstance(teacher, GaussianMixtureTeacher):
-            plots.scatter_over_density(teacher, samples, path, title)
-        else:
-            import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt
 
-            from scoredistill.io import save_figure
+        from scoredistill.io import save_figure
 
-            fig, ax = plt.subplots(figsize=(5, 5))
-            s = samples[:3000].cpu()
-            ax.scatter(s[:, 0], s[:, 1], s=2, c="tab:red", alpha=0.5, linewidths=0)
-            ax.set_title(title, fontsize=9)
-            save_figure(fig, path)
-            plt.close(fig)
+        fig, ax = plt.subplots(figsize=(5, 5))
+        s = samples[:3000].cpu()
+        ax.scatter(s[:, 0], s[:, 1], s=2, c="tab:red", alpha=0.5, linewidths=0)
+        ax.set_title(title, fontsize=9)
+        save_figure(fig, path)
+        plt.close(fig)
         return True
     if samples.ndim == 4 and samples.shape[1] in (1, 3):
         from torchvision.utils import make_grid, save_image
@@ -197,7 +190,7 @@ class RunLog:
         title = f"{run.config.method} — step {step}"
         path = run.dir / f"samples_step{step}.png"
         self.pending = [f for f in self.pending if not f.done()]
-        self.pending.append(self.pool.submit(sample_picture, run.models.teacher, samples, path, title))
+        self.pending.append(self.pool.submit(sample_picture, run.models.teacher, samples, path, title, run.hooks))
 
     def weight_hashes(self, step: int, hashes: dict[str, str]) -> None:
         if self.hash_file is not None:

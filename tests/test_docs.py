@@ -115,13 +115,13 @@ def test_every_command_and_option_is_documented(site):
 def test_the_run_folder_page_describes_every_file_and_metric():
     import torch
 
-    from scoredistill import trainer
+    from scoredistill import run_dir
     from scoredistill.testing import mixture
-    from scoredistill.toy_metrics import mixture_metrics
+    from scoredistill.toy2d.toy_metrics import mixture_metrics
 
     text = (DOCS / "reference" / "run-folder.md").read_text()
     text = text.replace("<!-- generated: run-files -->", "")
-    for constant, filename in vars(trainer).items():
+    for constant, filename in vars(run_dir).items():
         if constant.endswith("_FILE") and isinstance(filename, str):
             assert f"`{filename}`" in text, f"{filename} ({constant}) is not described in docs/reference/run-folder.md"
     teacher = mixture([[1.0, 0.0], [-1.0, 0.0]], [0.3, 0.3], [0.5, 0.5])

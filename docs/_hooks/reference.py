@@ -40,14 +40,6 @@ from mkdocs.structure.files import File, Files
 sys.path.insert(0, str(Path(__file__).parent))
 import sphinx_roles  # noqa: E402  (a sibling file, not a package)
 
-ROLE_DOC = {
-    "teacher": "The frozen *real* denoiser `D_real(x_s, s, cond)` and its noise schedule. Every teacher follows the sigma convention `x_s = x + s * eps`.",
-    "generator": "The one-step generator `G(z, cond) -> x` that the run trains.",
-    "fake_score": "The *fake* denoiser `D_fake` of the generator's own distribution, trained online (or replaced, in ablations).",
-    "generator_loss": "One term of the generator objective, `term(batch, models) -> scalar`; a method sums `weight * term` over its terms (config section `losses.<term name>`).",
-    "fake_score_loss": "The loss that trains the fake score on detached generator samples (config section `fake_score_loss`).",
-    "pair_source": "Noise-to-data pairs `(z_ref, y_ref)` from the teacher, for regression terms (config section `pairs`).",
-}
 
 
 # --------------------------------------------------------------------------- the registry
@@ -268,11 +260,10 @@ def method_table(prefix: str = "") -> str:
 
 def components_page() -> str:
     from scoredistill import roles
-    from scoredistill.config import COMPONENT_SECTIONS, LOSS_SECTION
+    from scoredistill.registry import ROLE_TABLE
 
     reg = project().registry
-    section_of = {role: f"`{section}`" for section, role in COMPONENT_SECTIONS.items()}
-    section_of["generator_loss"] = f"`{LOSS_SECTION}.<term>`"
+    section_of = {r.name: f"`{r.section}`" for r in ROLE_TABLE}
     out = [
         "# Components",
         "",
@@ -289,12 +280,10 @@ def components_page() -> str:
         links = ", ".join(f"[{code(n)}](#{anchor(role, n)})" for n in sorted(table)) or "—"
         out.append(f"| [{role}](#role-{role.replace('_', '-')}) | {section_of.get(role, '—')} | {links} |")
     out.append("")
-    base_class = {
-        "teacher": roles.Teacher, "generator": roles.Generator, "fake_score": roles.FakeScore,
-        "generator_loss": roles.GeneratorLoss, "fake_score_loss": roles.FakeScoreLoss, "pair_source": roles.PairSource,
-    }
+    base_class = {r.name: getattr(roles, r.base) for r in ROLE_TABLE}
+    role_doc = {r.name: r.summary for r in ROLE_TABLE}
     for role, table in reg.components.items():
-        out += [f"## Role `{role}` {{ #role-{role.replace('_', '-')} }}", "", ROLE_DOC.get(role, ""), ""]
+        out += [f"## Role `{role}` {{ #role-{role.replace('_', '-')} }}", "", role_doc.get(role, ""), ""]
         base = base_class.get(role)
         if base is not None:
             out += [f"Base class: [`{base.__name__}`][{base.__module__}.{base.__name__}]. Config section: {section_of.get(role, '—')}.", ""]
@@ -303,7 +292,7 @@ def components_page() -> str:
         for name in sorted(table):
             info = table[name]
             cls = info.cls
-            section = "losses.<term>" if role == "generator_loss" else next((s for s, r in COMPONENT_SECTIONS.items() if r == role), role)
+            section = next((r.section for r in ROLE_TABLE if r.name == role), role)
             example = {"component": name}
             if role == "generator_loss":
                 example["weight"] = 1.0
@@ -545,24 +534,24 @@ def hook_table() -> str:
         if name.startswith("scoredistill_add_"):
             kind = "registration"
         elif opts.get("firstresult"):
-            kind = "role (first result)"
+            kind = "role (first result)" if name.startswith("scoredistill_make_") else "picture (first result)"
         else:
             kind = "lifecycle" if name != "scoredistill_configure" else "configuration"
         args = ", ".join(code(a) for a in inspect.signature(fn).parameters)
         impls = ", ".join(sorted({i.plugin_name for i in caller.get_hookimpls()})) or "—"
         summary = (inspect.getdoc(fn) or "").split("\n\n")[0]
         rows.append(f"| [{code(name)}][scoredistill.hookspecs.{name}] | {kind} | {args or '—'} | {impls} | {cell(sphinx_roles.convert(summary, 'scoredistill.hookspecs'))} |")
-    order = {"registration": 0, "configuration": 1, "role (first result)": 2, "lifecycle": 3}
+    order = {"registration": 0, "configuration": 1, "role (first result)": 2, "lifecycle": 3, "picture (first result)": 4}
     head, body = rows[:2], rows[2:]
     body.sort(key=lambda r: order.get(r.split("|")[2].strip(), 9))
     return "\n".join(head + body) + "\n"
 
 
 def run_files() -> str:
-    """The run folder's file names, as the trainer defines them."""
-    from scoredistill import trainer
+    """The run folder's file names, as the run folder's module defines them."""
+    from scoredistill import run_dir
 
-    names = {k: v for k, v in vars(trainer).items() if k.endswith("_FILE") and isinstance(v, str)}
+    names = {k: v for k, v in vars(run_dir).items() if k.endswith("_FILE") and isinstance(v, str)}
     return ", ".join(code(v) for v in names.values()) + "\n"
 
 

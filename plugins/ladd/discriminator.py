@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from scoredistill.distill import add_noise
 from scoredistill.errors import UserError
-from scoredistill.roles import FakeScore, Models, Teacher, append_dims
+from scoredistill.roles import FakeScore, Models, Teacher
 
 HEAD_NAME = "ladd_head"
 Loss = Literal["hinge", "non_saturating"]
@@ -74,8 +75,7 @@ def logits(models: Models, x: Tensor, sigma: Tensor, cond: Optional[Tensor]) -> 
     head = getattr(models.fake_score, HEAD_NAME, None)
     if head is None:
         raise UserError("the ladd_adversarial term needs the head that fake_score_loss 'ladd_discriminator' adds")
-    x_noisy = x + append_dims(sigma.to(x.dtype), x.ndim) * torch.randn_like(x)
-    return head(models.teacher.features(x_noisy, sigma, cond).reshape(len(x), -1), sigma)
+    return head(models.teacher.features(add_noise(x, sigma.to(x.dtype)), sigma, cond).reshape(len(x), -1), sigma)
 
 
 def generator_loss(d_fake: Tensor, kind: str) -> Tensor:

@@ -12,10 +12,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from scoredistill.distill import add_noise, per_sample_mean, timestep_sigmas
 from scoredistill.errors import UserError
 from scoredistill.pairs import ODEPairs
 from scoredistill.registry import component
-from scoredistill.roles import BuildContext, FakeScoreLoss, GeneratorBatch, GeneratorLoss, Models, append_dims
+from scoredistill.roles import BuildContext, FakeScoreLoss, GeneratorBatch, GeneratorLoss, Models
 
 from scoredistill_ladd.discriminator import Loss, NoiseLevels, attach_head, discriminator_loss, generator_loss, logits
 
@@ -98,8 +99,8 @@ class ADDDistillation(GeneratorLoss):
 
     def forward(self, batch: GeneratorBatch, models: Models) -> Tensor:
         x, teacher = batch.x, models.teacher
-        sigma = teacher.sigmas[torch.randint(0, teacher.num_timesteps, (len(x),), device=teacher.sigmas.device)]
+        sigma = timestep_sigmas(teacher, len(x), 0.0, 1.0)
         with torch.no_grad():
-            target = teacher(x + append_dims(sigma.to(x.dtype), x.ndim) * torch.randn_like(x), sigma, batch.cond)
+            target = teacher(add_noise(x, sigma.to(x.dtype)), sigma, batch.cond)
         c = (1 + sigma.to(x.dtype) ** 2).rsqrt() if self.config.weighting == "exponential" else torch.ones_like(sigma, dtype=x.dtype)
-        return (c * ((x - target) ** 2).flatten(1).mean(1)).mean()
+        return (c * per_sample_mean((x - target) ** 2)).mean()

@@ -28,10 +28,11 @@ from typing import Optional
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
+from scoredistill.distill import add_noise, timestep_sigmas
 from scoredistill.registry import component
 from scoredistill.roles import BuildContext, GeneratorBatch, GeneratorLoss, Models
 
-from scoredistill_sid.common import add_noise, dmd_weight, per_sample_sum, timestep_sigmas
+from scoredistill_sid.common import dmd_weight, per_sample_sum
 
 
 class SiDRange(BaseModel):

@@ -31,32 +31,16 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from scoredistill.distill import HEAD_NAME, add_noise, attach_gan_head, timestep_sigmas
 from scoredistill.errors import UserError
 from scoredistill.registry import component
-from scoredistill.roles import BuildContext, FakeScore, FakeScoreLoss, GeneratorBatch, GeneratorLoss, Models, Teacher
+from scoredistill.roles import BuildContext, FakeScoreLoss, GeneratorBatch, GeneratorLoss, Models, Teacher
 
-from scoredistill_sid.common import LogitHead, add_noise, dmd_weight, per_sample_sum, timestep_sigmas
+from scoredistill_sid.common import dmd_weight, per_sample_sum
 from scoredistill_sid.sid import SiDRange
 
-HEAD_NAME = "sida_head"
-
-
-def attach_head(fake: FakeScore, teacher: Teacher, width: int) -> LogitHead:
-    """Add a :class:`LogitHead` to ``fake`` as ``fake.sida_head`` (once), sized to its features; the fake-score
-    optimiser then trains it with the fake score (one network, as SiDA's shared encoder)."""
-    head = getattr(fake, HEAD_NAME, None)
-    if isinstance(head, LogitHead):
-        return head
-    with torch.no_grad():
-        probe = torch.zeros((2, *teacher.data_shape), device=teacher.sigmas.device)
-        width_in = fake.features(probe, teacher.sigmas[-1:].expand(2)).shape[-1]
-    head = LogitHead(width_in, width).to(teacher.sigmas.device)
-    fake.add_module(HEAD_NAME, head)
-    return head
-
-
 def logits(models: Models, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
-    """``D(x_s)``: the head on the fake score's features at ``(x_s, sigma)``."""
+    """``D(x_s)``: the head on the fake score's features at ``(x_s, sigma)`` (the noise level is the caller's)."""
     head = getattr(models.fake_score, HEAD_NAME, None)
     if head is None:
         raise UserError("the sida_adversarial term needs the head that fake_score_loss 'sida_fake_score' adds to the fake score")
@@ -114,7 +98,7 @@ class SiDAFakeScore(FakeScoreLoss):
         super().__init__()
         self.config = config
         check_real_side(ctx.teacher, "sida_fake_score")
-        attach_head(ctx.fake_score, ctx.teacher, config.head_width)
+        attach_gan_head(ctx.fake_score, ctx.teacher, config.head_width, 1.0)  # the core's head, as DMD2's (fake_score.gan_head)
 
     def forward(self, x: Tensor, cond: Optional[Tensor], models: Models) -> Tensor:
         teacher, n = models.teacher, len(x)

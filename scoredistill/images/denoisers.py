@@ -1,4 +1,4 @@
-"""diffusers UNets as sigma-form denoisers ``D(x_s, s, cond)`` (DESIGN.md's one convention).
+"""diffusers UNets as sigma-form denoisers ``D(x_s, s, cond)`` (the one convention: Karras et al. 2022, Sec. 2).
 
 Noising is ``x_s = x + s * eps``. Two families of trained networks are adapted:
 
@@ -47,7 +47,9 @@ import torch
 from torch import Tensor, nn
 
 from scoredistill.errors import UserError
-from scoredistill.roles import append_dims
+from scoredistill.hashing import sha256_digest
+from scoredistill.roles import append_dims, edm_preconditioning
+from scoredistill.sampling import karras_schedule
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
@@ -294,13 +296,11 @@ class EDMDenoiser(UNetDenoiser):
         self.prediction_type = prediction_type
 
     def precondition(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
-        c_in = 1 / (sigma**2 + self.sigma_data**2).sqrt()
-        return x * append_dims(c_in, x.ndim), sigma.log() / 4
+        _, _, c_in, c_noise = edm_preconditioning(sigma, self.sigma_data)
+        return x * append_dims(c_in, x.ndim), c_noise
 
     def output(self, x: Tensor, sigma: Tensor, out: Tensor) -> Tensor:
-        sd2 = self.sigma_data**2
-        c_skip = sd2 / (sigma**2 + sd2)
-        c_out = sigma * self.sigma_data / (sigma**2 + sd2).sqrt()
+        c_skip, c_out, _, _ = edm_preconditioning(sigma, self.sigma_data)
         if self.prediction_type == "v_prediction":
             c_out = -c_out
         return append_dims(c_skip, x.ndim) * x + append_dims(c_out, x.ndim) * out
@@ -308,13 +308,6 @@ class EDMDenoiser(UNetDenoiser):
     def loss_weight(self, sigma: Tensor) -> Tensor:
         """EDM eq. 8: ``lambda(s) = (s^2 + sd^2) / (s sd)^2``."""
         return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
-
-
-def karras_schedule(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
-    """``n`` noise levels, ascending, spaced as EDM eq. 5 (a teacher's discrete schedule)."""
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
-    inv = 1.0 / rho
-    return ((sigma_min**inv + ramp * (sigma_max**inv - sigma_min**inv)) ** rho).float()
 
 
 # --------------------------------------------------------------------------- loading
@@ -448,18 +441,16 @@ def load_denoiser(path: str, *, guidance_scale: float = 1.0, null_class: Optiona
 
 def weights_digest(module: nn.Module, max_elements: int = 100_000_000) -> str:
     """A hash of a module's weights (all bytes up to ``max_elements``; otherwise shapes and a strided sample)."""
-    import hashlib
+    state = module.state_dict()
+    total = sum(t.numel() for t in state.values())
 
-    h = hashlib.sha256()
-    total = sum(t.numel() for t in module.state_dict().values())
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        flat = t.detach().cpu().contiguous().reshape(-1)
-        if total > max_elements:
-            flat = flat[:: max(1, flat.numel() // 1024)]
-        h.update(flat.float().numpy().tobytes())
-    return h.hexdigest()[:16]
+    def chunks():
+        for name, t in sorted(state.items()):
+            flat = t.detach().cpu().contiguous().reshape(-1)
+            yield from (name.encode(), str(tuple(t.shape)).encode(),
+                        (flat[:: max(1, flat.numel() // 1024)] if total > max_elements else flat).float())
+
+    return sha256_digest(chunks())
 
 
 def env_flag(name: str) -> bool:

@@ -14,7 +14,7 @@ from torch import nn
 from scoredistill.cli import main
 from scoredistill.config import resolve
 from scoredistill.errors import UserError
-from scoredistill.gaussian_mixture import GaussianMixtureTeacher
+from scoredistill.toy2d.gaussian_mixture import GaussianMixtureTeacher
 from scoredistill.plugins import Hooks, make_plugin_manager
 from scoredistill.roles import FakeScore, GeneratorBatch, Models
 from scoredistill_fdistill.divergences import WEIGHTINGS, weighting

@@ -15,7 +15,7 @@ from scoredistill import trainer
 from scoredistill.cli import main
 from scoredistill.config import resolve
 from scoredistill.errors import UserError
-from scoredistill.gaussian_mixture import GaussianMixtureTeacher
+from scoredistill.toy2d.gaussian_mixture import GaussianMixtureTeacher
 from scoredistill.plugins import Hooks, make_plugin_manager
 from scoredistill.roles import GeneratorBatch, Models, Teacher
 from scoredistill_ladd.discriminator import HEAD_NAME, NoiseLevels, discriminator_loss, generator_loss, logits

@@ -17,7 +17,7 @@ from scoredistill import trainer
 from scoredistill.cli import main
 from scoredistill.config import resolve
 from scoredistill.errors import UserError
-from scoredistill.gaussian_mixture import GaussianMixtureTeacher
+from scoredistill.toy2d.gaussian_mixture import GaussianMixtureTeacher
 from scoredistill.plugins import Hooks, make_plugin_manager
 from scoredistill.roles import FakeScore, GeneratorBatch, Models
 from scoredistill_sid.sid import ScoreIdentity
@@ -194,7 +194,7 @@ class FixedTeacher(GaussianMixtureTeacher):
 
 
 def test_sida_fake_score_loss_is_its_equation_written_out(hooks):
-    from scoredistill.networks import MLPFakeScore
+    from scoredistill.toy2d.networks import MLPFakeScore
     from scoredistill.testing import build_context
 
     n = 5
@@ -231,7 +231,7 @@ def test_sida_refuses_a_conditional_teacher_and_a_teacher_without_real_data(hook
         def real_samples(self, n):
             return super(GaussianMixtureTeacher, self).real_samples(n)  # the Teacher default: no real data
 
-    from scoredistill.networks import MLPFakeScore
+    from scoredistill.toy2d.networks import MLPFakeScore
     from scoredistill.testing import build_context
 
     teacher = NoData(GaussianMixtureTeacher.Config(means=[[0.0, 0.0]], stds=[1.0], weights=[1.0]))
