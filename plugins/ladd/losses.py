@@ -82,7 +82,9 @@ class LADDDiscriminator(FakeScoreLoss):
 
 @component("add_distillation", role="generator_loss", paper="Sauer et al. 2023 (ADD, arXiv 2311.17042), Sec. 3: the distillation loss with d = squared L2")
 class ADDDistillation(GeneratorLoss):
-    """ADD's distillation loss ``c(s) ||x - sg(D_real(x + s eps, s))||^2``: the teacher's denoising of the generator's sample.
+    """ADD's distillation loss: the squared distance from ``x`` to the teacher's denoising of ``x + s eps``, weighted by ``c(s)``.
+
+    Per sample ``c(s) mean (x - sg(D_real(x + s eps, s)))^2``.
 
     ``t`` uniform over the teacher's timesteps; ``c(s)``: ``exponential`` is ADD's ``c(t) = alpha_t``, in sigma
     form ``1 / sqrt(1 + s^2)``; ``uniform`` is 1. Per-sample mean over the data's dimensions, averaged over the batch.

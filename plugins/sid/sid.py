@@ -58,7 +58,10 @@ def sid_loss(x: Tensor, real: Tensor, fake: Tensor, alpha: float, normalize: boo
 
 @component("score_identity", role="generator_loss", paper="Zhou et al. 2024 (SiD, arXiv 2404.04057), Sec. 4 (the generator loss with alpha) and Algorithm 1")
 class ScoreIdentity(GeneratorLoss):
-    """SiD's generator loss ``(r - f)^T ((r - x) - alpha (r - f)) / mean|x - r|``, through both denoisers' inputs."""
+    """SiD's generator loss ``(r - f)^T ((r - x) - alpha (r - f))``, weighted per sample, through both denoisers' inputs.
+
+    The weight is ``1 / mean|x - r|`` without gradient (``normalize``), as in the released code.
+    """
 
     differentiates_fake_score = True  # gradient flows through D_fake(x_s) to x_s, not into its weights
 

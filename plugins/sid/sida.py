@@ -57,7 +57,10 @@ def check_real_side(teacher: Teacher, what: str) -> None:
 
 @component("sida_adversarial", role="generator_loss", paper="Zhou et al. 2025 (SiDA, arXiv 2410.14919), Sec. 3: the generator's adversarial loss")
 class SiDAAdversarial(GeneratorLoss):
-    """SiDA's generator GAN term ``numel(x) mean softplus(-D(x_s)) * mean 1 / mean|x - r|`` from the fake score's head."""
+    """SiDA's generator GAN term: the non-saturating loss on the fake score's head, scaled and weighted like SiD's loss.
+
+    ``numel(x) * mean softplus(-D(x_s)) * mean(1 / mean|x - r|)`` (see the module's docstring).
+    """
 
     differentiates_fake_score = True  # scored through D_fake's features and head, whose weights stay fixed
 
