@@ -36,8 +36,8 @@ class NoiseLevels(BaseModel):
     """``ln s ~ N(mean, std^2)`` clamped to the teacher's schedule: LADD's logit-normal ``t`` (``logit t = ln s``)."""
 
     model_config = ConfigDict(extra="forbid")
-    log_sigma_mean: float = Field(1.0, description="m of the logit-normal (LADD: m = 1, favouring high noise)")
-    log_sigma_std: float = Field(1.0, gt=0, description="s of the logit-normal (LADD: s = 1)")
+    log_sigma_mean: float = Field(1.0, description="m of the logit-normal (m > 0 favours high noise levels, as LADD does)")
+    log_sigma_std: float = Field(1.0, gt=0, description="s of the logit-normal")
 
     def sigmas(self, teacher: Teacher, n: int) -> Tensor:
         ln = self.log_sigma_mean + self.log_sigma_std * torch.randn((n,), device=teacher.sigmas.device)
