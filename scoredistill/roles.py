@@ -85,12 +85,15 @@ class Teacher(Role):
         return karras_sigmas(steps, self.sigma_min, self.sigma_max, rho)
 
     @torch.no_grad()
-    def sample(self, z: Tensor, steps: Optional[int] = None, cond: Optional[Tensor] = None) -> Tensor:
-        """The teacher's deterministic multi-step sample from noise ``z``: Heun (EDM Algorithm 1) on :meth:`sampling_sigmas`."""
+    def solve(self, z: Tensor, sigmas: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        """The probability-flow ODE from noise ``z`` (at ``sigmas[0]``) down the grid ``sigmas``: Heun (EDM Algorithm 1)."""
         from scoredistill.sampling import heun_sample
 
-        grid = self.sampling_sigmas(steps or self.sampler_steps)
-        return heun_sample(self, z * grid[0].to(z.dtype), grid, cond)
+        return heun_sample(self, z * sigmas[0].to(z.dtype), sigmas, cond)
+
+    def sample(self, z: Tensor, steps: Optional[int] = None, cond: Optional[Tensor] = None) -> Tensor:
+        """The teacher's deterministic multi-step sample from noise ``z``: :meth:`solve` on :meth:`sampling_sigmas`."""
+        return self.solve(z, self.sampling_sigmas(steps or self.sampler_steps), cond)
 
     @property
     def sampler_nfe(self) -> int:

@@ -67,7 +67,7 @@ EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 METADATA_FILE = "scoredistill.json"
 #: an infinite top noise level (zero terminal SNR, flow's t = 1) is held at this factor times the level below it
-TERMINAL_FACTOR = 100.0
+TERMINAL_FACTOR = 1e4
 
 
 class _StopForward(Exception):
@@ -434,14 +434,14 @@ def flow_shift_mu(sched_cfg: dict, seq_len: int) -> Optional[float]:
     return y0 + (y1 - y0) / (x1 - x0) * (seq_len - x0)
 
 
-def flow_sigmas(t: Tensor) -> Tensor:
-    """Flow times ``t`` (any order) as sigma-form levels ``t / (1 - t)``; ``t = 1`` held at ``TERMINAL_FACTOR``
-    times the largest finite level."""
+def flow_sigmas(t: Tensor, terminal: Optional[float] = None) -> Tensor:
+    """Flow times ``t`` (any order) as sigma-form levels ``t / (1 - t)``; ``t = 1`` held at ``terminal`` (default
+    ``TERMINAL_FACTOR`` times the largest finite level)."""
     t = t.double()
     top = t >= 1
     s = t / (1 - t).clamp(min=1e-300)
     if bool(top.any()):
-        s = torch.where(top, s[~top].max() * TERMINAL_FACTOR, s)
+        s = torch.where(top, terminal if terminal is not None else s[~top].max() * TERMINAL_FACTOR, s)
     return s.float()
 
 

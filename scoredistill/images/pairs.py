@@ -26,7 +26,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from scoredistill.io import load_tensors, save_tensors
 from scoredistill.pairs import ODEPairs
 from scoredistill.roles import BuildContext, PairSource, seeded_conditions, stable_hash
-from scoredistill.sampling import heun_sample
 
 
 class ShardedODEPairs(PairSource):
@@ -52,7 +51,7 @@ class ShardedODEPairs(PairSource):
                 y = self._load_shard(i, zb) if c.cache else None
                 if y is None:
                     cb = cond[start : start + c.batch_size].to(device) if cond is not None else None
-                    y = heun_sample(teacher, zb.to(device) * grid[0].to(zb.dtype), grid, cb).cpu()
+                    y = teacher.solve(zb.to(device), grid, cb).cpu()
                     if c.cache:
                         save_tensors(self.shard_path(i), {"z": zb, "y": y}, {"teacher": teacher.fingerprint()})
                 ys.append(y)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from scoredistill.errors import UserError
 from scoredistill.registry import component
 from scoredistill.roles import BuildContext, Teacher, stable_hash
-from scoredistill.sampling import karras_sigmas
+from scoredistill.sampling import heun_sample, karras_sigmas
 
 from scoredistill.images.data import DIGITS_SHAPE, digits, load_image_folder
 from scoredistill.images.denoisers import LoadedTeacher, NetworkDenoiser, flow_sigmas, load_denoiser, weights_digest
@@ -145,11 +145,22 @@ class ImageTeacher(Teacher):
 
             sched = diffusers.FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
             sched.set_timesteps(steps, mu=self.flow_mu)
-            return flow_sigmas(sched.sigmas).to(self.sigmas.device)
+            return flow_sigmas(sched.sigmas, self.sigma_max).to(self.sigmas.device)
         if self.terminal:
             rest = karras_sigmas(max(steps - 1, 1), self.sigma_min, float(self.sigmas[-2]), rho)
             return torch.cat([rest.new_tensor([self.sigma_max]), rest])
         return karras_sigmas(steps, self.sigma_min, self.sigma_max, rho)
+
+    @torch.no_grad()
+    def solve(self, z: Tensor, sigmas: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        """Heun down ``sigmas`` from noise ``z``. From a terminal (infinite) top level the first step is its exact limit,
+        ``x_1 = D(s_T z, s_T) + s_1 z`` (the noise estimate is ``z`` itself): diffusers' first DDIM step from a
+        zero-SNR timestep, and FlowMatchEuler's first step from ``t = 1``."""
+        if not self.terminal or float(sigmas[0]) < self.sigma_max:
+            return super().solve(z, sigmas, cond)
+        top = sigmas[0].to(z.dtype)
+        x = self(z * top, top.expand(z.shape[0]), cond) + sigmas[1].to(z.dtype) * z
+        return heun_sample(self, x, sigmas[1:], cond) if len(sigmas) > 2 else x
 
 
 def _class_labels(denoiser: NetworkDenoiser) -> Optional[Tensor]:
