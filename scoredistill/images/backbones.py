@@ -141,6 +141,9 @@ class SD3Backbone(Backbone):
         super().__init__(net, sample_size)
         self.text_dims = (int(net.config.joint_attention_dim), int(net.config.pooled_projection_dim))
 
+    def forward(self, net: nn.Module, x: Tensor, t: Tensor, kw: dict[str, Tensor]) -> Tensor:
+        return net(x, timestep=t, return_dict=False, **kw)[0]  # (its second positional argument is the text)
+
 
 class FluxBackbone(Backbone):
     """``FluxTransformer2DModel``: 2x2-packed latent tokens, position ids, ``t / 1000`` and the guidance embedding."""
