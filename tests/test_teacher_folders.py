@@ -234,6 +234,7 @@ def test_bad_teacher_folders_are_one_line_errors(folders, tmp_path, capsys, monk
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     run = ["run", "dmd", "--out", str(tmp_path / "never"), "--teacher"]
     _fails(run + [str(folders["sd3"][0])], capsys, "text-conditional", "teacher.embeddings")
+    _fails(["run", "dmd", "--preset", "teacher", "--out", str(tmp_path / "never")], capsys, "no teacher given", "--teacher")
     _fails(run + [str(folders["flux"][0]), "--set", f"teacher.embeddings={folders['flux'][0] / 'prompts.safetensors'}"],
            capsys, "teacher.sample_size")
     vae = tmp_path / "vae"

@@ -203,8 +203,8 @@ class DiffusersTeacher(ImageTeacher):
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        path: str = Field(description="diffusers pipeline folder (unet/ or transformer/, scheduler/), model folder "
-                          "(config.json + scheduler_config.json) or hub id")
+        path: Optional[str] = Field(None, description="diffusers pipeline folder (unet/ or transformer/, scheduler/), model "
+                                    "folder (config.json + scheduler_config.json) or hub id (--teacher sets it)")
         prediction_type: Optional[str] = Field(None, description="override the scheduler config's epsilon / v_prediction / sample")
         guidance_scale: float = Field(1.0, description="classifier-free guidance D_u + g (D_c - D_u) on the real score; 1 = none")
         null_class: Optional[int] = Field(None, description="class label meaning 'no class' (unconditional branch of a "
@@ -221,6 +221,9 @@ class DiffusersTeacher(ImageTeacher):
         sampler_steps: int = Field(18, ge=2, description="steps of the teacher's multi-step Heun sampler (2*steps-1 NFE)")
 
     def __init__(self, config: "DiffusersTeacher.Config", ctx: Optional[BuildContext] = None) -> None:
+        if not config.path:
+            raise UserError("no teacher given: pass --teacher FOLDER_OR_HUB_ID (or --set teacher.path=...), a diffusers "
+                            "model or pipeline folder")
         loaded = load_denoiser(config.path, guidance_scale=config.guidance_scale, null_class=config.null_class,
                                prediction_type=config.prediction_type, dtype=TEACHER_DTYPES[config.dtype],
                                sample_size=config.sample_size, flux_guidance=config.flux_guidance)
