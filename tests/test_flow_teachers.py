@@ -125,3 +125,32 @@ def test_flow_fake_score_trains_with_the_flow_weighting_and_the_teacher_table(tm
     assert float(teacher.sigmas[-1]) > 1e6  # t = 1: the terminal level
     drawn = teacher.training_sigmas(2000)
     assert set(drawn.tolist()) <= set(teacher.sigmas.tolist())
+
+
+def test_digits_flow_preset_trains_a_flow_teacher_and_distils_it(tmp_path, monkeypatch):
+    """The embedded flow default, tiny: a few teacher steps with the rectified-flow objective, then a few DMD steps.
+
+    (The preset's full training and its FID are not part of the tests: minutes of CPU.)"""
+    from scoredistill.images import metrics
+    from scoredistill.images.testing import TINY_TEACHER_OVERRIDES, tiny_classifier_settings
+
+    monkeypatch.setattr(metrics, "CLASSIFIER_SETTINGS", tiny_classifier_settings())
+    monkeypatch.setenv("SCOREDISTILL_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    sets = [*TINY_TEACHER_OVERRIDES, "pairs.num_pairs=8", "pairs.steps=3", "pairs.batch_size=8", "train.batch_size=4",
+            "train.pair_batch_size=4", "train.steps=2", "eval.num_samples=20", "train.checkpoint_every=null"]
+    from scoredistill.cli import main
+
+    assert main(["run", "dmd", "--preset", "digits_flow", "--out", str(out), "--quiet", *[a for o in sets for a in ("--set", o)]]) == 0
+    import json
+
+    teacher_dirs = list((tmp_path / "cache" / "teachers").iterdir())
+    assert len(teacher_dirs) == 1
+    sched = json.loads((teacher_dirs[0] / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["non_finite"] == 0 and "fid" in m and m["teacher"]["sampler"] == "heun-3"
+    from scoredistill.images.training import DigitsTeacherSettings, settings_key
+
+    # an EDM teacher keeps the cache key it had before flow teachers existed
+    assert settings_key(DigitsTeacherSettings()) != settings_key(DigitsTeacherSettings(objective="flow"))

@@ -304,7 +304,7 @@ class DigitsTeacher(ImageTeacher):
 
 
 #: the settings a digits teacher folder fixes (its UNet, noise schedule and training noise are read from it)
-FOLDER_SETTINGS = ("block_out_channels", "layers_per_block", "attention", "norm_num_groups", "sigma_min", "sigma_max",
+FOLDER_SETTINGS = ("objective", "block_out_channels", "layers_per_block", "attention", "norm_num_groups", "sigma_min", "sigma_max",
                    "sigma_data", "num_timesteps", "rho", "p_mean", "p_std")
 
 
