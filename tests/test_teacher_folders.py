@@ -262,3 +262,12 @@ def test_an_sd_style_unet_without_embeddings_is_refused(tmp_path, capsys):
                                           cross_attention_dim=8, norm_num_groups=4, layers_per_block=1, attention_head_dim=2)
     _pipeline(tmp_path / "sd", unet, diffusers.DDIMScheduler(), "unet")
     _fails(["run", "dmd", "--teacher", str(tmp_path / "sd")], capsys, "text-conditional", "teacher.embeddings")
+
+
+def test_compare_takes_a_teacher_folder(folders, tmp_path, capsys):
+    folder, extra = folders["unet_eps"]
+    out = tmp_path / "cmp"
+    assert main(["compare", "dmd", "regression", "--teacher", str(folder), "--out", str(out), "--quiet",
+                 *[a for o in TINY + extra for a in ("--set", o)]]) == 0, capsys.readouterr().err
+    table = capsys.readouterr().out
+    assert "dmd" in table and "regression" in table
