@@ -10,14 +10,13 @@ steps must be ``FlowMatchEulerDiscreteScheduler.step``'s on a real (tiny, random
 
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
-from scoredistill.images.denoisers import FlowDenoiser, flow_shift_mu, load_denoiser
+from scoredistill.images.denoisers import FlowDenoiser, flow_shift_mu
 
 diffusers = pytest.importorskip("diffusers")
 
