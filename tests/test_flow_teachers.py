@@ -149,6 +149,7 @@ def test_digits_flow_preset_trains_a_flow_teacher_and_distils_it(tmp_path, monke
     assert sched["_class_name"] == "FlowMatchEulerDiscreteScheduler"
     m = json.loads((out / "metrics.json").read_text())
     assert m["non_finite"] == 0 and "fid" in m and m["teacher"]["sampler"] == "heun-3"
+    assert m["teacher"]["nfe"] == 4  # the exact first step from t = 1 (one evaluation), then Heun: 1 + 3
     from scoredistill.images.training import DigitsTeacherSettings, settings_key
 
     # an EDM teacher keeps the cache key it had before flow teachers existed

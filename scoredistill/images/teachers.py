@@ -151,6 +151,11 @@ class ImageTeacher(Teacher):
             return torch.cat([rest.new_tensor([self.sigma_max]), rest])
         return karras_sigmas(steps, self.sigma_min, self.sigma_max, rho)
 
+    @property
+    def sampler_nfe(self) -> int:
+        """Network evaluations of :meth:`sample`: Heun's ``2 steps - 1``, one fewer from a terminal level (one Euler step)."""
+        return 2 * self.sampler_steps - 1 - int(self.terminal)
+
     @torch.no_grad()
     def solve(self, z: Tensor, sigmas: Tensor, cond: Optional[Tensor] = None) -> Tensor:
         """Heun down ``sigmas`` from noise ``z``. From a terminal (infinite) top level the first step is its exact limit,
