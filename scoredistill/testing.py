@@ -7,12 +7,28 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from scoredistill.toy2d.gaussian_mixture import GaussianMixtureTeacher
 from scoredistill.plugins import Hooks, make_plugin_manager
-from scoredistill.roles import BuildContext
+from scoredistill.roles import BuildContext, FakeScore
 
 
 def mixture(means, stds, weights, **kw) -> GaussianMixtureTeacher:
     """An exact Gaussian-mixture teacher, e.g. ``mixture([[0, 0]], [1.0], [1.0])`` for N(0, I)."""
     return GaussianMixtureTeacher(GaussianMixtureTeacher.Config(means=means, stds=stds, weights=weights, **kw))
+
+
+def gaussian(mean, std: float, **kw) -> GaussianMixtureTeacher:
+    """``N(mean, std^2 I)`` as an exact single-component teacher (its denoiser is linear in ``x_s``)."""
+    return mixture([list(mean)], [std], [1.0], **kw)
+
+
+class ExactFakeScore(FakeScore):
+    """The exact denoiser of a known generator distribution (an exact teacher), standing in for a trained fake score."""
+
+    def __init__(self, distribution: GaussianMixtureTeacher) -> None:
+        super().__init__()
+        self.distribution = distribution
+
+    def forward(self, x_noisy, sigma, cond=None, *, x_clean=None):
+        return self.distribution(x_noisy, sigma, cond)
 
 
 def build_context(teacher=None, **kw) -> BuildContext:

@@ -19,9 +19,8 @@ from scoredistill import trainer
 from scoredistill.cli import main
 from scoredistill.config import resolve
 from scoredistill.errors import UserError
-from scoredistill.toy2d.gaussian_mixture import GaussianMixtureTeacher
-from scoredistill.plugins import Hooks, make_plugin_manager
-from scoredistill.roles import FakeScore, GeneratorBatch, Models, Teacher
+from scoredistill.testing import ExactFakeScore, gaussian
+from scoredistill.roles import GeneratorBatch, Models, Teacher
 from scoredistill.distill import GANHead, discriminator_logits
 from scoredistill_baselines.gan import FakeScoreDenoiseGAN, GANGenerator
 from scoredistill_baselines.losses import IKLGradient, SDSGradient, ikl_direction, sds_direction
@@ -31,31 +30,8 @@ TINY = ["train.steps=20", "train.batch_size=128", "train.fake_score_warmup_steps
 
 
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("SCOREDISTILL_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-
-
-@pytest.fixture(scope="module")
-def hooks() -> Hooks:
-    return Hooks(make_plugin_manager())
-
-
-def gaussian(mean, std, **kw) -> GaussianMixtureTeacher:
-    """``N(mean, std^2 I)`` as an exact single-component teacher."""
-    return GaussianMixtureTeacher(GaussianMixtureTeacher.Config(means=[list(mean)], stds=[std], weights=[1.0], **kw))
-
-
-class ExactFakeScore(FakeScore):
-    """The exact denoiser of a known (Gaussian) generator distribution."""
-
-    def __init__(self, teacher: GaussianMixtureTeacher) -> None:
-        super().__init__()
-        self.teacher = teacher
-
-    def forward(self, x_noisy, sigma, cond=None, *, x_clean):
-        return self.teacher(x_noisy, sigma, cond)
+def _seeded():
+    torch.manual_seed(0)  # the isolated cache and one thread: the repository's conftest.py
 
 
 def surrogate_grad(term, x: torch.Tensor, models: Models) -> torch.Tensor:

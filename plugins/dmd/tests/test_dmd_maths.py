@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scoredistill.roles import FakeScore, GeneratorBatch, Models
+from scoredistill.testing import ExactFakeScore
+from scoredistill.roles import GeneratorBatch, Models
 from scoredistill.testing import mixture
 from scoredistill.fake_scores import SampleItself
 from scoredistill.distill import distribution_matching_loss, dmd_gradient, timestep_sigmas
@@ -20,17 +21,6 @@ from scoredistill_dmd.losses import FakeScoreDenoise, KLGradient, L2Regression, 
 S0 = 0.5
 M_REAL = [1.0, -1.0]
 M_FAKE = [0.2, 0.4]
-
-
-class ExactFakeScore(FakeScore):
-    """The exact denoiser of the generator's (Gaussian) distribution."""
-
-    def __init__(self, teacher):
-        super().__init__()
-        self.teacher = teacher
-
-    def forward(self, x_noisy, sigma, cond=None, *, x_clean):
-        return self.teacher(x_noisy, sigma, cond)
 
 
 def models(fake=None):

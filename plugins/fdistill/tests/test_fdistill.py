@@ -13,9 +13,8 @@ from torch import nn
 
 from scoredistill.cli import main
 from scoredistill.config import resolve
-from scoredistill.errors import UserError
 from scoredistill.toy2d.gaussian_mixture import GaussianMixtureTeacher
-from scoredistill.plugins import Hooks, make_plugin_manager
+from scoredistill.testing import gaussian
 from scoredistill.roles import FakeScore, GeneratorBatch, Models
 from scoredistill_fdistill.divergences import WEIGHTINGS, weighting
 from scoredistill_fdistill.losses import FDivergenceGradient
@@ -35,15 +34,8 @@ F_OF_R = {
 
 
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("SCOREDISTILL_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-
-
-@pytest.fixture(scope="module")
-def hooks() -> Hooks:
-    return Hooks(make_plugin_manager())
+def _seeded():
+    torch.manual_seed(0)  # the isolated cache and one thread: the repository's conftest.py
 
 
 @pytest.mark.parametrize("divergence", sorted(F_OF_R))
@@ -55,10 +47,6 @@ def test_weighting_is_f_second_derivative_times_r_squared(divergence):
     (d1,) = torch.autograd.grad(f(r).sum(), r, create_graph=True)
     (d2,) = torch.autograd.grad(d1.sum(), r)
     assert torch.allclose(weighting(divergence, r.detach().log()), d2 * r.detach() ** 2, rtol=1e-10)
-
-
-def gaussian(mean, std) -> GaussianMixtureTeacher:
-    return GaussianMixtureTeacher(GaussianMixtureTeacher.Config(means=[list(mean)], stds=[std], weights=[1.0]))
 
 
 class RatioHead(nn.Module):

@@ -16,7 +16,6 @@ from scoredistill.cli import main
 from scoredistill.config import resolve
 from scoredistill.errors import UserError
 from scoredistill.toy2d.gaussian_mixture import GaussianMixtureTeacher
-from scoredistill.plugins import Hooks, make_plugin_manager
 from scoredistill.roles import GeneratorBatch, Models, Teacher
 from scoredistill_ladd.discriminator import HEAD_NAME, NoiseLevels, discriminator_loss, generator_loss, logits
 from scoredistill_ladd.losses import ADDDistillation, LADDAdversarial
@@ -26,15 +25,8 @@ TINY = ["train.steps=8", "train.batch_size=64", "train.fake_score_warmup_steps=2
 
 
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("SCOREDISTILL_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-
-
-@pytest.fixture(scope="module")
-def hooks() -> Hooks:
-    return Hooks(make_plugin_manager())
+def _seeded():
+    torch.manual_seed(0)  # the isolated cache and one thread: the repository's conftest.py
 
 
 def ladd_run(hooks, tmp_path, ablations=(), extra=()):

@@ -18,8 +18,8 @@ from scoredistill.cli import main
 from scoredistill.config import resolve
 from scoredistill.errors import UserError
 from scoredistill.toy2d.gaussian_mixture import GaussianMixtureTeacher
-from scoredistill.plugins import Hooks, make_plugin_manager
-from scoredistill.roles import FakeScore, GeneratorBatch, Models
+from scoredistill.testing import ExactFakeScore, gaussian
+from scoredistill.roles import GeneratorBatch, Models
 from scoredistill_sid.sid import ScoreIdentity
 from scoredistill_sid.sida import HEAD_NAME, SiDAAdversarial, SiDAFakeScore
 
@@ -28,30 +28,8 @@ TINY = ["train.steps=8", "train.batch_size=64", "train.fake_score_warmup_steps=2
 
 
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("SCOREDISTILL_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-
-
-@pytest.fixture(scope="module")
-def hooks() -> Hooks:
-    return Hooks(make_plugin_manager())
-
-
-def gaussian(mean, std, **kw) -> GaussianMixtureTeacher:
-    return GaussianMixtureTeacher(GaussianMixtureTeacher.Config(means=[list(mean)], stds=[std], weights=[1.0], **kw))
-
-
-class GaussianFake(FakeScore):
-    """The exact denoiser of ``N(mean, std^2 I)``: the fake score of a Gaussian generator."""
-
-    def __init__(self, mean, std) -> None:
-        super().__init__()
-        self.g = gaussian(mean, std)
-
-    def forward(self, x_noisy, sigma, cond=None, *, x_clean):
-        return self.g(x_noisy, sigma, cond)
+def _seeded():
+    torch.manual_seed(0)  # the isolated cache and one thread: the repository's conftest.py
 
 
 def seeded(term, x, models, seed=3):
@@ -74,7 +52,7 @@ def draws(teacher, n, d, lo, hi, seed=3):
 @pytest.mark.parametrize("alpha", [1.2, 0.0, 1.0])
 def test_sid_loss_is_the_papers_equation_written_out(alpha):
     """L = mean_i sum_j (r - f)_ij ((r - x)_ij - alpha (r - f)_ij) / mean_j |x - r|_ij, elementwise loops."""
-    teacher, fake = gaussian([1.0, -0.5, 0.3], 0.7), GaussianFake([0.2, 0.4, -1.0], 1.3)
+    teacher, fake = gaussian([1.0, -0.5, 0.3], 0.7), ExactFakeScore(gaussian([0.2, 0.4, -1.0], 1.3))
     x = torch.randn(6, 3, dtype=torch.float64) * 2
     loss = seeded(ScoreIdentity(ScoreIdentity.Config(alpha=alpha)), x, Models(teacher, None, fake))
     sigma, eps = draws(teacher, 6, 3, 0.0, 0.8)
@@ -93,7 +71,7 @@ def test_sid_gradient_flows_through_both_denoisers_closed_form_on_gaussians():
     (slopes c_r, c_f), so dL/dx = (c_r - c_f) v + (c_r - 1 - alpha (c_r - c_f)) u. Holding r and f fixed would
     give -u instead: the test fails unless the gradient goes through both inputs."""
     s_r, s_f, alpha = 0.6, 1.4, 1.2
-    teacher, fake = gaussian([1.0, -2.0], s_r), GaussianFake([-0.5, 0.5], s_f)
+    teacher, fake = gaussian([1.0, -2.0], s_r), ExactFakeScore(gaussian([-0.5, 0.5], s_f))
     x = (torch.randn(5, 2, dtype=torch.float64) * 2).requires_grad_(True)
     term = ScoreIdentity(ScoreIdentity.Config(alpha=alpha, normalize=False))
     (grad,) = torch.autograd.grad(seeded(term, x, Models(teacher, None, fake)), x)
@@ -112,8 +90,8 @@ def test_sid_gradient_flows_through_both_denoisers_closed_form_on_gaussians():
 def test_score_identity_estimate_equals_the_direct_fisher_estimate_on_gaussians():
     """With D_fake the generator's exact denoiser, E (r - f)^T (r - x) = E |r - f|^2 (the score identity):
     alpha = 1 then gives a loss whose expectation is 0."""
-    teacher, gen = gaussian([2.0, 0.0], 0.5), GaussianFake([-1.0, 1.0], 1.0)
-    x = gen.g.sample(400_000).double()
+    teacher, gen = gaussian([2.0, 0.0], 0.5), ExactFakeScore(gaussian([-1.0, 1.0], 1.0))
+    x = gen.distribution.sample(400_000).double()
     one = ScoreIdentity(ScoreIdentity.Config(alpha=1.0, normalize=False, min_timestep_ratio=0.5, max_timestep_ratio=0.5))
     zero = ScoreIdentity(ScoreIdentity.Config(alpha=0.0, normalize=False, min_timestep_ratio=0.5, max_timestep_ratio=0.5))
     direct = seeded(zero, x, Models(teacher, None, gen)) - seeded(one, x, Models(teacher, None, gen))  # E |r - f|^2
