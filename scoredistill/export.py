@@ -55,12 +55,39 @@ def save_unet_generator(folder: Path, unet: Any, *, sigma_max: float, preconditi
     ``{"type": "edm", "sigma_data": 0.5, "prediction_type": "epsilon"}``); ``how_to_sample``
     is the Markdown (with code) that the README shows.
     """
+    from scoredistill.lora import AdapterView
+
     folder = Path(folder)
-    unet.save_pretrained(str(folder / "unet"), safe_serialization=True)
     info = {"generator": "G(z) = D(sigma_max * z, sigma_max), z ~ N(0, I)", "sigma_max": float(sigma_max),
             "preconditioning": preconditioning}
+    if isinstance(unet, AdapterView) and unet.shared.adapters[unet.name].export == "lora":  # train.lora.export=lora
+        unet.save_lora(folder / "lora")
+        unet.base.save_config(str(folder / "lora"))  # the teacher UNet's architecture, for reference
+        info["lora"] = "lora/pytorch_lora_weights.safetensors: a LoRA of the teacher's UNet (diffusers' format)"
+        how_to_sample += LORA_SAMPLING
+    else:
+        unet = unet.merged() if isinstance(unet, AdapterView) else unet  # train.lora.export=merged: a full UNet
+        unet.save_pretrained(str(folder / "unet"), safe_serialization=True)
     (folder / UNET_INFO).write_text(json.dumps(info, indent=2) + "\n")
     (folder / README).write_text(how_to_sample)
+
+
+LORA_SAMPLING = """
+## This folder holds a LoRA
+
+The generator was trained as a LoRA of the teacher's UNet and exported as the adapter alone
+(`train.lora.export=lora`): `lora/pytorch_lora_weights.safetensors`, in diffusers' LoRA
+format (`alpha / r` folded into `lora_B`). Put it on the teacher's UNet, then sample as above
+with that UNet:
+
+```python
+from diffusers import UNet2DModel   # or UNet2DConditionModel: the teacher's class
+unet = UNet2DModel.from_pretrained("PATH/TO/THE/TEACHER", subfolder="unet")
+unet.load_lora_adapter("PATH/TO/THIS/FOLDER/lora", prefix="unet")
+```
+
+A pipeline of the teacher takes it with `pipe.load_lora_weights("PATH/TO/THIS/FOLDER/lora")`.
+"""
 
 
 def readme(title: str, provenance: dict[str, Any], body: str) -> str:

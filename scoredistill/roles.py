@@ -261,6 +261,9 @@ class BuildContext:
     fake_score: Optional[FakeScore] = None
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: ``train.lora`` (a :class:`~scoredistill.lora.LoraSettings`): the trainable roles are adapters on the teacher's
+    #: network (:func:`scoredistill.lora.adapter_copy`) instead of full copies; ``None``: full copies
+    lora: Optional[Any] = None
 
 
 def default_cache_dir() -> Path:

@@ -19,11 +19,21 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from scoredistill.errors import UserError
+from scoredistill.lora import adapter_copy
 from scoredistill.registry import component
 from scoredistill.roles import BuildContext, FakeScore, Generator
 
-from scoredistill.images.denoisers import EDMDenoiser
+from scoredistill.images.denoisers import EDMDenoiser, UNetDenoiser
 from scoredistill.images.teachers import ImageTeacher
+
+
+def _trainable_denoiser(teacher: ImageTeacher, ctx: BuildContext, role: str) -> UNetDenoiser:
+    """The teacher's denoiser made trainable for ``role``: a full copy, or with ``train.lora`` an adapter on its UNet."""
+    if ctx.lora is None:
+        return teacher.denoiser.trainable_copy()
+    twin = adapter_copy(teacher.denoiser, "unet", role, ctx.lora)
+    twin.guidance_scale = 1.0
+    return twin
 
 
 def _image_teacher(ctx: BuildContext, what: str) -> ImageTeacher:
@@ -45,7 +55,7 @@ class UNetGenerator(Generator):
     def __init__(self, config: "UNetGenerator.Config", ctx: BuildContext) -> None:
         super().__init__()
         teacher = _image_teacher(ctx, "generator 'unet_generator'")
-        self.denoiser = teacher.denoiser.trainable_copy()
+        self.denoiser = _trainable_denoiser(teacher, ctx, "generator")
         self.sigma = float(config.sigma or teacher.sigma_max)
         self.latent_shape = tuple(teacher.data_shape)
         self.scheduler_config = dict(teacher.scheduler_config)
@@ -119,7 +129,7 @@ class UNetFakeScore(FakeScore):
 
     def __init__(self, config: "UNetFakeScore.Config", ctx: BuildContext) -> None:
         super().__init__()
-        self.denoiser = _image_teacher(ctx, "fake_score 'unet_denoiser'").denoiser.trainable_copy()
+        self.denoiser = _trainable_denoiser(_image_teacher(ctx, "fake_score 'unet_denoiser'"), ctx, "fake_score")
 
     def forward(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None, *, x_clean: Optional[Tensor] = None) -> Tensor:
         return self.denoiser(x_noisy, sigma, cond)
