@@ -83,7 +83,7 @@ with that UNet:
 ```python
 from diffusers import UNet2DModel   # or UNet2DConditionModel: the teacher's class
 unet = UNet2DModel.from_pretrained("PATH/TO/THE/TEACHER", subfolder="unet")
-unet.load_lora_adapter("PATH/TO/THIS/FOLDER/lora", prefix="unet")
+unet.load_lora_adapter("PATH/TO/THIS/FOLDER/lora", prefix="unet", weight_name="pytorch_lora_weights.safetensors")
 ```
 
 A pipeline of the teacher takes it with `pipe.load_lora_weights("PATH/TO/THIS/FOLDER/lora")`.

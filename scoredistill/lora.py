@@ -185,7 +185,8 @@ class AdapterView(nn.Module):
         self.__dict__["base"] = base  # not registered: its weights are the teacher's
         self.name = name
         self.shared = SharedBase.of(base)
-        self.adapter = nn.ParameterDict({n.replace(".", "/"): p for n, p in self.shared.parameters(name)})
+        # keys without the adapter's name: a copy's (the EMA's) state dict is the same as its source's
+        self.adapter = nn.ParameterDict({n.replace(f".{name}.", ".").replace(".", "/"): p for n, p in self.shared.parameters(name)})
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with self.shared.using(self.name, self.training):
@@ -255,6 +256,9 @@ def adapter_copy(module: nn.Module, attr: str, name: str, settings: LoraSettings
     wrapper: its schedule, prompt table); the copy is in training mode.
     """
     base = getattr(module, attr)
+    if settings.export == "lora" and not hasattr(base, "load_lora_adapter"):
+        raise UserError(f"train.lora.export=lora: diffusers has no LoRA loader for {type(base).__name__}; "
+                        "use train.lora.export=merged (a full network)")
     SharedBase.of(base).add(name, settings, f"{name.replace('_', ' ')}'s network")
     twin = copy.copy(module)  # a new __dict__; its containers (parameters, buffers, modules, hooks) copied below
     for key, value in module.__dict__.items():
