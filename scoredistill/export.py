@@ -73,20 +73,21 @@ def save_unet_generator(folder: Path, unet: Any, *, sigma_max: float, preconditi
 
 
 LORA_SAMPLING = """
-## This folder holds a LoRA
+## This folder holds a LoRA, not a UNet
 
 The generator was trained as a LoRA of the teacher's UNet and exported as the adapter alone
 (`train.lora.export=lora`): `lora/pytorch_lora_weights.safetensors`, in diffusers' LoRA
-format (`alpha / r` folded into `lora_B`). Put it on the teacher's UNet, then sample as above
-with that UNet:
+format (`alpha / r` folded into `lora_B`). Put it on the teacher's UNet with diffusers' own
+loader, and sample as above with that denoiser in place of `D`:
 
 ```python
-from diffusers import UNet2DModel   # or UNet2DConditionModel: the teacher's class
-unet = UNet2DModel.from_pretrained("PATH/TO/THE/TEACHER", subfolder="unet")
-unet.load_lora_adapter("PATH/TO/THIS/FOLDER/lora", prefix="unet", weight_name="pytorch_lora_weights.safetensors")
+from scoredistill.images.denoisers import load_denoiser
+
+D = load_denoiser("PATH/TO/THE/TEACHER").denoiser.eval()   # the teacher's folder (guidance 1)
+D.unet.load_lora_adapter("PATH/TO/THIS/FOLDER/lora", prefix="unet", weight_name="pytorch_lora_weights.safetensors")
 ```
 
-A pipeline of the teacher takes it with `pipe.load_lora_weights("PATH/TO/THIS/FOLDER/lora")`.
+A pipeline of the teacher takes the same file with `pipe.load_lora_weights("PATH/TO/THIS/FOLDER/lora")`.
 """
 
 

@@ -22,7 +22,7 @@ import contextlib
 import copy
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -50,7 +50,7 @@ class LoraSettings(BaseModel):
         "default: attention projections, feed-forward, resnet convolutions and time-embedding linears (diffusers "
         "UNets and transformers)")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on each adapter's input while training")
-    export: str = Field("merged", pattern="^(merged|lora)$", description="scoredistill export: 'merged' (the adapter "
+    export: Literal["merged", "lora"] = Field("merged", description="scoredistill export: 'merged' (the adapter "
                         "merged into a full UNet) or 'lora' (the adapter alone, in diffusers' LoRA format)")
 
     def peft_config(self, targets: list[str]) -> Any:
