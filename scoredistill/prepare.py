@@ -61,8 +61,8 @@ def setup(run: Run) -> None:
                         f"{engine.world_size} processes")
     if cfg.ema_decay is not None:
         run.ema = EMA(models.generator, cfg.ema_decay)
-    _speed_options(run)
     _memory_options(run)
+    _speed_options(run)
     dtype = engine.weight_copies_dtype  # after the EMA's copy and the speed options: the EMA keeps the plain layers
     if cfg.lora is not None:
         dtype = None  # the roles' adapters share the teacher's layers: its low-precision copies would serve them all

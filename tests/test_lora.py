@@ -225,9 +225,11 @@ def _cli_args(folder: Path, out: Path, *extra: str) -> list[str]:
     ("train.lora.target_modules=[to_nothing]", "train.lora.target_modules: to_nothing match(es) no linear or convolution layer"),
     ("train.lora.rank=9", "train.lora.rank=9 is larger than layer"),
     ("train.lora.export=lora", "diffusers has no LoRA loader for UNet2DModel"),
+    ("runtime.compile=true", "train.lora cannot be used when runtime.compile is on"),
 ])
 def test_bad_lora_settings_are_one_line_errors_with_exit_code_2(folder, tmp_path, capsys, setting, message):
-    assert main(_cli_args(folder, tmp_path / "run", setting)) == 2
+    lora = [] if setting.startswith("train.lora") else ["train.lora.rank=2"]
+    assert main(_cli_args(folder, tmp_path / "run", setting, *lora)) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
