@@ -124,9 +124,12 @@ class SharedBase:
             raise ValueError(f"adapter '{name}' exists already")
         if not self.targets:
             self.targets = target_layers(self.net, settings, what)
+        flags = [(p, p.requires_grad) for other in self.adapters for _, p in self.parameters(other)]
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*peft_config.*")  # a second adapter is what we want
             inject_adapter_in_model(settings.peft_config(self.targets), self.net, adapter_name=name)
+        for p, flag in flags:  # (peft may set the other adapters' requires_grad from its own active adapter)
+            p.requires_grad_(flag)
         self.adapters[name] = settings
         self.layers = [m for m in self.net.modules() if isinstance(m, BaseTunerLayer)]
         for _, p in self.parameters(name):
