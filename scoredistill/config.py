@@ -27,6 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, FieldSerializationInfo, ValidationError, field_serializer, field_validator, model_validator
 
 from scoredistill.errors import UserError, one_of
+from scoredistill.lora import LoraSettings
 from scoredistill.registry import ROLE_TABLE, Registry
 from scoredistill.strict import check_strict_numbers, format_validation_error
 
@@ -85,6 +86,9 @@ class TrainConfig(BaseModel):
         default_factory=dict,
         description="learning rates of trained submodules by dotted name, e.g. {fake_score.gan_head: 1.0e-4}; "
                     "the rest of each network uses generator_lr / fake_score_lr")
+    lora: Optional[LoraSettings] = Field(
+        None, description="LoRA adapters for the generator and the fake score on one frozen base shared with the teacher "
+                          "(instead of full copies); null: full copies")
     eval_with_ema: bool = Field(True, description="with ema_decay set: sample and evaluate with the EMA weights (false: the online weights)")
     checkpoint_every: Optional[int] = Field(
         500, ge=1, description="save a checkpoint (checkpoints/step-N) every N generator steps, and always at the end; null: only at the end")
@@ -141,6 +145,9 @@ class RuntimeConfig(BaseModel):
         False, description="CUDA: after three eager iterations, capture an iteration's updates (generator and fake-score "
                            "steps) as one CUDA graph and replay it: the same numbers, paced by the GPU's kernels instead "
                            "of the host's dispatch; one eager process, no fp16 (scoredistill.cuda_graph)")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute the trained networks' activations in the backward instead of keeping them "
+                           "(diffusers' and transformers' gradient checkpointing): less memory, about one more forward")
     channels_last: bool = Field(False, description="keep the networks' 4-D weights in channels-last memory format (convolutional UNets on GPUs)")
     find_unused_parameters: bool = Field(False, description="DDP: allow trained parameters that a step does not use (slower)")
     tensorboard: Optional[bool] = Field(

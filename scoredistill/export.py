@@ -56,16 +56,49 @@ def save_unet_generator(folder: Path, denoiser: Any, *, sigma_max: float, precon
     ``{"type": "edm", "sigma_data": 0.5, "prediction_type": "epsilon"}``); ``how_to_sample``
     is the Markdown (with code) that the README shows.
     """
+    from scoredistill.lora import AdapterView
+
     folder = Path(folder)
-    if hasattr(denoiser, "save_network"):
-        sub = denoiser.save_network(folder)
-    else:  # a bare diffusers network
-        sub = "unet"
-        denoiser.save_pretrained(str(folder / sub), safe_serialization=True)
+    net = getattr(denoiser, "unet", denoiser)  # the network inside a denoiser copy (an adapter view under LoRA)
     info = {"generator": "G(z) = D(sigma_max * z, sigma_max), z ~ N(0, I)", "sigma_max": float(sigma_max),
-            "network": sub, "preconditioning": preconditioning}
+            "preconditioning": preconditioning}
+    if isinstance(net, AdapterView) and net.shared.adapters[net.name].export == "lora":  # train.lora.export=lora
+        net.save_lora(folder / "lora")
+        net.base.save_config(str(folder / "lora"))  # the teacher network's architecture, for reference
+        info["network"] = "lora"
+        info["lora"] = "lora/pytorch_lora_weights.safetensors: a LoRA of the teacher's network (diffusers' format)"
+        how_to_sample += LORA_SAMPLING
+    else:
+        if isinstance(net, AdapterView):  # train.lora.export=merged: the adapter merged into a full network
+            sub = getattr(getattr(denoiser, "backbone", None), "subfolder", "unet")
+            net.merged().save_pretrained(str(folder / sub), safe_serialization=True)
+        elif hasattr(denoiser, "save_network"):
+            sub = denoiser.save_network(folder)
+        else:  # a bare diffusers network
+            sub = "unet"
+            denoiser.save_pretrained(str(folder / sub), safe_serialization=True)
+        info["network"] = sub
     (folder / UNET_INFO).write_text(json.dumps(info, indent=2) + "\n")
     (folder / README).write_text(how_to_sample)
+
+
+LORA_SAMPLING = """
+## This folder holds a LoRA, not a UNet
+
+The generator was trained as a LoRA of the teacher's UNet and exported as the adapter alone
+(`train.lora.export=lora`): `lora/pytorch_lora_weights.safetensors`, in diffusers' LoRA
+format (`alpha / r` folded into `lora_B`). Put it on the teacher's UNet with diffusers' own
+loader, and sample as above with that denoiser in place of `D`:
+
+```python
+from scoredistill.images.denoisers import load_denoiser
+
+D = load_denoiser("PATH/TO/THE/TEACHER").denoiser.eval()   # the teacher's folder (guidance 1)
+D.unet.load_lora_adapter("PATH/TO/THIS/FOLDER/lora", prefix="unet", weight_name="pytorch_lora_weights.safetensors")
+```
+
+A pipeline of the teacher takes the same file with `pipe.load_lora_weights("PATH/TO/THIS/FOLDER/lora")`.
+"""
 
 
 def readme(title: str, provenance: dict[str, Any], body: str) -> str:

@@ -9,6 +9,7 @@ from scoredistill.ema import EMA
 from scoredistill.engine import Engine
 from scoredistill.errors import UserError
 from scoredistill.guard import NonFiniteGuard
+from scoredistill.lora import AdapterView, enable_checkpointing
 from scoredistill.precision import WeightCopies
 from scoredistill.roles import Role
 from scoredistill.run import Run
@@ -29,6 +30,26 @@ def _speed_options(run: Run) -> None:
                 target.compile(mode=rt.compile_mode, dynamic=False)  # in place: state dict keys are unchanged
 
 
+def _memory_options(run: Run) -> None:
+    """``train.lora``'s limits and ``runtime.gradient_checkpointing`` on the trained networks."""
+    rt, models = run.config.runtime, run.models
+    if run.config.train.lora is not None:
+        why = ("runtime.compile is on" if rt.compile else "runtime.cuda_graph is on" if rt.cuda_graph else
+               "runtime.cast_weights is per_update" if rt.cast_weights == "per_update" else
+               "runtime.distributed is fsdp" if run.engine.fsdp else None)
+        if why is not None:
+            raise UserError(f"train.lora cannot be used when {why} (one base shared by the roles); turn it off or drop train.lora")
+        for section, net in (("generator", models.generator), ("fake_score", models.fake_score)):
+            trained = any(p.requires_grad for p in net.parameters())
+            if trained and not any(isinstance(m, AdapterView) for m in net.modules()):
+                raise UserError(f"train.lora is set but {section} '{getattr(run.config, section).component}' makes no LoRA "
+                                "adapters (unet_generator and unet_denoiser do); drop train.lora or choose those")
+    if rt.gradient_checkpointing:
+        for what, net in (("generator", models.generator), ("fake score", models.fake_score)):
+            if any(p.requires_grad for p in net.parameters()):
+                enable_checkpointing(net, what)
+
+
 def setup(run: Run) -> None:
     """Engine, EMA, speed options, wrapped networks, optimisers, schedules and the non-finite guard (every process)."""
     cfg, models = run.config.train, run.models
@@ -40,8 +61,11 @@ def setup(run: Run) -> None:
                         f"{engine.world_size} processes")
     if cfg.ema_decay is not None:
         run.ema = EMA(models.generator, cfg.ema_decay)
+    _memory_options(run)
     _speed_options(run)
     dtype = engine.weight_copies_dtype  # after the EMA's copy and the speed options: the EMA keeps the plain layers
+    if cfg.lora is not None:
+        dtype = None  # the roles' adapters share the teacher's layers: its low-precision copies would serve them all
     if dtype is not None:  # the frozen teacher's copies are made once: its weights never change
         run.teacher_copies = WeightCopies(models.teacher, dtype, engine.device.type)
     fused = cfg.on_nonfinite == "skip" or engine.fused_adam  # one kernel per tensor: faster on CPUs too

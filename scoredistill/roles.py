@@ -66,8 +66,11 @@ class Teacher(Role):
     #: steps of the teacher's own multi-step sampler (:meth:`sample`)
     sampler_steps: int = 18
 
-    def trainable_copy(self) -> nn.Module:
+    def trainable_copy(self, role: str = "copy", lora: Any = None) -> nn.Module:
         """A trainable copy of the teacher's denoiser, for the generator and the fake score to start from.
+
+        With ``lora`` (``train.lora``: :class:`scoredistill.lora.LoraSettings`) the copy is the teacher's own network
+        with a new adapter ``role`` (one shared frozen base) instead of a full copy; a teacher that cannot refuses.
 
         The copy is an ``nn.Module`` called as ``D(x_s, sigma, cond)`` with gradients on and guidance
         off; it may provide ``features(x_s, sigma, cond)`` (DMD2's GAN head), ``compile_targets()``,
@@ -306,6 +309,9 @@ class BuildContext:
     fake_score: Optional[FakeScore] = None
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: ``train.lora`` (a :class:`~scoredistill.lora.LoraSettings`): the trainable roles are adapters on the teacher's
+    #: network (:func:`scoredistill.lora.adapter_copy`) instead of full copies; ``None``: full copies
+    lora: Optional[Any] = None
 
 
 def default_cache_dir() -> Path:

@@ -109,7 +109,8 @@ def build(config: RunConfig, hooks: Hooks, run_dir: Path, with_losses: bool = Tr
     hooks.configure(config=config)
     _set_runtime(config)
     device = device if device is not None else torch.device(config.runtime.device)
-    ctx = BuildContext(hooks=hooks, device=device, seed=config.seed, extra={"progress": config.runtime.progress})
+    ctx = BuildContext(hooks=hooks, device=device, seed=config.seed, extra={"progress": config.runtime.progress},
+                       lora=config.train.lora)
     teacher = hooks.make_teacher(spec=config.teacher, ctx=ctx).to(device).eval().requires_grad_(False)
     ctx.teacher = teacher
     generator = hooks.make_generator(spec=config.generator, ctx=ctx).to(device)

@@ -185,3 +185,29 @@ def test_gpu_scripts_bare_loop_computes_what_the_trainer_computes(tmp_path, prec
     assert mine["fake_score"] > 0 and mine["generator"] > 0  # the later iterations do work: there is something to compare
     for ours, hand in ((run.models.generator.denoiser.unet, bare.g_net), (run.models.fake_score.denoiser.unet, bare.f_net)):
         assert max(float((p - q).abs().max()) for p, q in zip(ours.parameters(), hand.parameters())) < 1e-6
+
+
+def test_the_memory_benchmark_counts_a_lora_runs_state_as_the_arithmetic_says(hooks, tmp_path):
+    """benchmarks/memory.py's exact state count on a tiny LoRA run: the fp32 base once, and per adapter parameter
+    4 bytes of weight, 4 of gradient and 8 of Adam's moments (plus Adam's 4-byte step per tensor)."""
+    from scoredistill.config import resolve
+    from scoredistill.images.testing import tiny_diffusers_teacher_folder
+    from scoredistill.trainer import build, setup, train_iteration
+
+    memory = _load_benchmark("memory")
+    folder = tiny_diffusers_teacher_folder(tmp_path / "teacher")
+    config = resolve(hooks.registry, "dmd", "digits", ["regression"], [
+        "teacher.component=diffusers_unet", f"teacher.path={folder}", "generator.component=unet_generator",
+        "fake_score.component=unet_denoiser", "train.batch_size=2", "train.ema_decay=null", "runtime.progress=false",
+        "train.fake_score_warmup_steps=0", "train.lora.rank=2"])
+    run = build(config, hooks, tmp_path / "run")
+    setup(run)
+    train_iteration(run)
+    adapters = [p for role in (run.models.generator, run.models.fake_score) for p in role.parameters()]
+    n = sum(p.numel() for p in adapters)
+    base = sum(p.numel() for name, p in run.models.teacher.named_parameters() if "lora_" not in name)
+    buffers = sum(b.numel() * b.element_size() for b in run.models.teacher.buffers())
+    state = memory.state_bytes(run)
+    assert state == {"teacher_or_base": 4 * base + buffers, "trained_weights": 4 * n, "gradients": 4 * n,
+                     "optimizer": 8 * n + 4 * len(adapters)}
+    assert memory.auto_rank(folder, share=0.5) >= 1

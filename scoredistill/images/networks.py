@@ -30,6 +30,14 @@ def _targets(denoiser: nn.Module) -> list[nn.Module]:
     return targets() if targets is not None else [denoiser]
 
 
+def _trainable_denoiser(ctx: BuildContext, role: str) -> nn.Module:
+    """The teacher's denoiser made trainable for ``role``: a full copy, or with ``train.lora`` LoRA adapters on the
+    teacher's own network (one shared frozen base; :meth:`scoredistill.roles.Teacher.trainable_copy`)."""
+    if ctx.lora is None:
+        return ctx.teacher.trainable_copy()
+    return ctx.teacher.trainable_copy(role=role, lora=ctx.lora)
+
+
 @component("unet_generator", role="generator", paper="Yin et al. 2024 (DMD), Sec. 3.1: G initialised from the teacher")
 class UNetGenerator(Generator):
     """One-step generator G(z) = D_gen(s_max z, s_max), D_gen a trainable copy of the teacher's UNet."""
@@ -41,7 +49,7 @@ class UNetGenerator(Generator):
     def __init__(self, config: "UNetGenerator.Config", ctx: BuildContext) -> None:
         super().__init__()
         teacher = ctx.teacher
-        self.denoiser = teacher.trainable_copy()
+        self.denoiser = _trainable_denoiser(ctx, "generator")
         self.sigma = float(config.sigma or teacher.sigma_max)
         self.latent_shape = tuple(teacher.data_shape)
         self.scheduler_config = dict(getattr(teacher, "scheduler_config", None) or {})
@@ -118,7 +126,7 @@ class UNetFakeScore(FakeScore):
 
     def __init__(self, config: "UNetFakeScore.Config", ctx: BuildContext) -> None:
         super().__init__()
-        self.denoiser = ctx.teacher.trainable_copy()
+        self.denoiser = _trainable_denoiser(ctx, "fake_score")
 
     def forward(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None, *, x_clean: Optional[Tensor] = None) -> Tensor:
         return self.denoiser(x_noisy, sigma, cond)

@@ -91,9 +91,16 @@ class ImageTeacher(Teacher):
     def fingerprint(self) -> str:
         return f"unet-{self._digest}"
 
-    def trainable_copy(self) -> NetworkDenoiser:
-        """The denoiser with trainable float32 weights and no guidance (DMD's generator and fake score start from it)."""
-        return self.denoiser.trainable_copy()
+    def trainable_copy(self, role: str = "copy", lora=None) -> NetworkDenoiser:
+        """The denoiser with trainable float32 weights and no guidance (DMD's generator and fake score start from it);
+        with ``lora``, a LoRA adapter ``role`` on the teacher's own network instead (the base stays shared and frozen)."""
+        if lora is None:
+            return self.denoiser.trainable_copy()
+        from scoredistill.lora import adapter_copy
+
+        twin = adapter_copy(self.denoiser, "unet", role, lora)
+        twin.guidance_scale = 1.0
+        return twin
 
     @property
     def num_classes(self) -> Optional[int]:
