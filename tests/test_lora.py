@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from scoredistill.cli import main
@@ -29,7 +29,12 @@ from scoredistill.config import resolve
 from scoredistill.errors import UserError
 from scoredistill.images.testing import tiny_diffusers_teacher_folder
 from scoredistill.lora import AdapterView, LoraSettings, SharedBase, adapter_copy
+from scoredistill.plugins import Hooks, make_plugin_manager
+from scoredistill.roles import seeded_conditions
+from scoredistill.run_dir import load_run
 from scoredistill.trainer import build, setup, train_iteration
+
+PROMPTS = "prompts.safetensors"
 
 
 def sd_like_teacher_folder(folder: Path) -> Path:
@@ -42,6 +47,8 @@ def sd_like_teacher_folder(folder: Path) -> Path:
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=8, attention_head_dim=4).save_pretrained(folder / "unet")
     diffusers.EDMEulerScheduler(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5).save_pretrained(folder / "scheduler")
+    # precomputed prompt embeddings (3 prompts, 4 tokens, dim 8): a text-conditional teacher needs its conditions
+    save_file({"embeddings": torch.randn(3, 4, 8), "null": torch.zeros(4, 8)}, str(folder / PROMPTS))
     return folder
 
 
@@ -56,7 +63,8 @@ def folder(tmp_path_factory):
 
 
 def overrides(folder: Path) -> list[str]:
-    return ["teacher.component=diffusers_unet", f"teacher.path={folder}", "generator.component=unet_generator",
+    prompts = [f"teacher.embeddings={folder / PROMPTS}"] if (folder / PROMPTS).exists() else []
+    return [*prompts, "teacher.component=diffusers_unet", f"teacher.path={folder}", "generator.component=unet_generator",
             "fake_score.component=unet_denoiser", "train.batch_size=4", "runtime.progress=false",
             "train.fake_score_warmup_steps=0", "train.sample_every=null", "eval.num_samples=8", "teacher.sampler_steps=2"]
 
@@ -281,9 +289,13 @@ def test_an_export_reproduces_scoredistill_sample(sd_folder, tmp_path, form):
         den = load_denoiser(str(out)).denoiser
         assert not any("lora" in n for n, _ in den.unet.named_parameters())
     teacher = load_denoiser(str(sd_folder)).denoiser
+    prompts = load_file(str(sd_folder / PROMPTS))
+    for d in (den, teacher):  # the run's prompt table, and the conditions `sample --seed 3` drew (from seed + 1)
+        d.set_prompts(prompts["embeddings"], prompts["null"])
+    cond = seeded_conditions(load_run(run_dir, Hooks(make_plugin_manager())).models.teacher, 4, 3)
     z = torch.randn((4, 1, 8, 8), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        x = den.eval()(80.0 * z, torch.full((4,), 80.0))
-        plain = teacher.eval()(80.0 * z, torch.full((4,), 80.0))
+        x = den.eval()(80.0 * z, torch.full((4,), 80.0), cond)
+        plain = teacher.eval()(80.0 * z, torch.full((4,), 80.0), cond)
     torch.testing.assert_close(x, samples, rtol=1e-4, atol=1e-5)
     assert (x - plain).abs().max() > 1e-3  # the adapter did change the teacher
