@@ -18,6 +18,7 @@ Several processes: ``torchrun --nproc_per_node N -m scoredistill.cli run ...``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import sys
@@ -129,18 +130,21 @@ def _timestamp() -> str:
 
 def cmd_run(args, hooks) -> int:
     from scoredistill.config import resolve
-    from scoredistill.resume import resume_config
+    from scoredistill.resume import resume_config, resume_dir
+    from scoredistill.run_dir import run_dir_lock
     from scoredistill.runner import execute
     from scoredistill.trainer import RunInterrupted
 
     overrides = list(args.overrides) + (["runtime.progress=false"] if args.quiet else [])
-    checkpoint = None
+    checkpoint, held = None, contextlib.nullcontext()
     if args.resume is not None:
         if args.method is not None or args.ablate or args.preset is not None:
             raise UserError("give either METHOD (a new run) or --resume RUN_DIR, not both: a resumed run keeps its method, preset and ablations")
         if args.out is not None:
             raise UserError("--out cannot be used with --resume: the run continues in its own folder")
-        config, checkpoint, out = resume_config(hooks, args.resume, overrides)
+        out = resume_dir(args.resume)
+        if _is_main_process():
+            held = run_dir_lock(out)  # held from the checks to the end: a second --resume of this folder is refused
     else:
         if args.method is None:
             raise UserError("the following arguments are required: METHOD (see 'scoredistill list'), or --resume RUN_DIR")
@@ -150,15 +154,29 @@ def cmd_run(args, hooks) -> int:
         out = args.out or Path("runs") / f"{args.method}{tag}-{preset}-{_timestamp()}"
         check_out(out)
     try:
-        result = execute(config, hooks, out, resume=checkpoint)
+        with held:
+            if args.resume is not None:
+                config, checkpoint, out = resume_config(hooks, args.resume, overrides)
+            result = execute(config, hooks, out, resume=checkpoint, again=args.resume is not None and checkpoint is None)
     except RunInterrupted as stop:
         if _is_main_process():
-            sys.stderr.write(f"scoredistill: interrupted by {stop} at step {stop.step}; checkpoint saved: {stop.checkpoint}; "
-                             f"continue with: {_launcher()} run --resume {out}\n")
+            sys.stderr.write(f"scoredistill: {_interrupted(stop)}; continue with: {_launcher()} run --resume {out}\n")
         return stop.exit_code
     if result is not None:  # the result, on stdout (progress and messages go to stderr)
         print(f"done: {out}  " + _headline(result.metrics), flush=True)
     return 0
+
+
+def _interrupted(stop) -> str:
+    """What an interrupted run has, by the phase the signal came in."""
+    if stop.phase == "training":
+        return f"interrupted by {stop} at step {stop.step}; checkpoint saved: {stop.checkpoint}"
+    if stop.phase == "finishing":
+        return (f"interrupted by {stop} after training (step {stop.step}, checkpoint {stop.checkpoint}), during its evaluation "
+                "and report, which a resume makes again")
+    if stop.checkpoint is None:
+        return f"interrupted by {stop} before its first checkpoint (a resume starts the run again from the beginning)"
+    return f"interrupted by {stop} while building, before training on from {stop.checkpoint} (step {stop.step})"
 
 
 def _is_main_process() -> bool:
