@@ -95,7 +95,7 @@ MOMENTS = [
     ("3", "SIGTERM", 128 + signal.SIGTERM, "at step 3", ["checkpoint-step-00000003.safetensors"]),
     ("train_end", "SIGTERM", 128 + signal.SIGTERM, "after training (step 6", ["checkpoint-step-00000006.safetensors"]),
     ("evaluate", "SIGTERM", 128 + signal.SIGTERM, "after training (step 6", ["generator.safetensors"]),
-    ("report", "SIGKILL", -signal.SIGKILL, None, ["generator.safetensors"]),
+    ("report", "SIGTERM", 128 + signal.SIGTERM, "during its evaluation and report", ["generator.safetensors"]),
     ("metrics.json", full_disk_at("metrics.json"), 2, "No space left on device", ["loss_curves.png", "samples.png"]),
 ]
 
@@ -143,3 +143,114 @@ def test_a_folder_with_nothing_to_resume_says_what_to_do(tmp_path, capsys):
     line = capsys.readouterr().err.strip()
     assert "has no config.yaml and no checkpoint" in line and "\n" not in line
     assert [p.name for p in other.iterdir()] == ["notes.txt"]
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory) -> Path:
+    """A run stopped by SIGTERM at step 3 (its checkpoint saved)."""
+    run_dir = tmp_path_factory.mktemp("stopped") / "run"
+    os.environ[ENV_SIGNAL] = "3:SIGTERM"
+    try:
+        assert main([*RUN, "--out", str(run_dir)]) == 128 + signal.SIGTERM
+    finally:
+        del os.environ[ENV_SIGNAL]
+    return run_dir
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_an_edited_config_yaml_is_refused_naming_the_changed_keys(stopped, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(stopped, run_dir)
+    text = (run_dir / "config.yaml").read_text()
+    assert "batch_size: 32" in text and "steps: 6" in text
+    edited = text.replace("batch_size: 32", "batch_size: 16").replace("seed: 0", "seed: 1")
+    edited = edited.replace("steps: 6", "steps: 9")  # a setting --set may change: not refused, so not named
+    (run_dir / "config.yaml").write_text(edited)
+    before = snapshot(run_dir)
+    assert main(["run", "--resume", str(run_dir), "--quiet"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "config.yaml was edited after checkpoint-step-00000003.safetensors" in lines[0], lines
+    assert "(seed, train.batch_size changed)" in lines[0] and "--set" in lines[0], lines[0]
+    assert snapshot(run_dir) == before
+    # the same change through --set is refused as before
+    (run_dir / "config.yaml").write_text(text)
+    assert main(["run", "--resume", str(run_dir), "--set", "train.batch_size=16", "--quiet"]) == 2
+    assert "--set train.batch_size cannot change on --resume" in capsys.readouterr().err
+
+
+def test_a_deleted_config_yaml_is_restored_from_the_checkpoint(stopped, reference, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(stopped, run_dir)
+    (run_dir / "config.yaml").unlink()
+    assert main(["-p", "scoredistill.faults", "run", "--resume", str(run_dir), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "config.yaml was missing: restored from the copy in checkpoint-step-00000003.safetensors" in err, err
+    assert_same(contents(run_dir), reference)
+
+
+def test_a_run_folder_in_use_is_refused_and_a_killed_holder_does_not_block_it(stopped, reference, tmp_path, capsys):
+    """A second ``--resume`` of a folder another process is resuming is refused in one line, nothing touched; once
+    that process is killed (its lock file left behind), the folder resumes and ends as an uninterrupted run."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(stopped, run_dir)
+    first = subprocess.Popen([sys.executable, "-m", "scoredistill.cli", "-p", "scoredistill.faults", "run", "--resume", str(run_dir),
+                              "--quiet"], env={**os.environ, ENV_SIGNAL: "build:SIGSTOP"}, stderr=subprocess.PIPE)
+    try:  # it stops itself once it holds the folder and begins to build
+        deadline = __import__("time").monotonic() + 120
+        while not _stopped(first.pid):
+            assert first.poll() is None and __import__("time").monotonic() < deadline, first.stderr.read()
+            __import__("time").sleep(0.1)
+        before = snapshot(run_dir)
+        assert main(["-p", "scoredistill.faults", "run", "--resume", str(run_dir), "--quiet"]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and f"is in use by another scoredistill process (process {first.pid})" in lines[0], lines
+        assert snapshot(run_dir) == before
+        assert main(["run", "dmd", "--out", str(run_dir), *TINY]) == 2  # nor can a new run go there
+    finally:
+        first.kill()
+        first.wait()
+    assert (run_dir / ".scoredistill.lock").is_file()  # left by the killed process: stale, not blocking
+    assert main(["-p", "scoredistill.faults", "run", "--resume", str(run_dir), "--quiet"]) == 0
+    assert not (run_dir / ".scoredistill.lock").exists()
+    assert_same(contents(run_dir), reference)
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    except OSError:
+        return False
+
+
+def test_skipping_more_than_the_bound_ends_with_exit_1_and_metrics_written(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    skip = ["--set", "train.on_nonfinite=skip", "--set", "losses.boom.component=nan_at", "--set", "losses.boom.steps=[1,2,3]"]
+    # 3 of 6 generator updates + 2 warm-up + 6 fake-score updates = 3 of 14 skipped (21%)
+    assert main([*RUN, "--out", str(run_dir), *skip]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "skipped 3 of 14 updates (21%), more than train.max_skipped_fraction=0.1" in lines[0], lines
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["trainer"]["skipped_updates"] == 3
+    assert main([*RUN, "--out", str(tmp_path / "tolerant"), *skip, "--set", "train.max_skipped_fraction=0.25"]) == 0
+
+
+def test_the_same_seed_gives_identical_checkpoints_whatever_python_and_numpy_drew_before(tmp_path):
+    import random
+
+    import numpy as np
+
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for k, run_dir in enumerate(runs):
+        random.seed(100 + k)  # whatever state the generators had before the run
+        np.random.seed(100 + k)
+        assert main([*RUN, "--out", str(run_dir), "--set", "seed=7", "--set", "train.steps=3"]) == 0
+    a, b = (contents(r) for r in runs)
+    assert_same(a, b)
+    state = ckpt_module.load(runs[0] / "checkpoint-step-00000003.safetensors").state
+    random.seed(7)
+    np.random.seed([7, 0])
+    assert state["rng"][0]["python"][1] == list(random.getstate()[1])  # nothing in the run drew from them
+    assert state["rng"][0]["numpy"][1] == np.random.get_state()[1].tolist()
