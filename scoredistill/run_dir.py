@@ -91,8 +91,11 @@ def _acquire(lock: Path, folder: Path) -> int:
         except FileNotFoundError:
             same = False
         if same:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
+            try:  # who holds it, for the refusal's message; a full disk can do without
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+            except OSError:
+                pass
             return fd
         os.close(fd)
 

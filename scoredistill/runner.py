@@ -57,15 +57,15 @@ def execute(config: RunConfig, hooks: Hooks, run_dir: Path, resume: Optional[ckp
     if launched_processes() == 1 and fresh:
         check_run_dir_free(run_dir)  # before accelerate starts: nothing to undo on a mistake
     main = launched_processes() == 1 or _rank() == 0
-    with run_dir_lock(run_dir, create=fresh) if main else contextlib.nullcontext():
-        engine = Engine(config.runtime)
-        try:
+    engine = Engine(config.runtime)
+    try:
+        with run_dir_lock(run_dir, create=fresh) if main else contextlib.nullcontext():
             result = _execute(config, hooks, Path(run_dir), engine, resume, again)
-            if result is not None and engine.distributed:
-                result.run.trained.clear()  # the DDP/FSDP wrappers hold the process group: Engine.close frees them
-            return result
-        finally:
-            engine.close()
+        if result is not None and engine.distributed:
+            result.run.trained.clear()  # the DDP/FSDP wrappers hold the process group: Engine.close frees them
+        return result
+    finally:
+        engine.close()
 
 
 def _rank() -> int:
