@@ -9,8 +9,10 @@
 
 Results go to stdout; progress, warnings and errors to stderr (plain lines when stderr is
 not a terminal). A user mistake prints one line (what is wrong, what is allowed) and exits with 2.
-A run stopped by a non-finite loss exits with 1; one interrupted by SIGINT / SIGTERM
-saves a checkpoint, prints one line and exits with 130 / 143.
+A run stopped by a non-finite loss, or that skipped more than ``train.max_skipped_fraction``
+of its updates, exits with 1; one interrupted by SIGINT / SIGTERM (in training: after saving
+a checkpoint) prints one line saying how to continue and exits with 130 / 143. Two processes
+never work on one run folder at once: the second is refused in one line.
 
 Several processes: ``torchrun --nproc_per_node N -m scoredistill.cli run ...``.
 """
@@ -26,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from scoredistill.errors import UserError
+from scoredistill.errors import RunInterrupted, UserError
 
 DEFAULT_PRESET = "digits"  # the embedded image default (issue 3); toy2d is the 2-D analytic one
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
@@ -63,8 +65,9 @@ def make_parser(hooks=None) -> argparse.ArgumentParser:
     _add_run_options(p)
     p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/METHOD-PRESET-TIME)")
     p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
-                   help="continue RUN_DIR exactly from its newest checkpoint (or from the checkpoint file given); "
-                        "--set may only change train.steps and logging settings")
+                   help="continue RUN_DIR exactly from its newest checkpoint (or from the checkpoint file given), or finish "
+                        "it: one stopped before its first checkpoint starts again, one stopped after training redoes its "
+                        "evaluation and report; --set may only change train.steps and logging settings")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("sample", help="draw samples from a trained run's generator")
@@ -133,7 +136,6 @@ def cmd_run(args, hooks) -> int:
     from scoredistill.resume import resume_config, resume_dir
     from scoredistill.run_dir import run_dir_lock
     from scoredistill.runner import execute
-    from scoredistill.trainer import RunInterrupted
 
     overrides = list(args.overrides) + (["runtime.progress=false"] if args.quiet else [])
     checkpoint, held = None, contextlib.nullcontext()
@@ -331,6 +333,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if _is_main_process():
             sys.stderr.write(f"scoredistill: error: {_os_fault(exc)}\n")
         return UserError.exit_code
+    except RunInterrupted as stop:  # e.g. a run of 'compare' (a run's own command says how to resume it)
+        if _is_main_process():
+            sys.stderr.write(f"scoredistill: {_interrupted(stop)}; run the same command again to go on\n")
+        return stop.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("scoredistill: interrupted\n")
         return 130

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from scoredistill import checkpoint as ckpt
 from scoredistill.engine import rank_seed, seed_all
+from scoredistill.errors import RunInterrupted
 from scoredistill.ema import EMA  # noqa: F401  (public name)
 from scoredistill.guard import NonFiniteGuard, TrainingStopped  # noqa: F401  (public names)
 from scoredistill.io import write_text
@@ -55,19 +56,6 @@ from scoredistill.run_dir import CONFIG_FILE, FAKE_SCORE_FILE, METRICS_FILE, loa
 from scoredistill.runlog import RunLog, weights_hash
 from scoredistill.samples import eager, generate, one_step_samples  # noqa: F401  (public names)
 from scoredistill.trained import Trained, frozen  # noqa: F401
-
-
-class RunInterrupted(Exception):
-    """SIGINT or SIGTERM stopped the run. In ``phase`` "training" a checkpoint was saved first; "building" (before
-    training) and "finishing" (evaluation and report) have nothing to save. ``checkpoint``: the newest, or None."""
-
-    def __init__(self, signum: int, step: int, checkpoint: Optional[Path], phase: str = "training") -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum, self.step, self.checkpoint, self.phase = signum, step, checkpoint, phase
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
 
 
 def generator_step(run: Run) -> tuple[Tensor, Optional[Tensor], dict[str, Tensor]]:
