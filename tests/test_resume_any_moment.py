@@ -254,3 +254,38 @@ def test_the_same_seed_gives_identical_checkpoints_whatever_python_and_numpy_dre
     np.random.seed([7, 0])
     assert state["rng"][0]["python"][1] == list(random.getstate()[1])  # nothing in the run drew from them
     assert state["rng"][0]["numpy"][1] == np.random.get_state()[1].tolist()
+
+
+def test_a_signal_while_the_digits_teacher_trains_stops_the_run_and_its_training_resumes_exactly(tmp_path, monkeypatch):
+    """The digits teacher trains while a run is built (13 minutes at full size: here a tiny one). A SIGTERM then
+    stops the run at once (its handler raises: the loop's own checkpoint saves cover training only); the teacher's
+    training resumes from its own last checkpoint when the run is started again (what ``--resume`` of a run
+    without a checkpoint does), and ends with the weights of an uninterrupted training."""
+    from scoredistill.images import training
+    from scoredistill.images.denoisers import load_denoiser
+    from scoredistill.images.testing import tiny_teacher_settings
+    from scoredistill.runner import _Moment, _stop_at_signals
+    from scoredistill.trainer import RunInterrupted
+
+    s = tiny_teacher_settings(train_steps=6)
+    straight = training.train_digits_teacher(s, tmp_path / "a", progress=False, checkpoint_every=3, log=lambda m: None)
+    real_loss, calls = training.edm_loss, {"n": 0}
+
+    def loss_then_signal(*args):
+        calls["n"] += 1
+        if calls["n"] == 5:  # after the checkpoint at step 3
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(*args)
+
+    monkeypatch.setattr(training, "edm_loss", loss_then_signal)
+    with pytest.raises(RunInterrupted) as stop, _stop_at_signals(_Moment(None)):
+        training.train_digits_teacher(s, tmp_path / "b", progress=False, checkpoint_every=3, log=lambda m: None)
+    assert stop.value.phase == "building" and stop.value.checkpoint is None and stop.value.exit_code == 143
+    assert (tmp_path / "b.partial" / training.STATE_FILE).is_file() and not (tmp_path / "b").exists()
+    monkeypatch.setattr(training, "edm_loss", real_loss)
+    logged: list[str] = []
+    resumed = training.train_digits_teacher(s, tmp_path / "b", progress=False, checkpoint_every=3, log=logged.append)
+    assert any("resuming digits teacher training at step 3/6" in m for m in logged), logged
+    a, b = load_denoiser(str(straight)), load_denoiser(str(resumed))
+    for (name, p), q in zip(a.denoiser.state_dict().items(), b.denoiser.state_dict().values()):
+        assert torch.equal(p, q), name
