@@ -233,8 +233,7 @@ def test_skipping_more_than_the_bound_ends_with_exit_1_and_metrics_written(tmp_p
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "skipped 3 of 14 updates (21%), more than train.max_skipped_fraction=0.1" in lines[0], lines
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["trainer"]["skipped_updates"] == 3
-    assert main([*RUN, "--out", str(tmp_path / "tolerant"), *skip, "--set", "train.max_skipped_fraction=0.25"]) == 0
+    assert metrics["trainer"]["skipped_updates"] == 3  # under the bound it is "done" (test_trainer_faults: 3 of 80)
 
 
 def test_the_same_seed_gives_identical_checkpoints_whatever_python_and_numpy_drew_before(tmp_path):
