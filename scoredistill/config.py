@@ -26,9 +26,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, FieldSerializationInfo, ValidationError, field_serializer, field_validator, model_validator
 
-from scoredistill.config_errors import check_strict_numbers, format_error as _format_error  # noqa: F401  (public here too)
 from scoredistill.errors import UserError, one_of
 from scoredistill.registry import ROLE_TABLE, Registry
+from scoredistill.strict import check_strict_numbers, format_validation_error
 
 LOSS_SECTION, LOSS_ROLE = "losses", "generator_loss"
 #: run-config sections that name one component, and the role of that component (the loss terms are under LOSS_SECTION)
@@ -330,7 +330,7 @@ def validate_component(registry: Registry, section: str, role: str, raw: Any) ->
     try:
         config = info.config_model.model_validate(raw)
     except ValidationError as err:
-        raise UserError(_format_error(err, section, info.config_model)) from None
+        raise UserError(format_validation_error(err, section, info.config_model)) from None
     try:
         weight = float(weight)
     except (TypeError, ValueError):
@@ -352,7 +352,7 @@ def validate(registry: Registry, raw: dict) -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        raise UserError(_format_error(err, "", RunConfig)) from None
+        raise UserError(format_validation_error(err, "", RunConfig)) from None
 
 
 def resolve(registry: Registry, method: str, preset: str, ablations: list[str] = (), overrides: list[str] = ()) -> RunConfig:

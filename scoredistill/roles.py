@@ -103,6 +103,10 @@ class Teacher(Role):
         sd = self.sigma_data
         return (sigma**2 + sd**2) / (sigma * sd) ** 2
 
+    def features(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        """Hidden features ``(N, F)`` of the frozen teacher at ``(x_s, sigma)``, with gradient to ``x_s`` (LADD's discriminator input)."""
+        raise UserError(f"teacher '{type(self).__name__}' exposes no features; choose a method without a teacher-feature discriminator")
+
     def real_samples(self, n: int) -> Tensor:
         """``n`` samples of the data the teacher models (for losses that need real data, e.g. a GAN)."""
         raise UserError(f"teacher '{type(self).__name__}' provides no real data; choose a method without a real-data term")

@@ -68,6 +68,17 @@ def image(image_teacher):
     return context(teacher, "unet_generator", "unet_denoiser")
 
 
+def method_using(section: str, name: str) -> dict:
+    """The config of the first registered method whose ``section`` (``losses`` or ``fake_score_loss``) uses component
+    ``name``, or ``{}``: its other roles are the partners the component is built to work with."""
+    for method in REGISTRY.methods.values():
+        used = method.config.get(section) or {}
+        specs = used.values() if section == "losses" else [used]
+        if any(isinstance(spec, dict) and spec.get("component") == name for spec in specs):
+            return method.config
+    return {}
+
+
 def finite_gradients(module: torch.nn.Module) -> None:
     grads = [p.grad for p in module.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads), "a parameter got no or a non-finite gradient"
@@ -86,6 +97,10 @@ def test_every_component_builds_and_runs_forward_and_backward(role, name, reques
     ctx, models = problem.ctx, problem.models
     teacher, cond = models.teacher, models.teacher.sample_conditions(N)
     image_teacher = request.getfixturevalue("image_teacher") if name in IMAGE_COMPONENTS else ""
+    if role == "fake_score_loss":  # on the fake score its method pairs it with, if it names one (LADD: a head, no network)
+        partner = (method_using("fake_score_loss", name).get("fake_score") or {}).get("component")
+        if partner:
+            ctx.fake_score = models.fake_score = make("fake_score", partner, ctx)
     made = make(role, name, ctx, image_teacher)
 
     if role == "teacher":
@@ -110,7 +125,10 @@ def test_every_component_builds_and_runs_forward_and_backward(role, name, reques
         else:  # nothing to train (an ablation's stand-in): the gradient goes to its inputs
             assert torch.isfinite(x.grad).all()
     elif role == "generator_loss":
-        if made.differentiates_fake_score:  # it scores G's samples through a head on the fake score
+        partner = (method_using("losses", name).get("fake_score_loss") or {}).get("component")
+        if partner:  # built first: the fake-score loss attaches what the term reads (a discriminator head)
+            make("fake_score_loss", partner, ctx)
+        elif made.differentiates_fake_score:  # it scores G's samples through a head on the fake score
             attach_gan_head(models.fake_score, teacher, 8, 1.0)
         g = models.generator
         g.zero_grad(set_to_none=True)

@@ -66,6 +66,9 @@ class ImageTeacher(Teacher):
     def forward(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
         return self.denoiser(x_noisy, sigma, cond)
 
+    def features(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        return self.denoiser.features(x_noisy, sigma, cond)  # the UNet's pooled mid-block output (LADD's discriminator input)
+
     def compile_targets(self) -> list[nn.Module]:
         return [self.denoiser.unet]  # the diffusers UNet: guidance and preconditioning stay eager
 

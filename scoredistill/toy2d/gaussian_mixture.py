@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from scoredistill.registry import component
-from scoredistill.roles import BuildContext, Teacher, stable_hash
+from scoredistill.roles import BuildContext, Teacher, append_dims, stable_hash
 from scoredistill.sampling import karras_schedule
 
 
@@ -138,6 +138,15 @@ class GaussianMixtureTeacher(Teacher):
             u = self._denoise(x_noisy, sigma).to(torch.float64)
             d = u + g * (d - u)
         return d.to(x_noisy.dtype)
+
+    def features(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        """The exact denoiser's inner quantities at ``(x_s, sigma)``, ``(N, 2 d + K)``, with gradient to ``x_s``:
+        ``c_in x_s``, the residual ``(x_s - D(x_s)) / sqrt(sigma^2 + sd^2)`` and the responsibilities ``r_k(x_s)``
+        (with labels ``cond``: ``D`` is the conditional denoiser; the responsibilities stay the mixture's)."""
+        scale = append_dims((sigma.to(x_noisy.dtype) ** 2 + self.sigma_data**2).rsqrt().expand(x_noisy.shape[0]), x_noisy.ndim)
+        resid = (x_noisy - self(x_noisy, sigma, cond)) * scale
+        r = self.responsibilities(x_noisy, sigma.expand(x_noisy.shape[0])).to(x_noisy.dtype)
+        return torch.cat([x_noisy * scale, resid, r], dim=1)
 
     def _denoise(self, x_noisy: Tensor, sigma: Tensor) -> Tensor:
         x = x_noisy.to(torch.float64)

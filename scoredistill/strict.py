@@ -1,5 +1,10 @@
-"""The run config's one-line errors: pydantic's first error as a line naming the key, and strict numbers (no
-boolean where a number goes, no fractional or huge float where an integer goes)."""
+"""Strict reading of user-given config values, and pydantic's errors as one line.
+
+Pydantic's lax mode takes YAML's ``true`` as 1 and ``1e30`` as an integer; a typo of that kind
+would run one step or forever. :func:`check_strict_numbers` refuses both before validation, and
+:func:`format_validation_error` turns a validation error into the one line a user sees (an unknown
+key lists the keys allowed there).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 from scoredistill.errors import UserError
 
 
-def format_error(err: ValidationError, prefix: str, model: type[BaseModel]) -> str:
+def format_validation_error(err: ValidationError, prefix: str, model: type[BaseModel]) -> str:
     e = err.errors()[0]
     loc = ".".join(str(p) for p in (prefix, *e["loc"]) if str(p))
     if e["type"] == "extra_forbidden":
@@ -27,13 +32,13 @@ def format_error(err: ValidationError, prefix: str, model: type[BaseModel]) -> s
     return f"invalid config value '{loc}': {e['msg']}{shown}"
 
 
-def _number_kind(annotation: Any) -> Optional[type]:
+def number_kind(annotation: Any) -> Optional[type]:
     """``int`` or ``float`` for a field typed ``int`` / ``float`` (also inside ``Optional``/``Annotated``), else None."""
     args = typing.get_args(annotation)
     if annotation in (int, float):
         return annotation
     if typing.get_origin(annotation) in (typing.Union, types.UnionType, Annotated):
-        kinds = {_number_kind(a) for a in args if a is not type(None)} - {None}
+        kinds = {number_kind(a) for a in args if a is not type(None)} - {None}
         return kinds.pop() if len(kinds) == 1 else None
     return None
 
@@ -52,7 +57,7 @@ def check_strict_numbers(model: type[BaseModel], raw: Any, prefix: str) -> None:
         if nested is not None:
             check_strict_numbers(nested, value, where)
             continue
-        kind = _number_kind(field.annotation)
+        kind = number_kind(field.annotation)
         if kind is not None and isinstance(value, bool):
             raise UserError(f"invalid config value '{where}': expected a number, not a boolean (got {value!r})")
         if kind is int and isinstance(value, float):
