@@ -133,7 +133,8 @@ def _timestamp() -> str:
 
 def cmd_run(args, hooks) -> int:
     from scoredistill.config import resolve
-    from scoredistill.resume import resume_config, resume_dir
+    from scoredistill.checkpoint import is_checkpoint_path
+    from scoredistill.resume import resume_commit, resume_config
     from scoredistill.run_dir import run_dir_lock
     from scoredistill.runner import execute
 
@@ -144,9 +145,9 @@ def cmd_run(args, hooks) -> int:
             raise UserError("give either METHOD (a new run) or --resume RUN_DIR, not both: a resumed run keeps its method, preset and ablations")
         if args.out is not None:
             raise UserError("--out cannot be used with --resume: the run continues in its own folder")
-        out = resume_dir(args.resume)
+        config, checkpoint, out = resume_config(hooks, args.resume, overrides)  # checks only: nothing written yet
         if _is_main_process():
-            held = run_dir_lock(out)  # held from the checks to the end: a second --resume of this folder is refused
+            held = run_dir_lock(out)  # held to the end: a second --resume of this folder is refused
     else:
         if args.method is None:
             raise UserError("the following arguments are required: METHOD (see 'scoredistill list'), or --resume RUN_DIR")
@@ -158,7 +159,7 @@ def cmd_run(args, hooks) -> int:
     try:
         with held:
             if args.resume is not None:
-                config, checkpoint, out = resume_config(hooks, args.resume, overrides)
+                resume_commit(out, checkpoint, explicit=is_checkpoint_path(args.resume))
             result = execute(config, hooks, out, resume=checkpoint, again=args.resume is not None and checkpoint is None)
     except RunInterrupted as stop:
         if _is_main_process():

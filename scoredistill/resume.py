@@ -100,8 +100,8 @@ def resume_config(hooks: Hooks, target: Path, overrides: list[str]) -> tuple[Run
 
     The checkpoint is ``None`` when the run stopped before its first one: it starts again from the beginning,
     as its ``config.yaml`` says. Otherwise ``config.yaml`` must equal the config stored in the checkpoint (a
-    deleted one is restored from it). Everything is checked (the checkpoint against its checksum included)
-    before anything is written.
+    deleted one is restored from it by :func:`resume_commit`). Everything is checked (the checkpoint against its
+    checksum included) and nothing is written.
     """
     target, run_dir = Path(target), resume_dir(target)
     config_file = run_dir / CONFIG_FILE
@@ -125,12 +125,21 @@ def resume_config(hooks: Hooks, target: Path, overrides: list[str]) -> tuple[Run
         raise UserError("train.steps cannot change on --resume with train.lr_schedule=cosine (its horizon is the original train.steps)")
     if step >= config.train.steps and (run_dir / METRICS_FILE).is_file():
         raise UserError(f"run '{run_dir}' is already finished at step {step}; to train longer: --set train.steps=N with N > {step}")
-    if not config_file.is_file() and _is_main():
-        write_text(config_file, checkpoint.config_yaml)
-        _say(f"{config_file} was missing: restored from the copy in {checkpoint.path.name}")
     if step >= config.train.steps:
         _say(f"'{run_dir}' finished training at step {step}: its evaluation and report are made again from {checkpoint.path.name}")
     return config, checkpoint, run_dir
+
+
+def resume_commit(run_dir: Path, checkpoint: Optional[ckpt.Checkpoint], explicit: bool) -> None:
+    """Once the folder is held (:func:`~scoredistill.run_dir.run_dir_lock`): check that it is still as
+    :func:`resume_config` found it (no other process went on meanwhile), and restore a deleted ``config.yaml``
+    from the checkpoint's copy (main process). ``explicit``: the checkpoint was named on the command line."""
+    if not explicit and ckpt.latest_in(run_dir) != (checkpoint.path if checkpoint is not None else None):
+        raise UserError(f"run folder '{run_dir}' changed while --resume looked at it (another process worked on it); try again")
+    config_file = run_dir / CONFIG_FILE
+    if checkpoint is not None and not config_file.is_file() and _is_main():
+        write_text(config_file, checkpoint.config_yaml)
+        _say(f"{config_file} was missing: restored from the copy in {checkpoint.path.name}")
 
 
 def _with_overrides(hooks: Hooks, base: RunConfig, overrides: list[str]) -> RunConfig:
