@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 from scoredistill.errors import RunInterrupted, UserError
 
 DEFAULT_PRESET = "digits"  # the embedded image default (issue 3); toy2d is the 2-D analytic one
+TEACHER_PRESET = "teacher"  # the settings --teacher FOLDER starts from (a generic diffusers teacher)
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
 MAX_SAMPLES = 10**8
 
@@ -46,6 +47,19 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ablate", action="append", default=[], metavar="NAME", help="ablation of the method (repeatable)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. train.steps=500 or teacher.weights=[0.5,0.5] (repeatable)")
+    p.add_argument("--teacher", default=None, metavar="FOLDER_OR_HUB_ID",
+                   help=f"distil this diffusers model or pipeline (the adapter is picked from the folder); preset "
+                        f"default '{TEACHER_PRESET}'; --set still overrides anything")
+
+
+def _teacher_option(args) -> tuple[Optional[str], list[str]]:
+    """``(preset, overrides)`` with ``--teacher``: the generic teacher preset unless one is named, and the teacher
+    component with its path ahead of the user's ``--set`` (which still override them)."""
+    if args.teacher is None:
+        return args.preset, list(args.overrides)
+    if not args.teacher.strip():
+        raise UserError("--teacher needs a diffusers model or pipeline folder, or a Hugging Face hub id")
+    return args.preset or TEACHER_PRESET, [f"teacher.component=diffusers", f"teacher.path={args.teacher}", *args.overrides]
 
 
 def _plugin_option(parser: argparse.ArgumentParser) -> None:
@@ -138,7 +152,10 @@ def cmd_run(args, hooks) -> int:
     from scoredistill.run_dir import run_dir_lock
     from scoredistill.runner import execute
 
-    overrides = list(args.overrides) + (["runtime.progress=false"] if args.quiet else [])
+    if args.resume is not None and args.teacher is not None:
+        raise UserError("--teacher cannot be used with --resume: a resumed run keeps its teacher")
+    preset, overrides = _teacher_option(args)
+    overrides += ["runtime.progress=false"] if args.quiet else []
     checkpoint, held = None, contextlib.nullcontext()
     if args.resume is not None:
         if args.method is not None or args.ablate or args.preset is not None:
@@ -151,7 +168,7 @@ def cmd_run(args, hooks) -> int:
     else:
         if args.method is None:
             raise UserError("the following arguments are required: METHOD (see 'scoredistill list'), or --resume RUN_DIR")
-        preset = args.preset or DEFAULT_PRESET
+        preset = preset or DEFAULT_PRESET
         config = resolve(hooks.registry, args.method, preset, args.ablate, overrides)
         tag = "".join(f"-no-{a}" for a in args.ablate)
         out = args.out or Path("runs") / f"{args.method}{tag}-{preset}-{_timestamp()}"
@@ -260,8 +277,9 @@ def cmd_compare(args, hooks) -> int:
     if not 1 <= args.seeds <= 1000:
         raise UserError(f"--seeds must be an integer from 1 to 1000 (got {args.seeds})")
     specs = [parse_spec(s, extra_ablations=args.ablate) for s in args.specs]
-    overrides = list(args.overrides) + (["runtime.progress=false"] if args.quiet else [])
-    preset = args.preset or DEFAULT_PRESET
+    preset, overrides = _teacher_option(args)
+    overrides += ["runtime.progress=false"] if args.quiet else []
+    preset = preset or DEFAULT_PRESET
     out = args.out or Path("runs") / f"compare-{preset}-{_timestamp()}"
     check_out(out)
     table = compare(hooks, specs, preset, args.seeds, overrides, out)

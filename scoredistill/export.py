@@ -7,10 +7,10 @@ this module provides the pieces they use and the command's driver:
   plus its defining module copied into the folder (``auto_map``), so that
   ``diffusers.AutoModel.from_pretrained(OUT, trust_remote_code=True)`` loads it
   without scoredistill (used by the MLP generator, :mod:`scoredistill.export_models`);
-* :func:`save_unet_generator`: for a generator that is a copy of a diffusers UNet
-  denoiser evaluated once at the top noise level, ``G(z) = D(sigma_max z, sigma_max)``:
-  the UNet in ``unet/`` (``save_pretrained``) and ``sigma_max`` with the
-  denoiser's preconditioning in ``scoredistill_generator.json``;
+* :func:`save_unet_generator`: for a generator that is a copy of a teacher's denoiser
+  evaluated once at the top noise level, ``G(z) = D(sigma_max z, sigma_max)``:
+  the network (``unet/`` or ``transformer/``, ``save_pretrained``) and ``sigma_max`` with
+  what the teacher says of its parameterisation in ``scoredistill_generator.json``;
 * :func:`export_run`: checks, loads the run, lets the generator write into a
   temporary folder, adds ``scoredistill_export.json`` (provenance) and renames the
   folder into place (a failed export leaves nothing behind).
@@ -48,17 +48,22 @@ def save_diffusers_model(model: Any, folder: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def save_unet_generator(folder: Path, unet: Any, *, sigma_max: float, preconditioning: dict[str, Any], how_to_sample: str) -> None:
-    """A UNet-based one-step generator ``G(z) = D(sigma_max z, sigma_max)``: ``unet/`` and its settings.
+def save_unet_generator(folder: Path, denoiser: Any, *, sigma_max: float, preconditioning: dict[str, Any], how_to_sample: str) -> None:
+    """A one-step generator that is a denoiser copy evaluated once, ``G(z) = D(sigma_max z, sigma_max)``: the
+    network (``denoiser.save_network(folder)``: ``unet/`` or ``transformer/``) and its settings.
 
-    ``preconditioning`` says how the UNet's output becomes ``D`` (for example
+    ``preconditioning`` is what the teacher says of how the network's output becomes ``D`` (for example
     ``{"type": "edm", "sigma_data": 0.5, "prediction_type": "epsilon"}``); ``how_to_sample``
     is the Markdown (with code) that the README shows.
     """
     folder = Path(folder)
-    unet.save_pretrained(str(folder / "unet"), safe_serialization=True)
+    if hasattr(denoiser, "save_network"):
+        sub = denoiser.save_network(folder)
+    else:  # a bare diffusers network
+        sub = "unet"
+        denoiser.save_pretrained(str(folder / sub), safe_serialization=True)
     info = {"generator": "G(z) = D(sigma_max * z, sigma_max), z ~ N(0, I)", "sigma_max": float(sigma_max),
-            "preconditioning": preconditioning}
+            "network": sub, "preconditioning": preconditioning}
     (folder / UNET_INFO).write_text(json.dumps(info, indent=2) + "\n")
     (folder / README).write_text(how_to_sample)
 

@@ -57,6 +57,47 @@ class Teacher(Role):
     sigma_data: float
     #: class labels are ``0 .. num_classes - 1`` (a networks' label table size); ``None``: no class labels
     num_classes: Optional[int] = None
+    #: how the network's output becomes ``D`` (``"edm"``, ``"vp"``, ``"flow"``, ... ; exports record it)
+    parameterisation: str = "edm"
+    #: what one sample is: ``"flat"`` (a vector), ``"pixels"`` or ``"latents"`` (``C x H x W``)
+    data_space: str = "flat"
+    #: ``"none"``, ``"class"`` (labels from :meth:`sample_conditions`) or ``"text"`` (prompt indices)
+    conditioning: str = "none"
+    #: steps of the teacher's own multi-step sampler (:meth:`sample`)
+    sampler_steps: int = 18
+
+    def trainable_copy(self) -> nn.Module:
+        """A trainable copy of the teacher's denoiser, for the generator and the fake score to start from.
+
+        The copy is an ``nn.Module`` called as ``D(x_s, sigma, cond)`` with gradients on and guidance
+        off; it may provide ``features(x_s, sigma, cond)`` (DMD2's GAN head), ``compile_targets()``,
+        ``describe()`` (a dict: how its output becomes ``D``, for exports) and ``save_network(folder)``
+        (``save_pretrained`` into a subfolder, returning its name). The stock image generator and fake
+        score (``unet_generator``, ``unet_denoiser``) take any teacher that implements this.
+        """
+        raise UserError(f"teacher '{type(self).__name__}' makes no trainable copies of its network: "
+                        "choose a generator and fake score of their own (e.g. mlp_generator, mlp_denoiser)")
+
+    def sampling_sigmas(self, steps: int, rho: float = 7.0) -> Tensor:
+        """The noise levels of the teacher's deterministic sampler, descending, ending at 0 (default: EDM eq. 5)."""
+        from scoredistill.sampling import karras_sigmas
+
+        return karras_sigmas(steps, self.sigma_min, self.sigma_max, rho)
+
+    @torch.no_grad()
+    def solve(self, z: Tensor, sigmas: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        """The probability-flow ODE from noise ``z`` (at ``sigmas[0]``) down the grid ``sigmas``: Heun (EDM Algorithm 1)."""
+        from scoredistill.sampling import heun_sample
+
+        return heun_sample(self, z * sigmas[0].to(z.dtype), sigmas, cond)
+
+    def sample(self, z: Tensor, steps: Optional[int] = None, cond: Optional[Tensor] = None) -> Tensor:
+        """The teacher's deterministic multi-step sample from noise ``z``: :meth:`solve` on :meth:`sampling_sigmas`."""
+        return self.solve(z, self.sampling_sigmas(steps or self.sampler_steps), cond)
+
+    @property
+    def sampler_nfe(self) -> int:
+        return 2 * self.sampler_steps - 1
 
     def forward(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:  # pragma: no cover
         raise NotImplementedError

@@ -21,7 +21,7 @@ from scoredistill.roles import BuildContext, GeneratorBatch, Models
 REGISTRY = Hooks(make_plugin_manager()).registry
 CASES = [(role, name) for role, table in REGISTRY.components.items() for name in sorted(table)]
 #: components that need images: built on the tiny image teacher
-IMAGE_COMPONENTS = {"diffusers_unet", "digits_unet", "unet_generator", "unet_denoiser", "lpips_regression"}
+IMAGE_COMPONENTS = {"diffusers", "diffusers_unet", "digits_unet", "unet_generator", "unet_denoiser", "lpips_regression"}
 N = 4
 
 
@@ -29,7 +29,8 @@ def settings(name: str, image_teacher: str) -> dict:
     """Where a default config cannot be built offline and in seconds, the smallest change that can (and why)."""
     return {
         "gaussian_mixture": dict(resolve(REGISTRY, "dmd", "toy2d").teacher.config),  # no default: the toy2d preset's mixture
-        "diffusers_unet": {"path": image_teacher},  # no default: a folder
+        "diffusers": {"path": image_teacher},  # no default: a folder
+        "diffusers_unet": {"path": image_teacher},
         "digits_unet": {"block_out_channels": [8, 16], "norm_num_groups": 4, "attention": False, "train_steps": 4,
                         "train_batch_size": 16, "sampler_steps": 3},  # trains its teacher: a tiny one, for 4 steps
         "lpips_regression": {"backbone": "random", "net": "alex", "resize": 64},  # ImageNet weights are a download; small
@@ -64,7 +65,7 @@ def toy():  # fresh networks for each test: a component may change them (a GAN h
 @pytest.fixture
 def image(image_teacher):
     ctx = BuildContext(hooks=Hooks(make_plugin_manager()), extra={"progress": False})
-    teacher = make("teacher", "diffusers_unet", ctx, image_teacher).eval().requires_grad_(False)
+    teacher = make("teacher", "diffusers", ctx, image_teacher).eval().requires_grad_(False)
     return context(teacher, "unet_generator", "unet_denoiser")
 
 

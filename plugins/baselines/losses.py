@@ -47,11 +47,18 @@ def ikl_direction(real: Tensor, fake: Tensor, sigma: Tensor, weighting: str = "s
     ``w(s) = s**2``, i.e. the plain denoiser difference ``D_fake - D_real``, which is
     what the authors' released EDM code applies (weight 1 on ``D_fake - D_real``);
     ``"uniform"`` is ``w(s) = 1``, the raw score difference (the unweighted IKL).
+    ``"vsd"`` is VSD's (Wang et al. 2023, eq. 9, as threestudio applies it): ``w(t) = 1 - abar_t``
+    on the noise-prediction difference ``eps_real - eps_fake = (D_fake - D_real) / s``, taken
+    as the gradient on ``x`` itself, i.e. ``s / (1 + s**2) (D_fake - D_real)``: this direction
+    differs from Diff-Instruct's by the factor ``s / (1 + s**2)`` per noise level.
     Non-finite entries are zeroed.
     """
     diff = fake - real
+    s = append_dims(sigma.to(diff.dtype), diff.ndim)
     if weighting == "uniform":
-        diff = diff / append_dims(sigma.to(diff.dtype), diff.ndim) ** 2
+        diff = diff / s**2
+    elif weighting == "vsd":
+        diff = diff * s / (1 + s**2)
     return torch.nan_to_num(diff)
 
 
@@ -98,8 +105,9 @@ class IKLGradient(GeneratorLoss):
 
     IKL (Luo et al. 2023, Sec. 3) is ``int w(t) KL(q_t || p_t) dt``; its gradient in
     the generator's parameters is ``E_t E_{x_t ~ q_t} [w(t) (s_{q_t}(x_t) - s_{p_t}(x_t)) dx_t/dtheta]``,
-    with ``s_q`` the online-trained fake score (VSD, Wang et al. 2023, is the same
-    gradient in epsilon form). Per generator step, without gradient:
+    with ``s_q`` the online-trained fake score. VSD (Wang et al. 2023) has the same
+    scores but another weighting and timestep range: ``weighting: vsd`` with
+    ``timestep_range: [0.02, 0.98]`` is VSD's. Per generator step, without gradient:
     ``s ~ teacher.training_sigmas`` (noise levels as the teacher was trained on them,
     as the released code draws EDM's training log-normal; here uniform over the
     teacher's discrete timesteps, no 2 %-98 % clipping), ``x_s = x + s eps``
@@ -114,9 +122,12 @@ class IKLGradient(GeneratorLoss):
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        weighting: Literal["sigma2", "uniform"] = Field(
-            "sigma2", description="w(s) on the score difference: 'sigma2' = s^2 (released code), 'uniform' = 1"
-        )
+        weighting: Literal["sigma2", "uniform", "vsd"] = Field(
+            "sigma2", description="w(s) on the score difference: 'sigma2' = s^2 (released code), 'uniform' = 1, "
+            "'vsd' = s^3 / (1 + s^2) (VSD as threestudio applies it)")
+        timestep_range: Optional[tuple[float, float]] = Field(
+            None, description="draw t uniformly over this fraction of the teacher's timesteps (VSD: [0.02, 0.98]); "
+            "default: the teacher's training noise levels")
 
     def __init__(self, config: "IKLGradient.Config", ctx: Optional[BuildContext] = None) -> None:
         super().__init__()
@@ -125,7 +136,9 @@ class IKLGradient(GeneratorLoss):
     def forward(self, batch: GeneratorBatch, models: Models) -> Tensor:
         x = batch.x
         with torch.no_grad():
-            sigma = models.teacher.training_sigmas(len(x))
+            r = self.config.timestep_range
+            sigma = models.teacher.training_sigmas(len(x)) if r is None else TimestepRange(
+                min_timestep_ratio=r[0], max_timestep_ratio=r[1]).sigmas(models.teacher, len(x))
             _, real, fake = query_denoisers(models, x, sigma, batch.cond)
             grad = ikl_direction(real, fake, sigma, self.config.weighting)
         return distribution_matching_loss(x, grad)

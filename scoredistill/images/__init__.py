@@ -3,13 +3,15 @@
 The plugin (:mod:`scoredistill.images.plugin`, registered as the core plugin ``images``)
 provides:
 
-* teachers in the sigma convention (Karras et al. 2022, ``x_s = x + s * eps``, ``D(x_s, s) ~ E[x | x_s]``): any diffusers ``UNet2DModel`` or
-  ``UNet2DConditionModel`` with its scheduler config (DDPM / DDIM / Euler and other
-  discrete VP schedules with ``epsilon``, ``v_prediction`` or ``sample`` prediction;
-  EDM schedulers for a natively EDM-preconditioned network), with classifier-free
-  guidance on the real score (:mod:`scoredistill.images.denoisers`);
-* ``digits``: scikit-learn's bundled handwritten digits and a small teacher that the
-  project trains itself and caches (:mod:`scoredistill.images.data`,
+* teachers in the one sigma convention (Karras et al. 2022, ``x_s = x + s * eps``): any diffusers ``UNet2DModel``,
+  ``UNet2DConditionModel``, ``DiTTransformer2DModel``, ``SD3Transformer2DModel`` or
+  ``FluxTransformer2DModel`` (:mod:`scoredistill.images.backbones`) with its scheduler config
+  (DDPM / DDIM / Euler and other discrete VP schedules with ``epsilon``, ``v_prediction`` or
+  ``sample`` prediction; EDM schedulers for a natively EDM-preconditioned network;
+  FlowMatchEuler schedulers for flow matching), with classifier-free guidance on the real
+  score (:mod:`scoredistill.images.denoisers`); ``--teacher FOLDER`` picks it from a folder;
+* ``digits`` and ``digits_flow``: scikit-learn's bundled handwritten digits and a small
+  teacher (EDM or rectified flow) that the project trains itself and caches (:mod:`scoredistill.images.data`,
   :mod:`scoredistill.images.training`);
 * generator and fake score initialised from the teacher (:mod:`scoredistill.images.networks`);
 * ODE pairs in resumable safetensors shards (:mod:`scoredistill.images.pairs`);

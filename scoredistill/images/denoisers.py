@@ -1,6 +1,8 @@
-"""diffusers UNets as sigma-form denoisers ``D(x_s, s, cond)`` (the one convention: Karras et al. 2022, Sec. 2).
+"""diffusers networks as sigma-form denoisers ``D(x_s, s, cond)`` (the project's one convention).
 
-Noising is ``x_s = x + s * eps``. Two families of trained networks are adapted:
+Noising is ``x_s = x + s * eps``. A denoiser is a diffusers network called through its
+:class:`~scoredistill.images.backbones.Backbone` (how that model class takes its input, timestep
+and conditions) and one of three parameterisations:
 
 **Discrete VP (DDPM) models** (``DDPMScheduler``, ``DDIMScheduler``, ``EulerDiscreteScheduler``
 and every other diffusers scheduler with ``alphas_cumprod``). Timestep ``t`` of the
@@ -13,14 +15,24 @@ training schedule has cumulative alpha ``abar_t`` and noise level
 * ``sample``: ``D = x_hat``.
 
 A noise level between two training timesteps gets a fractional timestep, linear in
-``log s`` between its neighbours (k-diffusion's ``DiscreteSchedule.sigma_to_t``); the
-UNets' sinusoidal embeddings accept it. A network with learned variance (twice the
-input channels out) contributes its first half.
+``log s`` between its neighbours (k-diffusion's ``DiscreteSchedule.sigma_to_t``); sinusoidal
+embeddings accept it, a learned (table) embedding gets the nearest integer. A network with
+learned variance (twice the input channels out) contributes its first half. A zero-terminal-SNR
+schedule (``abar_T = 0``, Lin et al. 2024) has an infinite top level: it is held at the finite
+``TERMINAL_FACTOR`` times the level below it, where ``x_vp = x_s / sqrt(1 + s**2)`` is the pure
+noise the network saw at ``T`` to a relative ``1 / TERMINAL_FACTOR`` squared, and ``D`` its
+``x_0`` prediction (``-v_hat`` for v-prediction) as diffusers' first DDIM step uses it.
 
 **EDM-preconditioned models** (``EDMEulerScheduler`` / ``EDMDPMSolverMultistepScheduler``
 configs, Karras et al. 2022, Table 1): ``D = c_skip x_s + c_out F(c_in x_s, c_noise)``
 with ``c_noise = log(s) / 4`` and ``c_out`` negated for ``v_prediction`` (diffusers'
 ``precondition_outputs``). The digits teacher is one of these.
+
+**Flow matching / rectified flow** (``FlowMatchEulerDiscreteScheduler`` configs; Liu et al. 2023,
+Lipman et al. 2023; SD3, Esser et al. 2024, eq. 2): ``x_t = (1 - t) x + t eps``, the network
+predicts the velocity ``v = eps - x`` at timestep ``1000 t``. In the sigma form
+``s = t / (1 - t)``, ``x_s = x_t / (1 - t)``, so ``t = s / (1 + s)``, ``x_t = x_s / (1 + s)`` and
+``D = x_t - t v_hat``. The top level ``t = 1`` is held at ``TERMINAL_FACTOR`` times the level below.
 
 **Classifier-free guidance** on the real score, in the standard form
 
@@ -30,8 +42,8 @@ with ``c_noise = log(s) / 4`` and ``c_out`` negated for ``v_prediction`` (diffus
 ``eps``, which is equivalent because ``D`` is affine in ``eps``). ``g = 1`` is the plain
 conditional denoiser, ``g = 0`` the unconditional one. Since the score is affine in
 ``D``, the guided score is ``s_u + g (s_c - s_u)``. Guidance applies when a condition
-is given; the unconditional branch uses ``null_class`` (class-conditional models) or a
-zero embedding (cross-attention models), see :meth:`UNetDenoiser.null_condition`.
+is given; the unconditional branch uses the null class (class-conditional models), the null
+prompt of a prompt table, or a zero embedding, see :meth:`NetworkDenoiser.null_condition`.
 """
 
 from __future__ import annotations
@@ -50,67 +62,89 @@ from scoredistill.errors import UserError
 from scoredistill.hashing import sha256_digest
 from scoredistill.roles import append_dims, edm_preconditioning
 from scoredistill.sampling import karras_schedule
+from scoredistill.images.backbones import BACKBONES, Backbone, FluxBackbone, UNetBackbone, make_backbone
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
-UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 METADATA_FILE = "scoredistill.json"
+#: an infinite top noise level (zero terminal SNR, flow's t = 1) is held at this factor times the level below it
+TERMINAL_FACTOR = 1e4
 
 
 class _StopForward(Exception):
-    """Raised by a forward hook to stop a UNet after its mid block (features only)."""
+    """Raised by a forward hook to stop a network after its feature block (features only)."""
 
 
-class UNetDenoiser(nn.Module):
-    """A diffusers UNet as ``D(x_s, s, cond)``; subclasses define the preconditioning.
+class NetworkDenoiser(nn.Module):
+    """A diffusers network as ``D(x_s, s, cond)``; subclasses define the parameterisation.
 
-    ``cond`` is ``None`` (unconditional, or the null condition of a conditional UNet),
+    ``cond`` is ``None`` (unconditional, or the null condition of a conditional network),
     a ``long`` tensor ``(N,)`` of class labels, or a float tensor ``(N, L, D)`` of
     encoder hidden states (``UNet2DConditionModel``). With a prompt table
-    (:meth:`set_prompts`), a ``long`` ``cond`` holds prompt indices instead, and the UNet
-    sees their embeddings.
+    (:meth:`set_prompts`), a ``long`` ``cond`` holds prompt indices instead, and the network
+    sees their embeddings (and pooled embeddings, for SD3 / Flux transformers).
     """
 
-    def __init__(self, unet: nn.Module, *, guidance_scale: float = 1.0, null_class: Optional[int] = None) -> None:
-        super().__init__()
-        self.unet = unet
-        self.guidance_scale = float(guidance_scale)
-        self.null_class = null_class
-        self.cross_attention = type(unet).__name__ == "UNet2DConditionModel"
-        self.class_conditional = getattr(unet, "class_embedding", None) is not None
-        cfg = unet.config
-        size = cfg.sample_size
-        if size is None:
-            raise UserError("the teacher UNet's config has no sample_size: save it with sample_size set (the image size)")
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        self.data_shape = (int(cfg.in_channels), int(h), int(w))
-        self.out_channels = int(cfg.out_channels)
-        self.register_buffer("prompt_embeddings", None, persistent=False)  # (P + 1, L, D): P prompts, then the null prompt
+    #: what :meth:`describe` calls this parameterisation
+    parameterisation = "?"
 
-    def set_prompts(self, embeddings: Tensor, null: Optional[Tensor] = None) -> None:
-        """Condition a cross-attention UNet on a table of ``P`` prompt embeddings ``(P, L, D)`` (a text
-        encoder's outputs, computed beforehand): conditions become prompt indices ``0 .. P - 1``, and the
-        unconditional branch of guidance uses ``null`` ``(L, D)`` (the empty prompt's embedding; zeros
-        when not given) as index ``P``. Shapes are checked against the UNet, with one-line errors."""
+    def __init__(self, unet: nn.Module, *, guidance_scale: float = 1.0, null_class: Optional[int] = None,
+                 backbone: Optional[Backbone] = None) -> None:
+        super().__init__()
+        self.unet = unet  # the network (a UNet or a transformer; the name is kept for the roles that compile it)
+        self.backbone = backbone or BACKBONES.get(type(unet).__name__, UNetBackbone)(unet)
+        self.guidance_scale = float(guidance_scale)
+        self.null_class = null_class if null_class is not None else self.backbone.default_null_class
+        self.class_conditional = self.backbone.conditioning == "class"
+        self.cross_attention = self.backbone.text_dims is not None
+        self.data_shape = self.backbone.data_shape
+        self.out_channels = self.backbone.out_channels
+        self.register_buffer("prompt_embeddings", None, persistent=False)  # (P + 1, L, D): P prompts, then the null prompt
+        self.register_buffer("prompt_pooled", None, persistent=False)  # (P + 1, D_pooled) for SD3 / Flux
+
+    @property
+    def conditioning(self) -> str:
+        """``none``, ``class`` or ``text``."""
+        return self.backbone.conditioning
+
+    def set_prompts(self, embeddings: Tensor, null: Optional[Tensor] = None, pooled: Optional[Tensor] = None,
+                    null_pooled: Optional[Tensor] = None) -> None:
+        """Condition a text-conditional network on a table of ``P`` prompt embeddings ``(P, L, D)`` (a text
+        encoder's outputs, computed beforehand), with ``pooled`` ``(P, D_pooled)`` for networks that also take a
+        pooled embedding (SD3, Flux): conditions become prompt indices ``0 .. P - 1``, and the unconditional
+        branch of guidance uses ``null`` ``(L, D)`` / ``null_pooled`` (the empty prompt's; zeros when not given)
+        as index ``P``. Shapes are checked against the network, with one-line errors."""
+        name = type(self.unet).__name__
         if not self.cross_attention:
-            raise UserError(f"teacher.embeddings was given but the teacher UNet ({type(self.unet).__name__}) has no "
-                            "cross-attention: prompt embeddings need a UNet2DConditionModel")
+            raise UserError(f"teacher.embeddings was given but the teacher network ({name}) has no cross-attention: "
+                            "prompt embeddings need a UNet2DConditionModel, SD3 or Flux transformer")
         if self.class_conditional:
-            raise UserError("teacher.embeddings was given but the teacher UNet is also class-conditional: "
+            raise UserError("teacher.embeddings was given but the teacher network is also class-conditional: "
                             "conditions are class labels or prompts, not both")
-        dim = self.unet.config.cross_attention_dim
-        dim = int(dim[0] if isinstance(dim, (list, tuple)) else dim)
+        dim, pooled_dim = self.backbone.text_dims
         if embeddings.ndim != 3 or embeddings.shape[0] < 1 or embeddings.shape[2] != dim:
-            raise UserError(f"teacher.embeddings: 'embeddings' must have shape (prompts, tokens, {dim}) for this UNet "
-                            f"(cross_attention_dim {dim}); got {tuple(embeddings.shape)}")
-        tokens = embeddings.shape[1]
-        if null is None:
-            null = torch.zeros((tokens, dim))
+            attr = "cross_attention_dim" if pooled_dim is None else "joint_attention_dim"
+            raise UserError(f"teacher.embeddings: 'embeddings' must have shape (prompts, tokens, {dim}) for this {name} "
+                            f"({attr} {dim}); got {tuple(embeddings.shape)}")
+        prompts, tokens = embeddings.shape[:2]
+        null = torch.zeros((tokens, dim)) if null is None else null
         null = null.reshape(null.shape[-2:]) if null.ndim == 3 and null.shape[0] == 1 else null
         if tuple(null.shape) != (tokens, dim):
             raise UserError(f"teacher.embeddings: 'null' must have shape ({tokens}, {dim}) like one prompt's embedding; "
                             f"got {tuple(null.shape)}")
-        self.prompt_embeddings = torch.cat([embeddings.float(), null.float()[None]]).to(self.unet.device)
+        device = next(self.unet.parameters()).device
+        self.prompt_embeddings = torch.cat([embeddings.float(), null.float()[None]]).to(device)
+        if pooled_dim is None:
+            return
+        if pooled is None or tuple(pooled.shape) != (prompts, pooled_dim):
+            got = "none" if pooled is None else str(tuple(pooled.shape))
+            raise UserError(f"teacher.embeddings: this {name} also takes a pooled text embedding: the file needs 'pooled' "
+                            f"of shape ({prompts}, {pooled_dim}) (got {got})")
+        null_pooled = torch.zeros(pooled_dim) if null_pooled is None else null_pooled.reshape(-1)
+        if null_pooled.shape[0] != pooled_dim:
+            raise UserError(f"teacher.embeddings: 'null_pooled' must have {pooled_dim} values; got {tuple(null_pooled.shape)}")
+        self.prompt_pooled = torch.cat([pooled.float(), null_pooled.float()[None]]).to(device)
 
     @property
     def num_prompts(self) -> Optional[int]:
@@ -119,12 +153,20 @@ class UNetDenoiser(nn.Module):
 
     # -- what subclasses define
     def precondition(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover
-        """``(network input, network timestep)`` for noisy ``x`` at per-sample ``sigma``."""
+        """``(network input, scheduler timestep)`` for noisy ``x`` at per-sample ``sigma``."""
         raise NotImplementedError
 
     def output(self, x: Tensor, sigma: Tensor, out: Tensor) -> Tensor:  # pragma: no cover
         """The clean estimate ``D`` from the network output ``out``."""
         raise NotImplementedError
+
+    def loss_weight(self, sigma: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """How the network's output becomes ``D`` (written into exports): parameterisation and its settings."""
+        return {"type": self.parameterisation, "prediction_type": getattr(self, "prediction_type", None),
+                "model_class": type(self.unet).__name__}
 
     # -- conditions
     @property
@@ -132,7 +174,7 @@ class UNetDenoiser(nn.Module):
         return self.class_conditional or self.cross_attention
 
     def null_condition(self, cond: Optional[Tensor], n: int, device: torch.device) -> Optional[Tensor]:
-        """The unconditional branch's condition: ``null_class`` labels, the null prompt's index, or a zero embedding."""
+        """The unconditional branch's condition: the null class, the null prompt's index, or a zero embedding."""
         if cond is not None and cond.is_floating_point():
             return torch.zeros_like(cond)
         if self.prompt_embeddings is not None:
@@ -144,30 +186,34 @@ class UNetDenoiser(nn.Module):
             return torch.full((n,), self.null_class, dtype=torch.long, device=device)
         return None
 
-    def _unet_kwargs(self, cond: Optional[Tensor], n: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    def _net_kwargs(self, cond: Optional[Tensor], n: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
         kw: dict[str, Any] = {}
         if self.prompt_embeddings is not None and (cond is None or not cond.is_floating_point()):
             index = cond if cond is not None else self.null_condition(None, n, device)
             kw["encoder_hidden_states"] = self.prompt_embeddings[index].to(dtype)  # prompt indices -> embeddings
+            if self.prompt_pooled is not None:
+                kw["pooled_projections"] = self.prompt_pooled[index].to(dtype)
             return kw
         labels = cond if cond is not None and not cond.is_floating_point() else None
         if self.class_conditional:
             kw["class_labels"] = labels if labels is not None else self.null_condition(None, n, device)
         elif labels is not None:
-            raise UserError("class labels were given but the teacher UNet has no class embedding")
+            raise UserError("class labels were given but the teacher network has no class embedding")
         if self.cross_attention:
+            dim, pooled_dim = self.backbone.text_dims
+            if pooled_dim is not None:
+                raise UserError(f"the teacher {type(self.unet).__name__} takes text: give its precomputed prompt embeddings "
+                                "with teacher.embeddings=FILE.safetensors ('embeddings', 'pooled', optionally 'null', 'null_pooled')")
             if cond is not None and cond.is_floating_point():
                 kw["encoder_hidden_states"] = cond.to(dtype)
             else:
-                dim = self.unet.config.cross_attention_dim
-                dim = dim[0] if isinstance(dim, (list, tuple)) else dim
-                kw["encoder_hidden_states"] = torch.zeros((n, 1, int(dim)), device=device, dtype=dtype)
+                kw["encoder_hidden_states"] = torch.zeros((n, 1, dim), device=device, dtype=dtype)
         elif cond is not None and cond.is_floating_point():
-            raise UserError("an embedding condition was given but the teacher UNet has no cross-attention")
+            raise UserError("an embedding condition was given but the teacher network has no cross-attention")
         return kw
 
     def unet_dtype(self) -> torch.dtype:
-        """The UNet's ``dtype`` (diffusers' ``ModelMixin.dtype`` walks every submodule, about 0.3 ms for a small
+        """The network's ``dtype`` (diffusers' ``ModelMixin.dtype`` walks every submodule, about 0.3 ms for a small
         UNet): looked up again only when the dtype of its first parameter changes (``.to(dtype)``, ``.half()``)."""
         first = next(self.unet.parameters(), None)
         if first is None:
@@ -183,8 +229,8 @@ class UNetDenoiser(nn.Module):
         sigma = sigma.to(x.dtype).reshape(-1).expand(x.shape[0])
         x_in, t = self.precondition(x, sigma)
         dtype = self.unet_dtype()
-        out = self.unet(x_in.to(dtype), t, return_dict=False, **self._unet_kwargs(cond, x.shape[0], x.device, dtype))[0]
-        out = out.to(x.dtype)
+        kw = self._net_kwargs(cond, x.shape[0], x.device, dtype)
+        out = self.backbone.forward(self.unet, x_in.to(dtype), t, kw).to(x.dtype)
         if out.shape[1] == 2 * x.shape[1] and self.out_channels == 2 * x.shape[1]:
             out = out[:, : x.shape[1]]  # learned variance: the mean part
         return self.output(x, sigma, out)
@@ -203,29 +249,29 @@ class UNetDenoiser(nn.Module):
         return d_u + g * (d_c - d_u)
 
     def features(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
-        """The UNet's mid-block output at ``(x_s, sigma)``, averaged over space: ``(N, C_mid)``, with gradient.
-
-        The forward pass stops after the mid block (the up path is not computed).
-        """
-        mid = getattr(self.unet, "mid_block", None)
-        if mid is None:
-            raise UserError("the UNet has no mid block (mid_block_type=None): its features are undefined")
+        """The output of the network's middle block (a UNet's mid block, a transformer's middle block), averaged
+        over space or tokens: ``(N, C)``, with gradient. The forward pass stops after that block."""
+        block = self.backbone.feature_module(self.unet)
         captured: dict[str, Tensor] = {}
 
         def hook(module, inputs, output):
-            captured["h"] = output[0] if isinstance(output, tuple) else output
+            captured["h"] = output[-1] if isinstance(output, tuple) else output  # joint blocks: (text, image)
             raise _StopForward
 
-        handle = mid.register_forward_hook(hook)
+        handle = block.register_forward_hook(hook)
         try:
             self.denoise(x_noisy, sigma, cond)
         except _StopForward:
             pass
         finally:
             handle.remove()
-        return captured["h"].float().mean(dim=(2, 3)).to(x_noisy.dtype)
+        h = captured["h"].float()
+        return h.mean(dim=(2, 3) if h.ndim == 4 else 1).to(x_noisy.dtype)
 
-    def trainable_copy(self) -> "UNetDenoiser":
+    def compile_targets(self) -> list[nn.Module]:
+        return [self.unet]  # the diffusers network: guidance and preconditioning stay eager
+
+    def trainable_copy(self) -> "NetworkDenoiser":
         """A deep copy with gradients on and guidance off (``g = 1``): DMD's generator and fake score.
 
         Its weights are float32 (the optimiser's master weights) whatever the frozen teacher's
@@ -237,19 +283,27 @@ class UNetDenoiser(nn.Module):
             twin.unet.float()  # (diffusers' .to(dtype) warns about fp32 modules even when there are none)
         return twin.train().requires_grad_(True)
 
+    def save_network(self, folder: Path) -> str:
+        """``save_pretrained`` of the network into ``folder/<unet or transformer>``; returns that subfolder's name."""
+        sub = self.backbone.subfolder
+        self.unet.save_pretrained(str(Path(folder) / sub), safe_serialization=True)
+        return sub
 
-class VPDenoiser(UNetDenoiser):
-    """A discrete-time VP (DDPM) UNet with ``epsilon``, ``v_prediction`` or ``sample`` output."""
 
-    def __init__(self, unet: nn.Module, alphas_cumprod: Tensor, prediction_type: str = "epsilon", **kw) -> None:
+UNetDenoiser = NetworkDenoiser  # the name it had when only UNets were adapted
+
+
+class VPDenoiser(NetworkDenoiser):
+    """A discrete-time VP (DDPM) network with ``epsilon``, ``v_prediction`` or ``sample`` output."""
+
+    parameterisation = "vp"
+
+    def __init__(self, unet: nn.Module, alphas_cumprod: Tensor, prediction_type: str = "epsilon", terminal: bool = False, **kw) -> None:
         super().__init__(unet, **kw)
         if prediction_type not in PREDICTION_TYPES:
             raise UserError(f"unknown prediction_type '{prediction_type}'; allowed: {', '.join(PREDICTION_TYPES)}")
         self.prediction_type = prediction_type
-        abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64).clamp(min=1e-12, max=1.0)
-        sig = ((1 - abar) / abar).sqrt()
-        if not bool((sig[1:] > sig[:-1]).all()) or float(sig[0]) <= 0:
-            raise UserError("the scheduler's alphas_cumprod must decrease strictly from below 1 (noise must grow with t)")
+        sig = vp_sigmas(torch.as_tensor(alphas_cumprod, dtype=torch.float64), terminal)
         self.register_buffer("sigmas", sig.float())
         self.register_buffer("log_sigmas", sig.log().float())
 
@@ -285,8 +339,24 @@ class VPDenoiser(UNetDenoiser):
         return torch.ones_like(sigma)
 
 
-class EDMDenoiser(UNetDenoiser):
-    """An EDM-preconditioned UNet (Karras et al. 2022, Table 1; diffusers' EDM schedulers)."""
+def vp_sigmas(abar: Tensor, terminal: bool = False) -> Tensor:
+    """``s_t = sqrt((1 - abar_t) / abar_t)``, ascending; a zero-terminal-SNR top level (``terminal``, or ``abar_T = 0``;
+    diffusers' Euler scheduler stores 2**-24 there) held at ``TERMINAL_FACTOR`` times the level below it."""
+    abar = abar.double()
+    if len(abar) < 2 or not bool((abar[1:] < abar[:-1]).all()) or float(abar[0]) >= 1 or float(abar[0]) <= 0:
+        raise UserError("the scheduler's alphas_cumprod must decrease strictly from below 1 (noise must grow with t)")
+    terminal = terminal or float(abar[-1]) <= 0
+    body = abar[:-1] if terminal else abar
+    sig = ((1 - body) / body.clamp(min=1e-300)).sqrt()
+    if terminal:
+        sig = torch.cat([sig, sig[-1:] * TERMINAL_FACTOR])
+    return sig
+
+
+class EDMDenoiser(NetworkDenoiser):
+    """An EDM-preconditioned network (Karras et al. 2022, Table 1; diffusers' EDM schedulers)."""
+
+    parameterisation = "edm"
 
     def __init__(self, unet: nn.Module, sigma_data: float = 0.5, prediction_type: str = "epsilon", **kw) -> None:
         super().__init__(unet, **kw)
@@ -309,6 +379,64 @@ class EDMDenoiser(UNetDenoiser):
         """EDM eq. 8: ``lambda(s) = (s^2 + sd^2) / (s sd)^2``."""
         return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
 
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "sigma_data": self.sigma_data}
+
+
+class FlowDenoiser(NetworkDenoiser):
+    """A flow-matching (rectified-flow) velocity network: ``t = s / (1 + s)``, ``D = x_s / (1 + s) - t v_hat``."""
+
+    parameterisation = "flow"
+    prediction_type = "flow_prediction"
+
+    def __init__(self, unet: nn.Module, num_train_timesteps: int = 1000, terminal: Optional[float] = None, **kw) -> None:
+        super().__init__(unet, **kw)
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.terminal = terminal  # the level standing for t = 1: the network sees timestep num_train_timesteps there
+
+    def precondition(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        t = sigma / (1 + sigma)
+        if self.terminal is not None:
+            t = torch.where(sigma >= self.terminal * (1 - 1e-6), torch.ones_like(t), t)
+        return x / append_dims(1 + sigma, x.ndim), t * self.num_train_timesteps
+
+    def output(self, x: Tensor, sigma: Tensor, out: Tensor) -> Tensor:
+        s = append_dims(sigma, x.ndim)
+        return x / (1 + s) - s / (1 + s) * out
+
+    def loss_weight(self, sigma: Tensor) -> Tensor:
+        """The velocity MSE: ``|v_hat - v|^2 = |D - x|^2 / t^2``, so ``lambda(s) = ((1 + s) / s)^2``."""
+        return ((1 + sigma) / sigma) ** 2
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "num_train_timesteps": self.num_train_timesteps}
+
+
+def exponential_schedule(n: int, sigma_min: float, sigma_max: float) -> Tensor:
+    """``n`` noise levels, ascending, equally spaced in ``log s`` (diffusers' EDM ``sigma_schedule="exponential"``)."""
+    return torch.linspace(float(torch.tensor(sigma_min).log()), float(torch.tensor(sigma_max).log()), n, dtype=torch.float64).exp().float()
+
+
+def flow_shift_mu(sched_cfg: dict, seq_len: int) -> Optional[float]:
+    """The resolution-dependent shift ``mu`` of a dynamically shifted flow scheduler (SD3.5 / Flux pipelines): linear
+    in the image's token count between ``(base_image_seq_len, base_shift)`` and ``(max_image_seq_len, max_shift)``."""
+    if not sched_cfg.get("use_dynamic_shifting"):
+        return None
+    x0, x1 = float(sched_cfg.get("base_image_seq_len", 256)), float(sched_cfg.get("max_image_seq_len", 4096))
+    y0, y1 = float(sched_cfg.get("base_shift", 0.5)), float(sched_cfg.get("max_shift", 1.15))
+    return y0 + (y1 - y0) / (x1 - x0) * (seq_len - x0)
+
+
+def flow_sigmas(t: Tensor, terminal: Optional[float] = None) -> Tensor:
+    """Flow times ``t`` (any order) as sigma-form levels ``t / (1 - t)``; ``t = 1`` held at ``terminal`` (default
+    ``TERMINAL_FACTOR`` times the largest finite level)."""
+    t = t.double()
+    top = t >= 1
+    s = t / (1 - t).clamp(min=1e-300)
+    if bool(top.any()):
+        s = torch.where(top, terminal if terminal is not None else s[~top].max() * TERMINAL_FACTOR, s)
+    return s.float()
+
 
 # --------------------------------------------------------------------------- loading
 
@@ -317,13 +445,17 @@ class EDMDenoiser(UNetDenoiser):
 class LoadedTeacher:
     """What :func:`load_denoiser` found: the denoiser, its discrete schedule and provenance."""
 
-    denoiser: UNetDenoiser
+    denoiser: NetworkDenoiser
     sigmas: Tensor
-    kind: str  # "vp" or "edm"
+    kind: str  # the parameterisation: "vp", "edm" or "flow"
     unet_dir: Path
     unet_config: dict
     scheduler_config: dict
     metadata: dict = field(default_factory=dict)
+    #: a dynamically shifted flow scheduler's ``mu`` for this image size (``None``: no dynamic shift)
+    flow_mu: Optional[float] = None
+    #: whether the top level stands for an infinite one (zero terminal SNR, flow's ``t = 1``)
+    terminal: bool = False
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -340,43 +472,65 @@ def _looks_like_hub_id(text: str) -> bool:
     return text.count("/") == 1 and not text.startswith((".", "/", "~")) and all(text.split("/"))
 
 
+HUB_PATTERNS = ["model_index.json", "unet/*", "transformer/*", "scheduler/*", "config.json", "scheduler_config.json",
+                "diffusion_pytorch_model*", METADATA_FILE]
+
+
 def resolve_model_folder(path: str) -> Path:
-    """A local folder for ``path``: the folder itself, or a hub id's snapshot (cache or download)."""
+    """A local folder for ``path``: the folder itself, or a hub id's snapshot (the local cache first; a download only
+    where the hub is reachable and ``HF_HUB_OFFLINE`` is unset)."""
     p = Path(path).expanduser()
     if p.exists():
         if not p.is_dir():
-            raise UserError(f"teacher path '{path}' is a file; give a diffusers model folder (saved with save_pretrained)")
+            raise UserError(f"teacher path '{path}' is a file; give a diffusers model or pipeline folder (saved with save_pretrained)")
         return p
     if not _looks_like_hub_id(path):
-        raise UserError(f"teacher folder '{path}' does not exist: give a diffusers model folder (saved with "
-                        "save_pretrained, with scheduler_config.json) or a Hugging Face hub id")
+        raise UserError(f"teacher folder '{path}' does not exist: give a diffusers model or pipeline folder (saved with "
+                        "save_pretrained, with its scheduler config) or a Hugging Face hub id")
     try:
         from huggingface_hub import snapshot_download
-
-        patterns = ["unet/*", "scheduler/*", "config.json", "scheduler_config.json", "diffusion_pytorch_model*", METADATA_FILE]
-        return Path(snapshot_download(path, allow_patterns=patterns))
+    except ImportError:  # pragma: no cover - a dependency of diffusers
+        snapshot_download = None
+    hint = (f"teacher '{path}' is not a local folder nor in the Hugging Face cache ($HF_HOME, default ~/.cache/huggingface): "
+            f"where the network allows, run 'huggingface-cli download {path}' (it lands in that cache), or save the pipeline "
+            "with save_pretrained and pass its folder")
+    if snapshot_download is None:
+        raise UserError(hint)
+    try:
+        return Path(snapshot_download(path, allow_patterns=HUB_PATTERNS, local_files_only=True))
+    except Exception:
+        pass
+    if env_flag("HF_HUB_OFFLINE"):
+        raise UserError(hint + " (HF_HUB_OFFLINE is set: no download was tried)")
+    try:
+        return Path(snapshot_download(path, allow_patterns=HUB_PATTERNS))
     except Exception as exc:  # offline, unknown repo, gated ...
-        raise UserError(
-            f"teacher '{path}' is not a local folder and cannot be fetched from the Hugging Face hub "
-            f"({type(exc).__name__}): download it where the network allows and pass teacher.path=FOLDER"
-        ) from None
+        raise UserError(f"{hint} (download failed: {type(exc).__name__})") from None
 
 
-def find_parts(folder: Path) -> tuple[Path, Path]:
-    """``(unet folder, scheduler config file)`` in a pipeline folder (``unet/``, ``scheduler/``) or a model folder."""
-    unet_dir = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
-    if not (unet_dir / "config.json").is_file():
-        raise UserError(f"teacher folder '{folder}' has no config.json (nor unet/config.json): "
-                        "save the UNet there with save_pretrained")
-    for cand in (folder / "scheduler" / "scheduler_config.json", folder / "scheduler_config.json", unet_dir / "scheduler_config.json"):
+def find_parts(folder: Path) -> tuple[Path, Optional[Path]]:
+    """``(network folder, scheduler config file or None)`` in a pipeline folder (``model_index.json`` with ``unet/`` or
+    ``transformer/``, ``scheduler/``) or a model folder (``config.json`` beside ``scheduler_config.json``)."""
+    net_dir = None
+    for sub in ("unet", "transformer"):
+        if (folder / sub / "config.json").is_file():
+            net_dir = folder / sub
+            break
+    if net_dir is None and (folder / "config.json").is_file():
+        net_dir = folder
+    if net_dir is None:
+        found = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())[:12]
+        raise UserError(f"teacher folder '{folder}' holds no diffusers model: found {', '.join(found) or 'nothing'}; supported: "
+                        "a pipeline folder with unet/ or transformer/ (each with config.json) and scheduler/, or a model "
+                        "folder with config.json and scheduler_config.json")
+    for cand in (folder / "scheduler" / "scheduler_config.json", folder / "scheduler_config.json", net_dir / "scheduler_config.json"):
         if cand.is_file():
-            return unet_dir, cand
-    raise UserError(f"teacher folder '{folder}' has no scheduler_config.json (nor scheduler/scheduler_config.json): "
-                    "save the training scheduler there with scheduler.save_pretrained")
+            return net_dir, cand
+    return net_dir, None
 
 
-def scheduler_schedule(sched_cfg: dict, where: Path) -> tuple[str, Optional[Tensor]]:
-    """``("edm", None)`` or ``("vp", alphas_cumprod)`` from a diffusers scheduler config."""
+def scheduler_schedule(sched_cfg: dict, where: Path) -> tuple[str, Optional[Any]]:
+    """``("edm", None)``, ``("flow", scheduler)`` or ``("vp", alphas_cumprod)`` from a diffusers scheduler config."""
     import diffusers
 
     name = sched_cfg.get("_class_name", "")
@@ -385,58 +539,90 @@ def scheduler_schedule(sched_cfg: dict, where: Path) -> tuple[str, Optional[Tens
     cls = getattr(diffusers, name, None) if name else None
     if cls is None:
         raise UserError(f"scheduler config {where} names an unknown scheduler class '{name}'")
+    if name in FLOW_SCHEDULERS:
+        cls = diffusers.FlowMatchEulerDiscreteScheduler  # the flow schedulers share its training table
     try:
         sched = cls.from_config(sched_cfg)
     except Exception as exc:
         raise UserError(f"cannot build scheduler {name} from {where}: {str(exc).splitlines()[0]}") from None
+    if name in FLOW_SCHEDULERS:
+        return "flow", sched
     abar = getattr(sched, "alphas_cumprod", None)
     if abar is None:
-        raise UserError(f"scheduler {name} ({where}) has no discrete VP schedule (alphas_cumprod); "
-                        f"supported: DDPM/DDIM/Euler-style VP schedulers and {', '.join(EDM_SCHEDULERS)}")
+        raise UserError(f"scheduler {name} ({where}) has no discrete VP schedule (alphas_cumprod); supported: DDPM/DDIM/"
+                        f"Euler-style VP schedulers, {', '.join(EDM_SCHEDULERS)} and {', '.join(FLOW_SCHEDULERS)}")
     return "vp", torch.as_tensor(abar, dtype=torch.float64)
+
+
+def _seq_len(den: NetworkDenoiser) -> int:
+    """The image's token count, as the pipelines compute it for the dynamic flow shift."""
+    if isinstance(den.backbone, FluxBackbone):
+        return den.backbone.seq_len
+    patch = int(getattr(den.unet.config, "patch_size", None) or 1)
+    return (den.data_shape[1] // patch) * (den.data_shape[2] // patch)
 
 
 def load_denoiser(path: str, *, guidance_scale: float = 1.0, null_class: Optional[int] = None,
                   prediction_type: Optional[str] = None, device: Optional[torch.device] = None,
-                  dtype: Optional[torch.dtype] = None) -> LoadedTeacher:
-    """Load a diffusers UNet + scheduler config (local folder or hub id) as a sigma-form denoiser.
+                  dtype: Optional[torch.dtype] = None, sample_size: Optional[int] = None,
+                  flux_guidance: float = 3.5) -> LoadedTeacher:
+    """Load a diffusers network + scheduler config (local folder or hub id) as a sigma-form denoiser.
 
-    ``prediction_type`` overrides the scheduler config's; ``dtype`` is the UNet's weights'
-    (diffusers' ``torch_dtype``; by default diffusers loads float32). Every failure is a one-line
+    ``prediction_type`` overrides the scheduler config's; ``dtype`` is the network's weights'
+    (diffusers' ``torch_dtype``; by default diffusers loads float32); ``sample_size`` the latent / image
+    size where the model config has none (Flux). Every failure is a one-line
     :class:`~scoredistill.errors.UserError` saying what to place where.
     """
     import diffusers
 
     folder = resolve_model_folder(path)
-    unet_dir, sched_file = find_parts(folder)
-    unet_cfg = _read_json(unet_dir / "config.json", "UNet config")
+    net_dir, sched_file = find_parts(folder)
+    net_cfg = _read_json(net_dir / "config.json", "model config")
+    cls_name = net_cfg.get("_class_name")
+    if cls_name not in BACKBONES:
+        raise UserError(f"teacher model class '{cls_name}' in {net_dir / 'config.json'} is not supported; "
+                        f"supported: {', '.join(BACKBONES)}")
+    if sched_file is None:
+        raise UserError(f"teacher folder '{folder}' has no scheduler config (scheduler/scheduler_config.json or "
+                        "scheduler_config.json): save the scheduler the model was trained with there (scheduler.save_pretrained)")
     sched_cfg = _read_json(sched_file, "scheduler config")
-    cls_name = unet_cfg.get("_class_name")
-    if cls_name not in UNET_CLASSES:
-        raise UserError(f"teacher UNet class '{cls_name}' in {unet_dir / 'config.json'} is not supported; "
-                        f"supported: {', '.join(UNET_CLASSES)}")
-    kind, abar = scheduler_schedule(sched_cfg, sched_file)
+    kind, schedule = scheduler_schedule(sched_cfg, sched_file)
     try:
         kwargs = {"torch_dtype": dtype} if dtype is not None else {}
-        unet = getattr(diffusers, cls_name).from_pretrained(str(unet_dir), local_files_only=True, **kwargs)
+        net = getattr(diffusers, cls_name).from_pretrained(str(net_dir), local_files_only=True, **kwargs)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot load the teacher UNet from '{unet_dir}' (missing or corrupt weights?): {first}") from None
-    unet.eval().requires_grad_(False)
+        raise UserError(f"cannot load the teacher {cls_name} from '{net_dir}' (missing or corrupt weights?): {first}") from None
+    net.eval().requires_grad_(False)
+    backbone = make_backbone(net, sample_size, flux_guidance)
     pred = prediction_type or sched_cfg.get("prediction_type") or "epsilon"
     meta_file = folder / METADATA_FILE
     metadata = _read_json(meta_file, "teacher metadata") if meta_file.is_file() else {}
-    kw = dict(guidance_scale=guidance_scale, null_class=null_class)
+    kw = dict(guidance_scale=guidance_scale, null_class=null_class, backbone=backbone)
+    mu = None
     if kind == "edm":
-        den: UNetDenoiser = EDMDenoiser(unet, float(sched_cfg.get("sigma_data", 0.5)), pred, **kw)
-        sigmas = karras_schedule(int(sched_cfg.get("num_train_timesteps", 1000)), float(sched_cfg.get("sigma_min", 0.002)),
-                                 float(sched_cfg.get("sigma_max", 80.0)), float(sched_cfg.get("rho", 7.0)))
+        den: NetworkDenoiser = EDMDenoiser(net, float(sched_cfg.get("sigma_data", 0.5)), pred, **kw)
+        make = exponential_schedule if sched_cfg.get("sigma_schedule", "karras") == "exponential" else karras_schedule
+        args = [int(sched_cfg.get("num_train_timesteps", 1000)), float(sched_cfg.get("sigma_min", 0.002)), float(sched_cfg.get("sigma_max", 80.0))]
+        sigmas = make(*args, float(sched_cfg.get("rho", 7.0))) if make is karras_schedule else make(*args)
+    elif kind == "flow":
+        if prediction_type not in (None, "flow_prediction"):
+            raise UserError(f"teacher.prediction_type '{prediction_type}' does not apply to a flow-matching teacher (it predicts velocity)")
+        den = FlowDenoiser(net, int(schedule.config.num_train_timesteps), **kw)
+        t = schedule.sigmas.double()
+        mu = flow_shift_mu(sched_cfg, _seq_len(den))
+        if mu is not None:
+            t = schedule.time_shift(mu, 1.0, t)
+        sigmas = flow_sigmas(t).flip(0)
+        den.terminal = float(sigmas[-1])
     else:
-        den = VPDenoiser(unet, abar, pred, **kw)
+        zero_snr = bool(sched_cfg.get("rescale_betas_zero_snr")) or float(schedule[-1]) <= 0
+        den = VPDenoiser(net, schedule, pred, terminal=zero_snr, **kw)
         sigmas = den.sigmas.clone()
     if device is not None:
         den = den.to(device)
-    return LoadedTeacher(den, sigmas, kind, unet_dir, unet_cfg, sched_cfg, metadata)
+    terminal = kind == "flow" or (kind == "vp" and zero_snr)
+    return LoadedTeacher(den, sigmas, kind, net_dir, net_cfg, sched_cfg, metadata, mu, terminal)
 
 
 def weights_digest(module: nn.Module, max_elements: int = 100_000_000) -> str:
@@ -459,4 +645,3 @@ def env_flag(name: str) -> bool:
 
 def schedule_summary(sigmas: Tensor) -> str:
     return f"{len(sigmas)} levels, sigma {float(sigmas[0]):.4g}..{float(sigmas[-1]):.4g}"
-

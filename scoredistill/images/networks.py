@@ -4,10 +4,12 @@
   the teacher's denoiser (DMD Sec. 3.1), so at step 0 ``G`` is the teacher's one-step
   denoising of pure noise.
 * ``unet_denoiser``: the fake denoiser ``D_fake``, a trainable copy of the teacher's
-  denoiser (DMD Sec. 3.2). Its :meth:`~UNetFakeScore.features` are the UNet's mid-block
-  output averaged over space (DMD2's bottleneck features for the GAN head).
+  denoiser (DMD Sec. 3.2). Its :meth:`~UNetFakeScore.features` are the copy's (a UNet's
+  mid-block output averaged over space: DMD2's bottleneck features for the GAN head).
 
-Copies never carry the teacher's classifier-free guidance (DMD guides the real score only).
+Both take any teacher that makes trainable copies (:meth:`scoredistill.roles.Teacher.trainable_copy`),
+whatever its family: a UNet or a transformer, VP, EDM or flow. Copies never carry the teacher's
+classifier-free guidance (DMD guides the real score only).
 """
 
 from __future__ import annotations
@@ -22,16 +24,10 @@ from scoredistill.errors import UserError
 from scoredistill.registry import component
 from scoredistill.roles import BuildContext, FakeScore, Generator
 
-from scoredistill.images.denoisers import EDMDenoiser
-from scoredistill.images.teachers import ImageTeacher
 
-
-def _image_teacher(ctx: BuildContext, what: str) -> ImageTeacher:
-    teacher = ctx.teacher
-    if not isinstance(teacher, ImageTeacher):
-        raise UserError(f"{what} copies an image teacher's UNet, but the teacher is '{type(teacher).__name__}': "
-                        "use teacher.component diffusers_unet or digits_unet (or the toy networks for 2-D teachers)")
-    return teacher
+def _targets(denoiser: nn.Module) -> list[nn.Module]:
+    targets = getattr(denoiser, "compile_targets", None)
+    return targets() if targets is not None else [denoiser]
 
 
 @component("unet_generator", role="generator", paper="Yin et al. 2024 (DMD), Sec. 3.1: G initialised from the teacher")
@@ -44,44 +40,47 @@ class UNetGenerator(Generator):
 
     def __init__(self, config: "UNetGenerator.Config", ctx: BuildContext) -> None:
         super().__init__()
-        teacher = _image_teacher(ctx, "generator 'unet_generator'")
-        self.denoiser = teacher.denoiser.trainable_copy()
+        teacher = ctx.teacher
+        self.denoiser = teacher.trainable_copy()
         self.sigma = float(config.sigma or teacher.sigma_max)
         self.latent_shape = tuple(teacher.data_shape)
-        self.scheduler_config = dict(teacher.scheduler_config)
+        self.scheduler_config = dict(getattr(teacher, "scheduler_config", None) or {})
 
     def forward(self, z: Tensor, cond: Optional[Tensor] = None) -> Tensor:
         sigma = torch.full((z.shape[0],), self.sigma, device=z.device, dtype=z.dtype)
         return self.denoiser(z * self.sigma, sigma, cond)
 
     def compile_targets(self) -> list[nn.Module]:
-        return [self.denoiser.unet]  # the teacher's architecture: the same compiled code as the other roles
+        return _targets(self.denoiser)  # the teacher's architecture: the same compiled code as the other roles
 
     def export(self, folder, provenance) -> None:
-        """``unet/`` + ``scheduler/`` (the teacher's: how the UNet's output becomes ``D``) + ``sigma_max``."""
+        """The network (``unet/`` or ``transformer/``) + ``scheduler/`` (the teacher's) + ``sigma_max`` and what the
+        teacher says of its parameterisation (how the network's output becomes ``D``)."""
         import json
 
         from scoredistill.export import readme, save_unet_generator
 
         den = self.denoiser
-        pre = {"type": "edm" if isinstance(den, EDMDenoiser) else "vp", "prediction_type": den.prediction_type}
-        if isinstance(den, EDMDenoiser):
-            pre["sigma_data"] = den.sigma_data
+        if not (hasattr(den, "describe") and hasattr(den, "save_network")):
+            raise UserError(f"the teacher's trainable copy ({type(den).__name__}) has no describe() / save_network(): "
+                            "it cannot be exported as a diffusers model")
         body = UNET_SAMPLING.format(shape=", ".join(map(str, self.latent_shape)), sigma=self.sigma)
-        if den.class_conditional:
+        if getattr(den, "class_conditional", False):
             body += UNET_CLASS_LABELS.format(sigma=self.sigma, null=den.null_class)
-        if den.num_prompts is not None:
+        if getattr(den, "num_prompts", None) is not None:
             body += UNET_PROMPTS.format(sigma=self.sigma, prompts=den.num_prompts, shape=", ".join(map(str, den.prompt_embeddings.shape[1:])))
-        save_unet_generator(folder, den.unet, sigma_max=self.sigma, preconditioning=pre,
+        save_unet_generator(folder, den, sigma_max=self.sigma, preconditioning=den.describe(),
                             how_to_sample=readme(f"{provenance['method']} one-step generator ({provenance['preset']})", provenance, body))
-        (folder / "scheduler").mkdir()
-        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(self.scheduler_config, indent=2) + "\n")
+        if self.scheduler_config:
+            (folder / "scheduler").mkdir()
+            (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(self.scheduler_config, indent=2) + "\n")
 
 
 UNET_SAMPLING = """## Sampling
 
-`unet/` is a diffusers UNet and `scheduler/` the teacher's scheduler config, which says how
-the UNet's output becomes the clean estimate `D(x, sigma)`. The generator is
+`unet/` (or `transformer/`) is a diffusers network and `scheduler/` the teacher's scheduler config,
+which with `scoredistill_generator.json` says how the network's output becomes the clean estimate
+`D(x, sigma)`. The generator is
 `G(z) = D(sigma_max * z, sigma_max)` with `sigma_max = {sigma}` (`scoredistill_generator.json`). With
 scoredistill installed:
 
@@ -119,15 +118,17 @@ class UNetFakeScore(FakeScore):
 
     def __init__(self, config: "UNetFakeScore.Config", ctx: BuildContext) -> None:
         super().__init__()
-        self.denoiser = _image_teacher(ctx, "fake_score 'unet_denoiser'").denoiser.trainable_copy()
+        self.denoiser = ctx.teacher.trainable_copy()
 
     def forward(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None, *, x_clean: Optional[Tensor] = None) -> Tensor:
         return self.denoiser(x_noisy, sigma, cond)
 
     def compile_targets(self) -> list[nn.Module]:
-        return [self.denoiser.unet]
+        return _targets(self.denoiser)
 
     def features(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        if not hasattr(self.denoiser, "features"):
+            return super().features(x_noisy, sigma, cond)
         return self.denoiser.features(x_noisy, sigma, cond)
 
 

@@ -26,7 +26,6 @@ from scoredistill.io import load_tensors, save_tensors
 from scoredistill.progress import progress
 from scoredistill.pairs import ODEPairs
 from scoredistill.roles import BuildContext, PairSource, seeded_conditions, stable_hash
-from scoredistill.sampling import heun_sample, karras_sigmas
 
 
 class ShardedODEPairs(PairSource):
@@ -40,7 +39,7 @@ class ShardedODEPairs(PairSource):
                           *(["conditions", cond] if cond is not None else []))
         self.folder = Path(ctx.cache_dir) / "pairs" / f"ode-{key}"
         z = torch.randn((c.num_pairs, *teacher.data_shape), generator=torch.Generator().manual_seed(c.seed))
-        grid = karras_sigmas(c.steps, teacher.sigma_min, teacher.sigma_max, c.rho)
+        grid = teacher.sampling_sigmas(c.steps, c.rho)  # the teacher's own grid (EDM eq. 5, or its flow scheduler's)
         starts = list(range(0, c.num_pairs, c.batch_size))
         ys: list[torch.Tensor] = []
         device = teacher.sigmas.device
@@ -51,7 +50,7 @@ class ShardedODEPairs(PairSource):
                 y = self._load_shard(i, zb) if c.cache else None
                 if y is None:
                     cb = cond[start : start + c.batch_size].to(device) if cond is not None else None
-                    y = heun_sample(teacher, zb.to(device) * teacher.sigma_max, grid, cb).cpu()
+                    y = teacher.solve(zb.to(device), grid, cb).cpu()
                     if c.cache:
                         save_tensors(self.shard_path(i), {"z": zb, "y": y}, {"teacher": teacher.fingerprint()})
                 ys.append(y)

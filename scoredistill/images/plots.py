@@ -33,6 +33,8 @@ def sample_grids(panels: Sequence[tuple[str, Tensor]], path: Path, title: Option
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.9), squeeze=False)
     for ax, (label, images) in zip(axes[0], panels):
         images = images[:n]
+        if images.shape[1] not in (1, 3):
+            images = images[:, :1]  # latents of another channel count: their first channel, in grey
         grid = make_grid(images, nrow=int(math.ceil(math.sqrt(len(images)))))
         ax.imshow(grid.squeeze(-1).numpy() if grid.shape[-1] == 1 else grid.numpy(), cmap="gray", vmin=0, vmax=1,
                   interpolation="nearest")

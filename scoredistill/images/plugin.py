@@ -2,11 +2,13 @@
 
 Registered by the core (``CORE_PLUGINS["images"]``). Hooks:
 
-* components: ``diffusers_unet`` and ``digits_unet`` (teachers), ``unet_generator``,
-  ``unet_denoiser`` (fake score); preset ``digits``;
-* ``scoredistill_make_pair_source``: ``ode_pairs`` for an image teacher is built as
-  resumable safetensors shards (:mod:`scoredistill.images.pairs`);
-* ``scoredistill_evaluate`` / ``scoredistill_report`` for image teachers: FID (digits
+* components: ``diffusers`` (alias ``diffusers_unet``) and ``digits_unet`` (teachers),
+  ``unet_generator``, ``unet_denoiser`` (fake score); presets ``digits`` and ``teacher``
+  (the settings ``--teacher FOLDER`` starts from);
+* ``scoredistill_make_pair_source``: ``ode_pairs`` for a teacher of images (any family
+  whose ``data_space`` is ``pixels`` or ``latents``) is built as resumable safetensors
+  shards (:mod:`scoredistill.images.pairs`);
+* ``scoredistill_evaluate`` / ``scoredistill_report`` for teachers of images: FID (digits
   classifier; Inception where cached), class histogram, ``samples.png`` (teacher vs
   generator on the same noise) and ``class_histogram.png``;
 * commands ``scoredistill teacher train`` and ``scoredistill eval RUN_DIR``.
@@ -18,6 +20,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from omegaconf import OmegaConf
 from pydantic import ValidationError
@@ -26,14 +29,25 @@ from scoredistill.errors import UserError
 from scoredistill.hookspecs import hookimpl
 from scoredistill.registry import Preset
 
+from scoredistill.roles import Teacher
+
 from scoredistill.images.networks import UNetFakeScore, UNetGenerator
-from scoredistill.images.teachers import DiffusersTeacher, DigitsTeacher, ImageTeacher
+from scoredistill.images.teachers import DiffusersTeacher, DiffusersUNetTeacher, DigitsTeacher
 
 PRESET_DIR = Path(__file__).parent / "presets"
-IMAGE_TEACHERS = ("diffusers_unet", "digits_unet")
-IMAGE_NETWORKS = {"generator": ("unet_generator",), "fake_score": ("unet_denoiser",)}
+COPY_NETWORKS = {"generator": ("unet_generator",), "fake_score": ("unet_denoiser",)}  # this plugin's: copies of the teacher
 FLAT_NETWORKS = {"generator": ("mlp_generator",), "fake_score": ("mlp_denoiser",)}
 EVAL_FILE = "eval.json"
+
+
+def makes_images(teacher) -> bool:
+    """A teacher (or teacher class) of images or latents, ``C x H x W``, as it says itself."""
+    return getattr(teacher, "data_space", "flat") in ("pixels", "latents")
+
+
+def makes_copies(teacher_cls: type) -> bool:
+    """Whether a teacher class makes trainable copies of its network (the stock generator and fake score need them)."""
+    return getattr(teacher_cls, "trainable_copy", Teacher.trainable_copy) is not Teacher.trainable_copy
 
 
 def _log(msg: str) -> None:
@@ -42,7 +56,7 @@ def _log(msg: str) -> None:
 
 @hookimpl
 def scoredistill_add_components() -> list[type]:
-    return [DiffusersTeacher, DigitsTeacher, UNetGenerator, UNetFakeScore]
+    return [DiffusersTeacher, DiffusersUNetTeacher, DigitsTeacher, UNetGenerator, UNetFakeScore]
 
 
 @hookimpl
@@ -50,23 +64,36 @@ def scoredistill_add_presets() -> list[Preset]:
     return [Preset.from_yaml(p) for p in sorted(PRESET_DIR.glob("*.yaml"))]
 
 
+def _component_class(spec) -> Optional[type]:
+    """The component class whose ``Config`` validated ``spec.config`` (the class that defines that nested ``Config``)."""
+    cfg = type(spec.config)
+    owner, _, _ = cfg.__qualname__.rpartition(".")
+    module = sys.modules.get(cfg.__module__)
+    cls = getattr(module, owner, None) if owner and module is not None and "." not in owner else None
+    return cls if isinstance(cls, type) else None
+
+
 @hookimpl
 def scoredistill_configure(config) -> None:
-    """Refuse teacher / network combinations that cannot work, before a teacher is trained or loaded."""
-    image_teacher = config.teacher.component in IMAGE_TEACHERS
+    """Refuse teacher / network combinations that cannot work, before a teacher is trained or loaded: what a teacher
+    family can do is read from its component class (its ``data_space``, whether it makes trainable copies)."""
+    teacher_cls = _component_class(config.teacher)
+    if teacher_cls is None:
+        return  # checked where the networks are built
+    teacher_name = config.teacher.component
     for role in ("generator", "fake_score"):
         name = getattr(config, role).component
-        if name in IMAGE_NETWORKS[role] and not image_teacher:
-            raise UserError(f"{role} '{name}' copies an image teacher's UNet but the teacher is '{config.teacher.component}': "
-                            f"use teacher.component {' or '.join(IMAGE_TEACHERS)}")
-        if name in FLAT_NETWORKS[role] and image_teacher:
-            raise UserError(f"{role} '{name}' is for flat (2-D) data but the teacher '{config.teacher.component}' makes images: "
-                            f"use {role}.component={IMAGE_NETWORKS[role][0]}")
+        if name in COPY_NETWORKS[role] and not makes_copies(teacher_cls):
+            raise UserError(f"{role} '{name}' is a trainable copy of the teacher's network, but teacher '{teacher_name}' makes "
+                            "no copies (Teacher.trainable_copy): choose a generator and fake score of its own family")
+        if name in FLAT_NETWORKS[role] and makes_images(teacher_cls):
+            raise UserError(f"{role} '{name}' is for flat (2-D) data but the teacher '{teacher_name}' makes images: "
+                            f"use {role}.component={COPY_NETWORKS[role][0]}")
 
 
 @hookimpl
 def scoredistill_make_pair_source(spec, ctx):
-    if spec.component == "ode_pairs" and isinstance(ctx.teacher, ImageTeacher):
+    if spec.component == "ode_pairs" and makes_images(ctx.teacher):
         from scoredistill.images.pairs import ShardedODEPairs
 
         return ShardedODEPairs(spec.config, ctx)
@@ -79,7 +106,7 @@ def scoredistill_make_pair_source(spec, ctx):
 @hookimpl
 def scoredistill_evaluate(run, samples):
     teacher = run.models.teacher
-    if not isinstance(teacher, ImageTeacher):
+    if not makes_images(teacher):
         return None
     from scoredistill.images.metrics import evaluate_images, option
 
@@ -90,7 +117,7 @@ def scoredistill_evaluate(run, samples):
 @hookimpl
 def scoredistill_report(run, samples, metrics):
     teacher = run.models.teacher
-    if not isinstance(teacher, ImageTeacher):
+    if not makes_images(teacher):
         return
     from scoredistill.images import plots
     from scoredistill.images.metrics import option, teacher_samples
@@ -202,7 +229,7 @@ def cmd_eval(args, hooks) -> int:
     if args.out is not None:
         check_out(args.out, folder=False)
     run = load_run(args.run_dir, hooks)
-    if not isinstance(run.models.teacher, ImageTeacher):
+    if not makes_images(run.models.teacher):
         raise UserError(f"'scoredistill eval' evaluates image runs; the teacher of '{args.run_dir}' is "
                         f"'{run.config.teacher.component}' (its metrics are in metrics.json)")
     n = args.num or run.config.eval.num_samples

@@ -1,10 +1,12 @@
-"""Image teachers: any diffusers UNet (``diffusers_unet``) and the embedded digits teacher (``digits_unet``).
+"""Image teachers: any supported diffusers model or pipeline (``diffusers``) and the embedded digits teacher (``digits_unet``).
 
 Both are :class:`ImageTeacher`: a sigma-form denoiser (:mod:`scoredistill.images.denoisers`)
 with the teacher's own discrete schedule (``sigmas``, ascending), its own loss weighting
 and training noise distribution (for the fake score's loss), its multi-step sampler
-(deterministic Heun on the EDM grid, ``sampler_steps`` steps) and, optionally, the real
-images it models (``data``: ``digits`` or a folder of images).
+(deterministic Heun on the EDM grid, or on the flow scheduler's own grid; ``sampler_steps``
+steps) and, optionally, the real images it models (``data``: ``digits`` or a folder of images).
+The teacher says what the rest of a run needs (:class:`scoredistill.roles.Teacher`): its
+parameterisation, data space, conditioning, and trainable copies of its network.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from scoredistill.roles import BuildContext, Teacher, stable_hash
 from scoredistill.sampling import heun_sample, karras_sigmas
 
 from scoredistill.images.data import DIGITS_SHAPE, digits, load_image_folder
-from scoredistill.images.denoisers import LoadedTeacher, UNetDenoiser, load_denoiser, weights_digest
+from scoredistill.images.denoisers import LoadedTeacher, NetworkDenoiser, flow_sigmas, load_denoiser, weights_digest
 from scoredistill.images.training import DigitsTeacherSettings, ENV_DIGITS_TEACHER, is_complete, teacher_folder, train_digits_teacher
 
 EDM_P_MEAN, EDM_P_STD = -1.2, 1.2
@@ -42,12 +44,18 @@ def _dtype_field():
 class ImageTeacher(Teacher):
     """A frozen image denoiser with its schedule, sampler and (optionally) its real data."""
 
+    data_space = "pixels"  # "latents" for a network in a pipeline with a VAE
+
     def __init__(self, loaded: LoadedTeacher, data: Optional[str] = None, sampler_steps: int = 18, source: str = "") -> None:
         super().__init__()
-        self.denoiser: UNetDenoiser = loaded.denoiser
+        self.denoiser: NetworkDenoiser = loaded.denoiser
         self.register_buffer("sigmas", loaded.sigmas.float())
-        self.kind = loaded.kind
-        self.scheduler_config = dict(loaded.scheduler_config)  # exports ship it next to the UNet
+        self.kind = self.parameterisation = loaded.kind
+        self.terminal = loaded.terminal
+        self.flow_mu = loaded.flow_mu
+        self.conditioning = "text" if self.denoiser.num_prompts is not None else self.denoiser.conditioning
+        self.data_space = "latents" if self.data_shape_is_latent(loaded) else "pixels"
+        self.scheduler_config = dict(loaded.scheduler_config)  # exports ship it next to the network
         self.data_shape = tuple(self.denoiser.data_shape)
         self.sigma_data = float(getattr(self.denoiser, "sigma_data", 0.5))
         self.sampler_steps = sampler_steps
@@ -56,11 +64,19 @@ class ImageTeacher(Teacher):
         train = (loaded.metadata or {}).get("training_sigmas") or {}
         self.p_mean, self.p_std = float(train.get("p_mean", EDM_P_MEAN)), float(train.get("p_std", EDM_P_STD))
         prompts = [self.denoiser.prompt_embeddings] if self.denoiser.prompt_embeddings is not None else []  # others keep their keys
+        if self.denoiser.prompt_pooled is not None:
+            prompts.append(self.denoiser.prompt_pooled)
         self._digest = stable_hash(loaded.kind, loaded.unet_config, loaded.scheduler_config, self.denoiser.prediction_type,
                                    self.denoiser.guidance_scale, self.denoiser.null_class, weights_digest(self.denoiser.unet), *prompts)
         self.register_buffer("class_labels", _class_labels(self.denoiser), persistent=False)
         if data is not None:
             self.real_data("train")  # fail now on a missing folder or a wrong image shape
+
+    @staticmethod
+    def data_shape_is_latent(loaded: LoadedTeacher) -> bool:
+        """A network in a pipeline with a VAE works on its latents."""
+        folder = loaded.unet_dir.parent
+        return loaded.unet_dir.name in ("unet", "transformer") and (folder / "vae").is_dir()
 
     # -- the teacher protocol
     def forward(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
@@ -70,15 +86,19 @@ class ImageTeacher(Teacher):
         return self.denoiser.features(x_noisy, sigma, cond)  # the UNet's pooled mid-block output (LADD's discriminator input)
 
     def compile_targets(self) -> list[nn.Module]:
-        return [self.denoiser.unet]  # the diffusers UNet: guidance and preconditioning stay eager
+        return [self.denoiser.unet]  # the diffusers network: guidance and preconditioning stay eager
 
     def fingerprint(self) -> str:
         return f"unet-{self._digest}"
 
+    def trainable_copy(self) -> NetworkDenoiser:
+        """The denoiser with trainable float32 weights and no guidance (DMD's generator and fake score start from it)."""
+        return self.denoiser.trainable_copy()
+
     @property
     def num_classes(self) -> Optional[int]:
-        """The UNet's ``num_class_embeds`` (``null_class`` among them) when it has a class table, else ``None``."""
-        return int(self.denoiser.unet.config.num_class_embeds) if self.denoiser.class_conditional else None
+        """The network's class-table size (``null_class`` among them) when it has one, else ``None``."""
+        return self.denoiser.backbone.num_classes if self.denoiser.class_conditional else None
 
     def sample_conditions(self, n: int, generator: Optional[torch.Generator] = None) -> Optional[Tensor]:
         """Class labels drawn uniformly from the UNet's classes (``null_class`` left out), or prompt indices drawn
@@ -119,29 +139,49 @@ class ImageTeacher(Teacher):
         return cached[torch.randint(0, len(cached), (n,), device=device)]
 
     # -- sampling
-    @torch.no_grad()
-    def sample(self, z: Tensor, steps: Optional[int] = None, cond: Optional[Tensor] = None) -> Tensor:
-        """The teacher's deterministic multi-step sample from noise ``z`` (Heun, EDM grid, ``2 steps - 1`` NFE)."""
-        steps = steps or self.sampler_steps
-        grid = karras_sigmas(steps, self.sigma_min, self.sigma_max)
-        return heun_sample(self, z * self.sigma_max, grid, cond)
+    def sampling_sigmas(self, steps: int, rho: float = 7.0) -> Tensor:
+        """The sampler's noise levels, descending, ending at 0: a flow teacher's own scheduler grid (its shift, or its
+        dynamic shift for this image size), converted by ``s = t / (1 - t)``; otherwise EDM eq. 5 between the table's
+        ends, after one step down from an infinite (terminal) top level, as diffusers' first DDIM step takes it."""
+        if self.kind == "flow":
+            import diffusers
+
+            sched = diffusers.FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
+            sched.set_timesteps(steps, mu=self.flow_mu)
+            return flow_sigmas(sched.sigmas, self.sigma_max).to(self.sigmas.device)
+        if self.terminal:
+            rest = karras_sigmas(max(steps - 1, 1), self.sigma_min, float(self.sigmas[-2]), rho)
+            return torch.cat([rest.new_tensor([self.sigma_max]), rest])
+        return karras_sigmas(steps, self.sigma_min, self.sigma_max, rho)
 
     @property
     def sampler_nfe(self) -> int:
-        return 2 * self.sampler_steps - 1
+        """Network evaluations of :meth:`sample`: Heun's ``2 steps - 1``, one fewer from a terminal level (one Euler step)."""
+        return 2 * self.sampler_steps - 1 - int(self.terminal)
+
+    @torch.no_grad()
+    def solve(self, z: Tensor, sigmas: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        """Heun down ``sigmas`` from noise ``z``. From a terminal (infinite) top level the first step is its exact limit,
+        ``x_1 = D(s_T z, s_T) + s_1 z`` (the noise estimate is ``z`` itself): diffusers' first DDIM step from a
+        zero-SNR timestep, and FlowMatchEuler's first step from ``t = 1``."""
+        if not self.terminal or float(sigmas[0]) < self.sigma_max:
+            return super().solve(z, sigmas, cond)
+        top = sigmas[0].to(z.dtype)
+        x = self(z * top, top.expand(z.shape[0]), cond) + sigmas[1].to(z.dtype) * z
+        return heun_sample(self, x, sigmas[1:], cond) if len(sigmas) > 2 else x
 
 
-def _class_labels(denoiser: UNetDenoiser) -> Optional[Tensor]:
-    """The conditions a run draws from: a class-conditional UNet's labels ``0 .. num_class_embeds - 1`` without
+def _class_labels(denoiser: NetworkDenoiser) -> Optional[Tensor]:
+    """The conditions a run draws from: a class-conditional network's labels ``0 .. num_classes - 1`` without
     ``null_class``, or the prompt indices ``0 .. P - 1`` of a prompt table."""
     if denoiser.num_prompts is not None:
         return torch.arange(denoiser.num_prompts)
-    count = getattr(denoiser.unet.config, "num_class_embeds", None)
+    count = denoiser.backbone.num_classes
     if not denoiser.class_conditional or not count:
         return None
     labels = torch.tensor([k for k in range(int(count)) if k != denoiser.null_class], dtype=torch.long)
     if len(labels) == 0:
-        raise UserError(f"the teacher UNet has num_class_embeds={count} and null_class={denoiser.null_class}: no class is left to sample")
+        raise UserError(f"the teacher network has {count} class labels and null_class={denoiser.null_class}: no class is left to sample")
     return labels
 
 
@@ -165,33 +205,57 @@ def _real_data(data: str, split: str, shape: tuple[int, ...]) -> Tensor:
 # --------------------------------------------------------------------------- components
 
 
-@component("diffusers_unet", role="teacher", paper="diffusers UNet2DModel / UNet2DConditionModel in the sigma form (Karras et al. 2022, Sec. 2)")
+@component("diffusers", role="teacher", paper="diffusers UNets and DiT / SD3 / Flux transformers in the sigma form (Karras et al. 2022, Sec. 2)")
 class DiffusersTeacher(ImageTeacher):
-    """Any diffusers UNet (folder or hub id) with its scheduler config, adapted to the sigma-form denoiser."""
+    """Any supported diffusers model or pipeline folder (or hub id): VP, EDM or flow-matching, adapted to the sigma form."""
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        path: str = Field(description="diffusers folder (unet/ + scheduler/, or config.json + scheduler_config.json) or hub id")
+        path: Optional[str] = Field(None, description="diffusers pipeline folder (unet/ or transformer/, scheduler/), model "
+                                    "folder (config.json + scheduler_config.json) or hub id (--teacher sets it)")
         prediction_type: Optional[str] = Field(None, description="override the scheduler config's epsilon / v_prediction / sample")
         guidance_scale: float = Field(1.0, description="classifier-free guidance D_u + g (D_c - D_u) on the real score; 1 = none")
-        null_class: Optional[int] = Field(None, description="class label meaning 'no class' (unconditional branch of a class-conditional UNet)")
+        null_class: Optional[int] = Field(None, description="class label meaning 'no class' (unconditional branch of a "
+                                          "class-conditional network; a DiT's is its class count)")
         dtype: Literal["fp32", "bf16", "fp16"] = _dtype_field()
-        embeddings: Optional[str] = Field(None, description="prompt embeddings for a UNet2DConditionModel: a .safetensors file with "
-                                          "'embeddings' (prompts, tokens, cross_attention_dim), drawn uniformly for each batch, "
-                                          "and optionally 'null' (tokens, dim), the empty prompt's for guidance (default zeros)")
+        embeddings: Optional[str] = Field(None, description="prompt embeddings for a text-conditional network: a .safetensors "
+                                          "file with 'embeddings' (prompts, tokens, dim), drawn uniformly for each batch, "
+                                          "'pooled' (prompts, pooled dim) for SD3 / Flux, and optionally 'null' / "
+                                          "'null_pooled', the empty prompt's for guidance (default zeros)")
+        sample_size: Optional[int] = Field(None, gt=0, description="height = width of the images or latents, where the "
+                                           "model config has no sample_size (Flux)")
+        flux_guidance: float = Field(3.5, description="the guidance embedding's value for a guidance-distilled Flux model")
         data: Optional[str] = Field(None, description="real images: 'digits' or a folder (for FID and real-data losses)")
-        sampler_steps: int = Field(18, ge=2, description="Heun steps of the teacher's multi-step sampler (2*steps-1 NFE)")
+        sampler_steps: int = Field(18, ge=2, description="steps of the teacher's multi-step Heun sampler (2*steps-1 NFE)")
 
     def __init__(self, config: "DiffusersTeacher.Config", ctx: Optional[BuildContext] = None) -> None:
+        if not config.path:
+            raise UserError("no teacher given: pass --teacher FOLDER_OR_HUB_ID (or --set teacher.path=...), a diffusers "
+                            "model or pipeline folder")
         loaded = load_denoiser(config.path, guidance_scale=config.guidance_scale, null_class=config.null_class,
-                               prediction_type=config.prediction_type, dtype=TEACHER_DTYPES[config.dtype])
+                               prediction_type=config.prediction_type, dtype=TEACHER_DTYPES[config.dtype],
+                               sample_size=config.sample_size, flux_guidance=config.flux_guidance)
+        den = loaded.denoiser
+        name = type(den.unet).__name__
         if config.embeddings:
-            loaded.denoiser.set_prompts(*read_prompt_embeddings(config.embeddings))
+            den.set_prompts(*read_prompt_embeddings(config.embeddings))
+        elif den.conditioning == "text":
+            raise UserError(f"the teacher {name} is text-conditional: give its precomputed prompt embeddings with "
+                            "teacher.embeddings=FILE.safetensors ('embeddings' (prompts, tokens, dim)"
+                            + (", 'pooled' (prompts, pooled dim)" if den.backbone.text_dims[1] else "") + ")")
+        if den.class_conditional and den.null_class is None:
+            raise UserError(f"the teacher {name} is class-conditional ({den.backbone.num_classes} labels): set "
+                            "teacher.null_class to the label it was trained with for 'no class'")
         super().__init__(loaded, config.data, config.sampler_steps, source=config.path)
 
 
-def read_prompt_embeddings(path: str) -> tuple[Tensor, Optional[Tensor]]:
-    """``(embeddings, null)`` from a .safetensors file (see ``teacher.embeddings``); one-line errors."""
+@component("diffusers_unet", role="teacher", paper="diffusers UNets and DiT / SD3 / Flux transformers in the sigma form (Karras et al. 2022, Sec. 2)")
+class DiffusersUNetTeacher(DiffusersTeacher):
+    """The ``diffusers`` teacher under its earlier name (same config, same behaviour)."""
+
+
+def read_prompt_embeddings(path: str) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """``(embeddings, null, pooled, null_pooled)`` from a .safetensors file (see ``teacher.embeddings``); one-line errors."""
     from scoredistill.io import load_tensors
 
     file = Path(path).expanduser()
@@ -204,7 +268,7 @@ def read_prompt_embeddings(path: str) -> tuple[Tensor, Optional[Tensor]]:
         raise UserError(f"teacher.embeddings: cannot read {file} as safetensors: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
     if "embeddings" not in tensors:
         raise UserError(f"teacher.embeddings: {file} has no tensor 'embeddings' (it has: {', '.join(sorted(tensors)) or 'none'})")
-    return tensors["embeddings"], tensors.get("null")
+    return tensors["embeddings"], tensors.get("null"), tensors.get("pooled"), tensors.get("null_pooled")
 
 
 @component("digits_unet", role="teacher", paper="EDM (Karras et al. 2022) UNet2DModel trained by scoredistill on sklearn digits")
@@ -248,7 +312,7 @@ class DigitsTeacher(ImageTeacher):
 
 
 #: the settings a digits teacher folder fixes (its UNet, noise schedule and training noise are read from it)
-FOLDER_SETTINGS = ("block_out_channels", "layers_per_block", "attention", "norm_num_groups", "sigma_min", "sigma_max",
+FOLDER_SETTINGS = ("objective", "block_out_channels", "layers_per_block", "attention", "norm_num_groups", "sigma_min", "sigma_max",
                    "sigma_data", "num_timesteps", "rho", "p_mean", "p_std")
 
 

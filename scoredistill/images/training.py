@@ -28,7 +28,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -49,6 +49,8 @@ class DigitsTeacherSettings(BaseModel):
     """Architecture, noise schedule and training of the digits teacher (all part of its cache key)."""
 
     model_config = ConfigDict(extra="forbid")
+    objective: Literal["edm", "flow"] = Field("edm", description="'edm': EDM-preconditioned denoising (Karras et al. 2022); "
+                                              "'flow': rectified-flow velocity matching (logit-normal t, Esser et al. 2024)")
     block_out_channels: list[int] = Field([32, 64], min_length=1, description="UNet channels per resolution level")
     layers_per_block: int = Field(1, ge=1, description="ResNet blocks per level")
     attention: bool = Field(True, description="self-attention at the lowest resolution")
@@ -69,7 +71,10 @@ class DigitsTeacherSettings(BaseModel):
 
 
 def settings_key(s: DigitsTeacherSettings) -> str:
-    return stable_hash("digits-teacher-v1", s.model_dump(mode="json"), DIGITS_TEST_SIZE, DIGITS_SPLIT_SEED)
+    dump = s.model_dump(mode="json")
+    if dump["objective"] == "edm":
+        dump.pop("objective")  # the key of an EDM teacher is the one it had before flow teachers existed
+    return stable_hash("digits-teacher-v1", dump, DIGITS_TEST_SIZE, DIGITS_SPLIT_SEED)
 
 
 def teacher_folder(s: DigitsTeacherSettings, cache_dir: Optional[Path] = None) -> Path:
@@ -109,10 +114,20 @@ def edm_loss(den: EDMDenoiser, x: torch.Tensor, s: DigitsTeacherSettings, gen: t
     return (den.loss_weight(sigma) * ((pred - x) ** 2).flatten(1).mean(1)).mean()
 
 
+def flow_loss(unet, x: torch.Tensor, s: DigitsTeacherSettings, gen: torch.Generator) -> torch.Tensor:
+    """Rectified flow (Liu et al. 2023; SD3, Esser et al. 2024, eq. 2 with logit-normal ``t``, their Sec. 3.1):
+    ``x_t = (1 - t) x + t eps``, ``|v_hat(x_t, 1000 t) - (eps - x)|^2``, ``logit(t) ~ N(0, 1)``."""
+    t = torch.sigmoid(torch.randn((len(x),), generator=gen))
+    eps = torch.randn(x.shape, generator=gen)
+    tt = t[:, None, None, None]
+    v_hat = unet(((1 - tt) * x + tt * eps), t * s.num_timesteps).sample
+    return ((v_hat - (eps - x)) ** 2).flatten(1).mean(1).mean()
+
+
 def train_digits_teacher(s: DigitsTeacherSettings, folder: Path, *, progress: bool = True, checkpoint_every: int = 500,
                          max_steps: Optional[int] = None, log=None) -> Path:
     """Train (or resume training) the digits teacher into ``folder``; returns it. ``max_steps`` stops early (tests)."""
-    from diffusers import EDMEulerScheduler
+    from diffusers import EDMEulerScheduler, FlowMatchEulerDiscreteScheduler
 
     folder = Path(folder)
     if is_complete(folder):
@@ -157,7 +172,7 @@ def train_digits_teacher(s: DigitsTeacherSettings, folder: Path, *, progress: bo
             for group in opt.param_groups:
                 group["lr"] = lr
             idx = torch.randint(0, len(x_train), (s.train_batch_size,), generator=gen)
-            loss = edm_loss(den, x_train[idx], s, gen)
+            loss = edm_loss(den, x_train[idx], s, gen) if s.objective == "edm" else flow_loss(unet, x_train[idx], s, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -178,15 +193,20 @@ def train_digits_teacher(s: DigitsTeacherSettings, folder: Path, *, progress: bo
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     ema.module.save_pretrained(str(tmp / "unet"), safe_serialization=True)
-    EDMEulerScheduler(sigma_min=s.sigma_min, sigma_max=s.sigma_max, sigma_data=s.sigma_data, num_train_timesteps=s.num_timesteps,
-                      rho=s.rho, prediction_type="epsilon").save_pretrained(str(tmp / "scheduler"))
+    if s.objective == "edm":
+        EDMEulerScheduler(sigma_min=s.sigma_min, sigma_max=s.sigma_max, sigma_data=s.sigma_data, num_train_timesteps=s.num_timesteps,
+                          rho=s.rho, prediction_type="epsilon").save_pretrained(str(tmp / "scheduler"))
+    else:
+        FlowMatchEulerDiscreteScheduler(num_train_timesteps=s.num_timesteps, shift=1.0).save_pretrained(str(tmp / "scheduler"))
+    what = "EDM-preconditioned" if s.objective == "edm" else "rectified-flow"
     write_json(tmp / METADATA_FILE, {
-        "what": "scoredistill digits teacher (EDM-preconditioned UNet2DModel, EMA weights)",
+        "what": f"scoredistill digits teacher ({what} UNet2DModel, EMA weights)",
         "settings": s.model_dump(mode="json"), "key": settings_key(s),
         "data": {"name": "sklearn digits", "split": "train", "train_images": len(x_train), "test_size": DIGITS_TEST_SIZE,
                  "split_seed": DIGITS_SPLIT_SEED, "scaling": "v / 16 * 2 - 1"},
         "parameters": sum(p.numel() for p in unet.parameters()), "steps": step, "seconds": round(seconds, 1),
-        "final_loss": history[-1]["loss"] if history else None, "training_sigmas": {"p_mean": s.p_mean, "p_std": s.p_std},
+        "final_loss": history[-1]["loss"] if history else None,
+        **({"training_sigmas": {"p_mean": s.p_mean, "p_std": s.p_std}} if s.objective == "edm" else {}),
         "history": history, "versions": environment_versions(),
     })
     if folder.exists():

@@ -155,6 +155,10 @@ def test_ikl_direction_is_score_difference_times_weight():
     s2 = sigma[:, None] ** 2
     assert torch.allclose(ikl_direction(real, fake, sigma, "sigma2"), fake - real)
     assert torch.allclose(ikl_direction(real, fake, sigma, "uniform"), (fake - real) / s2)
+    # VSD as threestudio writes it: w(t) = 1 - abar_t on eps_real - eps_fake, with eps_hat = (x_s - D) / s (VP form)
+    abar = 1 / (1 + s2)
+    eps_real, eps_fake = (1.0 - real) / sigma[:, None], (1.0 - fake) / sigma[:, None]  # at the same x_s = 1
+    assert torch.allclose(ikl_direction(real, fake, sigma, "vsd"), (1 - abar) * (eps_real - eps_fake), atol=1e-6)
 
 
 # --------------------------------------------------------------------------- DMD2: GAN
