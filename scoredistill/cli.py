@@ -176,7 +176,7 @@ def cmd_run(args, hooks) -> int:
     try:
         with held:
             if args.resume is not None:
-                resume_commit(out, checkpoint, explicit=is_checkpoint_path(args.resume))
+                resume_commit(out, config, checkpoint, explicit=is_checkpoint_path(args.resume))
             result = execute(config, hooks, out, resume=checkpoint, again=args.resume is not None and checkpoint is None)
     except RunInterrupted as stop:
         if _is_main_process():

@@ -108,9 +108,7 @@ def resume_config(hooks: Hooks, target: Path, overrides: list[str]) -> tuple[Run
     if not ckpt.is_checkpoint_path(target) and not ckpt.list_checkpoints(run_dir):
         if not config_file.is_file():
             raise UserError(_nothing_to_resume(run_dir))
-        config = _with_overrides(hooks, load_run_config(hooks.registry, config_file), overrides)
-        _say(f"'{run_dir}' has no checkpoint: the run starts again from the beginning, as its {CONFIG_FILE} says")
-        return config, None, run_dir
+        return _with_overrides(hooks, load_run_config(hooks.registry, config_file), overrides), None, run_dir
     checkpoint = ckpt.load(ckpt.locate(target))
     stored = _stored_config(hooks, checkpoint)
     base = stored  # config.yaml, once checked, for the settings an earlier resume may have changed (a longer train.steps)
@@ -125,21 +123,26 @@ def resume_config(hooks: Hooks, target: Path, overrides: list[str]) -> tuple[Run
         raise UserError("train.steps cannot change on --resume with train.lr_schedule=cosine (its horizon is the original train.steps)")
     if step >= config.train.steps and (run_dir / METRICS_FILE).is_file():
         raise UserError(f"run '{run_dir}' is already finished at step {step}; to train longer: --set train.steps=N with N > {step}")
-    if step >= config.train.steps:
-        _say(f"'{run_dir}' finished training at step {step}: its evaluation and report are made again from {checkpoint.path.name}")
     return config, checkpoint, run_dir
 
 
-def resume_commit(run_dir: Path, checkpoint: Optional[ckpt.Checkpoint], explicit: bool) -> None:
+def resume_commit(run_dir: Path, config: RunConfig, checkpoint: Optional[ckpt.Checkpoint], explicit: bool) -> None:
     """Once the folder is held (:func:`~scoredistill.run_dir.run_dir_lock`): check that it is still as
-    :func:`resume_config` found it (no other process went on meanwhile), and restore a deleted ``config.yaml``
-    from the checkpoint's copy (main process). ``explicit``: the checkpoint was named on the command line."""
+    :func:`resume_config` found it (no other process went on meanwhile), restore a deleted ``config.yaml``
+    from the checkpoint's copy (main process) and say what the resume does. ``explicit``: the checkpoint was
+    named on the command line."""
     if not explicit and ckpt.latest_in(run_dir) != (checkpoint.path if checkpoint is not None else None):
         raise UserError(f"run folder '{run_dir}' changed while --resume looked at it (another process worked on it); try again")
     config_file = run_dir / CONFIG_FILE
-    if checkpoint is not None and not config_file.is_file() and _is_main():
+    if checkpoint is None:
+        _say(f"'{run_dir}' has no checkpoint: the run starts again from the beginning, as its {CONFIG_FILE} says")
+        return
+    if not config_file.is_file() and _is_main():
         write_text(config_file, checkpoint.config_yaml)
         _say(f"{config_file} was missing: restored from the copy in {checkpoint.path.name}")
+    if checkpoint.state["step"] >= config.train.steps:
+        _say(f"'{run_dir}' finished training at step {checkpoint.state['step']}: its evaluation and report are made again "
+             f"from {checkpoint.path.name}")
 
 
 def _with_overrides(hooks: Hooks, base: RunConfig, overrides: list[str]) -> RunConfig:
@@ -161,12 +164,13 @@ def _stored_config(hooks: Hooks, checkpoint: ckpt.Checkpoint) -> RunConfig:
     """The run config a checkpoint was written with, validated against the installed plugins."""
     import yaml
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     from scoredistill.config import validate
 
     try:
         raw = OmegaConf.to_container(OmegaConf.create(checkpoint.config_yaml), resolve=True)
-    except (ValueError, yaml.YAMLError) as exc:
+    except (ValueError, yaml.YAMLError, OmegaConfBaseException) as exc:
         raise UserError(f"checkpoint {checkpoint.path} holds an unreadable config: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise UserError(f"checkpoint {checkpoint.path} holds no run config")
