@@ -9,8 +9,10 @@
 
 Results go to stdout; progress, warnings and errors to stderr (plain lines when stderr is
 not a terminal). A user mistake prints one line (what is wrong, what is allowed) and exits with 2.
-A run stopped by a non-finite loss exits with 1; one interrupted by SIGINT / SIGTERM
-saves a checkpoint, prints one line and exits with 130 / 143.
+A run stopped by a non-finite loss, or that skipped more than ``train.max_skipped_fraction``
+of its updates, exits with 1; one interrupted by SIGINT / SIGTERM (in training: after saving
+a checkpoint) prints one line saying how to continue and exits with 130 / 143. Two processes
+never work on one run folder at once: the second is refused in one line.
 
 Several processes: ``torchrun --nproc_per_node N -m scoredistill.cli run ...``.
 """
@@ -18,6 +20,7 @@ Several processes: ``torchrun --nproc_per_node N -m scoredistill.cli run ...``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import sys
@@ -25,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from scoredistill.errors import UserError
+from scoredistill.errors import RunInterrupted, UserError
 
 DEFAULT_PRESET = "digits"  # the embedded image default (issue 3); toy2d is the 2-D analytic one
 TEACHER_PRESET = "teacher"  # the settings --teacher FOLDER starts from (a generic diffusers teacher)
@@ -76,8 +79,9 @@ def make_parser(hooks=None) -> argparse.ArgumentParser:
     _add_run_options(p)
     p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/METHOD-PRESET-TIME)")
     p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
-                   help="continue RUN_DIR exactly from its newest checkpoint (or from the checkpoint file given); "
-                        "--set may only change train.steps and logging settings")
+                   help="continue RUN_DIR exactly from its newest checkpoint (or from the checkpoint file given), or finish "
+                        "it: one stopped before its first checkpoint starts again, one stopped after training redoes its "
+                        "evaluation and report; --set may only change train.steps and logging settings")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("sample", help="draw samples from a trained run's generator")
@@ -143,21 +147,24 @@ def _timestamp() -> str:
 
 def cmd_run(args, hooks) -> int:
     from scoredistill.config import resolve
-    from scoredistill.resume import resume_config
+    from scoredistill.checkpoint import is_checkpoint_path
+    from scoredistill.resume import resume_commit, resume_config
+    from scoredistill.run_dir import run_dir_lock
     from scoredistill.runner import execute
-    from scoredistill.trainer import RunInterrupted
 
     if args.resume is not None and args.teacher is not None:
         raise UserError("--teacher cannot be used with --resume: a resumed run keeps its teacher")
     preset, overrides = _teacher_option(args)
     overrides += ["runtime.progress=false"] if args.quiet else []
-    checkpoint = None
+    checkpoint, held = None, contextlib.nullcontext()
     if args.resume is not None:
         if args.method is not None or args.ablate or args.preset is not None:
             raise UserError("give either METHOD (a new run) or --resume RUN_DIR, not both: a resumed run keeps its method, preset and ablations")
         if args.out is not None:
             raise UserError("--out cannot be used with --resume: the run continues in its own folder")
-        config, checkpoint, out = resume_config(hooks, args.resume, overrides)
+        config, checkpoint, out = resume_config(hooks, args.resume, overrides)  # checks only: nothing written yet
+        if _is_main_process():
+            held = run_dir_lock(out)  # held to the end: a second --resume of this folder is refused
     else:
         if args.method is None:
             raise UserError("the following arguments are required: METHOD (see 'scoredistill list'), or --resume RUN_DIR")
@@ -167,15 +174,29 @@ def cmd_run(args, hooks) -> int:
         out = args.out or Path("runs") / f"{args.method}{tag}-{preset}-{_timestamp()}"
         check_out(out)
     try:
-        result = execute(config, hooks, out, resume=checkpoint)
+        with held:
+            if args.resume is not None:
+                resume_commit(out, config, checkpoint, explicit=is_checkpoint_path(args.resume))
+            result = execute(config, hooks, out, resume=checkpoint, again=args.resume is not None and checkpoint is None)
     except RunInterrupted as stop:
         if _is_main_process():
-            sys.stderr.write(f"scoredistill: interrupted by {stop} at step {stop.step}; checkpoint saved: {stop.checkpoint}; "
-                             f"continue with: {_launcher()} run --resume {out}\n")
+            sys.stderr.write(f"scoredistill: {_interrupted(stop)}; continue with: {_launcher()} run --resume {out}\n")
         return stop.exit_code
     if result is not None:  # the result, on stdout (progress and messages go to stderr)
         print(f"done: {out}  " + _headline(result.metrics), flush=True)
     return 0
+
+
+def _interrupted(stop) -> str:
+    """What an interrupted run has, by the phase the signal came in."""
+    if stop.phase == "training":
+        return f"interrupted by {stop} at step {stop.step}; checkpoint saved: {stop.checkpoint}"
+    if stop.phase == "finishing":
+        return (f"interrupted by {stop} after training (step {stop.step}, checkpoint {stop.checkpoint}), during its evaluation "
+                "and report, which a resume makes again")
+    if stop.checkpoint is None:
+        return f"interrupted by {stop} before its first checkpoint (a resume starts the run again from the beginning)"
+    return f"interrupted by {stop} while building, before training on from {stop.checkpoint} (step {stop.step})"
 
 
 def _is_main_process() -> bool:
@@ -331,6 +352,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if _is_main_process():
             sys.stderr.write(f"scoredistill: error: {_os_fault(exc)}\n")
         return UserError.exit_code
+    except RunInterrupted as stop:  # e.g. a run of 'compare' (a run's own command says how to resume it)
+        if _is_main_process():
+            sys.stderr.write(f"scoredistill: {_interrupted(stop)}; run the same command again to go on\n")
+        return stop.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("scoredistill: interrupted\n")
         return 130

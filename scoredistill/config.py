@@ -95,6 +95,8 @@ class TrainConfig(BaseModel):
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept in the run folder (the newest; older ones are deleted)")
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a non-finite loss or gradient: 'stop' the run (keeping the last good checkpoint) or 'skip' that update (counted in the logs)")
+    max_skipped_fraction: float = Field(0.1, ge=0, le=1, description="on_nonfinite=skip: a run that skipped more than this share of its "
+                                        "updates ends with exit code 1 (its metrics still written) instead of 'done'")
     sample_every: Optional[int] = Field(1000, ge=1, description="write samples_step{N}.png every N generator steps (in the background); null: never")
     sample_count: int = Field(2000, ge=1, description="samples drawn for each periodic picture")
 

@@ -24,8 +24,10 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import random
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -55,6 +57,14 @@ def launched_processes() -> int:
 def rank_seed(seed: int, rank: int) -> int:
     """The training seed of process ``rank``: ``seed`` itself on rank 0, a derived one elsewhere."""
     return seed if rank == 0 else int(stable_hash(seed, "rank", rank), 16) % (2**63)
+
+
+def seed_all(seed: int) -> None:
+    """Seed torch's, Python's (``random``) and NumPy's global generators from one seed (0 to 2**63-1): a plugin or
+    library drawing from any of them gives the same numbers for the same seed (their states go into checkpoints)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed([seed & 0xFFFFFFFF, seed >> 32])  # NumPy's legacy seed takes 32-bit words
 
 
 def _torch_at_least(major: int, minor: int) -> bool:

@@ -1,8 +1,10 @@
 """Fault injection for testing a run's resilience: a plugin loaded only on request (``-p scoredistill.faults``).
 
-* ``SCOREDISTILL_FAULT_SIGNAL=STEP:SIGNAL`` (e.g. ``25:SIGKILL``, ``25:SIGTERM``): the main
-  process sends itself SIGNAL when generator step STEP is logged (``train.log_every``
-  must divide STEP);
+* ``SCOREDISTILL_FAULT_SIGNAL=MOMENT:SIGNAL`` (e.g. ``25:SIGKILL``, ``pairs:SIGTERM``): the main
+  process sends itself SIGNAL at MOMENT of the run's life: when generator step MOMENT is logged
+  (``train.log_every`` must divide it), or at ``build`` (the run's build begins), ``pairs`` (the
+  regression pairs are about to be made), ``train_end`` (training and its final checkpoint are
+  done), ``evaluate`` (the evaluation begins) or ``report`` (the report begins);
 * the generator-loss component ``nan_at``: zero, except at the listed calls (generator
   steps, counted from 1 in this process), where it is NaN, or has a NaN gradient with a
   finite value (``gradient_only: true``)::
@@ -55,11 +57,43 @@ def scoredistill_add_components() -> list[type]:
     return [NaNAt]
 
 
-@hookimpl
-def scoredistill_train_step_end(run, step: int, logs: dict) -> None:
+def _signal_at(moment: str) -> None:
+    """Send the signal of ``SCOREDISTILL_FAULT_SIGNAL`` to this process if it names ``moment``."""
     spec = os.environ.get(ENV_SIGNAL)
-    if not spec or not run.is_main:
+    if not spec or os.environ.get("RANK", "0") not in ("", "0"):
         return
     at, _, name = spec.partition(":")
-    if step == int(at):
+    if at == moment:
         os.kill(os.getpid(), getattr(signal, name or "SIGKILL"))
+
+
+@hookimpl
+def scoredistill_train_step_end(run, step: int, logs: dict) -> None:
+    _signal_at(str(step))
+
+
+@hookimpl
+def scoredistill_configure(config) -> None:
+    _signal_at("build")
+
+
+@hookimpl(tryfirst=True)
+def scoredistill_make_pair_source(spec, ctx):
+    _signal_at("pairs")
+    return None  # the pairs are made by their own plugin
+
+
+@hookimpl
+def scoredistill_train_end(run) -> None:
+    _signal_at("train_end")
+
+
+@hookimpl(tryfirst=True)
+def scoredistill_evaluate(run, samples):
+    _signal_at("evaluate")
+    return None
+
+
+@hookimpl(tryfirst=True)
+def scoredistill_report(run, samples, metrics) -> None:
+    _signal_at("report")

@@ -81,3 +81,23 @@ def _all_finite(values: list[Tensor]) -> Tensor:
     (on a launch-bound GPU each op costs about a kernel)."""
     with torch.no_grad():
         return torch.isfinite(torch.stack(values)).all()
+
+
+def updates_done(run) -> int:
+    """How many updates a run's guard watched: every generator step, and with a trained fake score its warm-up and
+    ``fake_updates_per_step`` updates per step."""
+    cfg = run.config.train
+    fake = cfg.fake_score_warmup_steps + run.step * cfg.fake_updates_per_step if "fake_score" in run.trained else 0
+    return run.step + fake
+
+
+def check_skipped_share(run) -> None:
+    """``train.on_nonfinite=skip``: raise :class:`TrainingStopped` (exit code 1) when more than
+    ``train.max_skipped_fraction`` of the updates were skipped (after the run wrote its metrics)."""
+    cfg = run.config.train
+    skipped, total = int(run.guard.skipped), updates_done(run)
+    if cfg.on_nonfinite != "skip" or not total or skipped <= cfg.max_skipped_fraction * total:
+        return
+    raise TrainingStopped(f"train.on_nonfinite=skip skipped {skipped} of {total} updates ({skipped / total:.0%}), more than "
+                          f"train.max_skipped_fraction={cfg.max_skipped_fraction:g}: the result is not to be trusted (its metrics "
+                          f"are in {run.dir / 'metrics.json'}); lower the learning rates")

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import Tensor
 
 from scoredistill import checkpoint as ckpt
 from scoredistill.config import RunConfig, load_run_config
-from scoredistill.engine import rank_seed
+from scoredistill.engine import rank_seed, seed_all
 from scoredistill.errors import UserError
+from scoredistill.io import write_text
 from scoredistill.plugins import Hooks
 from scoredistill.run import Run
-from scoredistill.run_dir import CONFIG_FILE, GENERATOR_FILE
+from scoredistill.run_dir import CONFIG_FILE, LOCK_FILE, METRICS_FILE
 
 
 def save_checkpoint(run: Run) -> Path:
@@ -75,11 +78,9 @@ def restore(run: Run, checkpoint: ckpt.Checkpoint) -> None:
         ckpt.restore_rng(ckpt.rng_from_flat(tensors, state["rng"], engine.rank), run.device)
     else:
         if engine.is_main:
-            import sys
-
             sys.stderr.write(f"scoredistill: warning: the checkpoint was written by {state['world_size']} process(es), this run has "
                              f"{engine.world_size}: random streams are re-seeded, so the result will not equal an uninterrupted run\n")
-        torch.manual_seed(rank_seed(run.config.seed + run.step, engine.rank))
+        seed_all(rank_seed(run.config.seed + run.step, engine.rank))
 
 
 #: ``--set`` keys a resumed run may change: they do not change its numbers (train.steps extends it)
@@ -88,37 +89,133 @@ RESUMABLE_OVERRIDES = ("train.steps", "train.checkpoint_every", "train.keep_chec
                        "runtime.debug_weight_hashes")
 
 
-def resume_config(hooks: Hooks, target: Path, overrides: list[str]) -> tuple[RunConfig, ckpt.Checkpoint, Path]:
+def resume_dir(target: Path) -> Path:
+    """The run folder of a ``--resume`` target (a run folder or one of its checkpoints)."""
+    target = Path(target)
+    return target.parent if ckpt.is_checkpoint_path(target) else target
+
+
+def resume_config(hooks: Hooks, target: Path, overrides: list[str]) -> tuple[RunConfig, Optional[ckpt.Checkpoint], Path]:
     """The config, checkpoint and run folder to continue from ``target`` (a run folder or one of its checkpoints).
 
-    Everything is checked (the checkpoint against its manifest included) before anything is written.
+    The checkpoint is ``None`` when the run stopped before its first one: it starts again from the beginning,
+    as its ``config.yaml`` says. Otherwise ``config.yaml`` must equal the config stored in the checkpoint (a
+    deleted one is restored from it by :func:`resume_commit`). Everything is checked (the checkpoint against its
+    checksum included) and nothing is written.
     """
+    target, run_dir = Path(target), resume_dir(target)
+    config_file = run_dir / CONFIG_FILE
+    if not ckpt.is_checkpoint_path(target) and not ckpt.list_checkpoints(run_dir):
+        if not config_file.is_file():
+            raise UserError(_nothing_to_resume(run_dir))
+        return _with_overrides(hooks, load_run_config(hooks.registry, config_file), overrides), None, run_dir
+    checkpoint = ckpt.load(ckpt.locate(target))
+    stored = _stored_config(hooks, checkpoint)
+    base = stored  # config.yaml, once checked, for the settings an earlier resume may have changed (a longer train.steps)
+    if config_file.is_file():
+        base = load_run_config(hooks.registry, config_file)
+        _check_unedited(base, stored, config_file, checkpoint.path)
+    config = _with_overrides(hooks, base, overrides)
+    step = checkpoint.state["step"]
+    if config.train.steps < step:
+        raise UserError(f"train.steps={config.train.steps} is below the checkpoint's step {step}")
+    if config.train.steps != stored.train.steps and config.train.lr_schedule == "cosine":
+        raise UserError("train.steps cannot change on --resume with train.lr_schedule=cosine (its horizon is the original train.steps)")
+    if step >= config.train.steps and (run_dir / METRICS_FILE).is_file():
+        raise UserError(f"run '{run_dir}' is already finished at step {step}; to train longer: --set train.steps=N with N > {step}")
+    return config, checkpoint, run_dir
+
+
+def resume_commit(run_dir: Path, config: RunConfig, checkpoint: Optional[ckpt.Checkpoint], explicit: bool) -> None:
+    """Once the folder is held (:func:`~scoredistill.run_dir.run_dir_lock`): check that it is still as
+    :func:`resume_config` found it (no other process went on meanwhile), restore a deleted ``config.yaml``
+    from the checkpoint's copy (main process) and say what the resume does. ``explicit``: the checkpoint was
+    named on the command line."""
+    if not explicit and ckpt.latest_in(run_dir) != (checkpoint.path if checkpoint is not None else None):
+        raise UserError(f"run folder '{run_dir}' changed while --resume looked at it (another process worked on it); try again")
+    config_file = run_dir / CONFIG_FILE
+    if checkpoint is None:
+        _say(f"'{run_dir}' has no checkpoint: the run starts again from the beginning, as its {CONFIG_FILE} says")
+        return
+    if not config_file.is_file() and _is_main():
+        write_text(config_file, checkpoint.config_yaml)
+        _say(f"{config_file} was missing: restored from the copy in {checkpoint.path.name}")
+    if checkpoint.state["step"] >= config.train.steps:
+        _say(f"'{run_dir}' finished training at step {checkpoint.state['step']}: its evaluation and report are made again "
+             f"from {checkpoint.path.name}")
+
+
+def _with_overrides(hooks: Hooks, base: RunConfig, overrides: list[str]) -> RunConfig:
+    """``base`` with the ``--set`` changes a resumed run may make (:data:`RESUMABLE_OVERRIDES`; others refused)."""
     from omegaconf import OmegaConf
 
     from scoredistill.config import parse_overrides, validate
 
-    target = Path(target)
-    run_dir = target.parent if ckpt.is_checkpoint_path(target) else target
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise UserError(f"'{run_dir}' is not a run folder: it has no {CONFIG_FILE}")
-    base = load_run_config(hooks.registry, run_dir / CONFIG_FILE)
     changes = parse_overrides(overrides)
-    flat = {k for k in _dotted(changes)}
-    for key in sorted(flat):
+    for key in sorted(set(_dotted(changes))):
         if key not in RESUMABLE_OVERRIDES:
             raise UserError(f"--set {key} cannot change on --resume (it would change the run's numbers); "
                             f"allowed: {', '.join(RESUMABLE_OVERRIDES)}; start a new run to change it")
     merged = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(base.to_dict()), OmegaConf.create(changes)), resolve=True)
-    config = validate(hooks.registry, merged)
-    checkpoint = ckpt.load(ckpt.locate(target))
-    step = checkpoint.state["step"]
-    if config.train.steps < step:
-        raise UserError(f"train.steps={config.train.steps} is below the checkpoint's step {step}")
-    if config.train.steps != base.train.steps and config.train.lr_schedule == "cosine":
-        raise UserError("train.steps cannot change on --resume with train.lr_schedule=cosine (its horizon is the original train.steps)")
-    if step >= config.train.steps and (run_dir / GENERATOR_FILE).is_file():
-        raise UserError(f"run '{run_dir}' is already finished at step {step}; to train longer: --set train.steps=N with N > {step}")
-    return config, checkpoint, run_dir
+    return validate(hooks.registry, merged)
+
+
+def _stored_config(hooks: Hooks, checkpoint: ckpt.Checkpoint) -> RunConfig:
+    """The run config a checkpoint was written with, validated against the installed plugins."""
+    import yaml
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from scoredistill.config import validate
+
+    try:
+        raw = OmegaConf.to_container(OmegaConf.create(checkpoint.config_yaml), resolve=True)
+    except (ValueError, yaml.YAMLError, OmegaConfBaseException) as exc:
+        raise UserError(f"checkpoint {checkpoint.path} holds an unreadable config: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"checkpoint {checkpoint.path} holds no run config")
+    return validate(hooks.registry, raw)
+
+
+def _check_unedited(current: RunConfig, stored: RunConfig, config_file: Path, checkpoint: Path) -> None:
+    """``config.yaml`` says what the checkpoint's run is: an edit (other than a setting ``--set`` may change on a
+    resume, which a resume writes back there) is refused, naming the changed keys."""
+    a, b = dict(_flat(current.to_dict())), dict(_flat(stored.to_dict()))
+    changed = sorted(k for k in a.keys() | b.keys() if a.get(k, _MISSING) != b.get(k, _MISSING) and k not in RESUMABLE_OVERRIDES)
+    if changed:
+        raise UserError(f"{config_file} was edited after {checkpoint.name} was written ({', '.join(changed)} changed): a resumed "
+                        "run keeps its config; undo the edit (or delete the file: it is restored from the checkpoint), pass "
+                        f"what may change with --set ({', '.join(RESUMABLE_OVERRIDES)}), or start a new run")
+
+
+_MISSING = object()
+
+
+def _flat(d: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            yield from _flat(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _nothing_to_resume(run_dir: Path) -> str:
+    if not run_dir.is_dir():
+        return f"'{run_dir}' is not a run folder: it does not exist"
+    if all(p.name == LOCK_FILE for p in run_dir.iterdir()):
+        return (f"run folder '{run_dir}' is empty: its run stopped before writing anything, so there is nothing to resume; "
+                f"start it again with: scoredistill run METHOD --out {run_dir} [options]")
+    return (f"'{run_dir}' is not a run folder: it has no {CONFIG_FILE} and no checkpoint, so there is nothing to resume; "
+            "start a new run with another --out")
+
+
+def _is_main() -> bool:
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+def _say(message: str) -> None:
+    if _is_main():
+        sys.stderr.write(f"scoredistill: {message}\n")
 
 
 def _dotted(d: dict, prefix: str = "") -> Iterator[str]:

@@ -13,7 +13,7 @@ from torch import Tensor
 from scoredistill.config import RunConfig
 from scoredistill.cuda_graph import IterationGraph
 from scoredistill.ema import EMA
-from scoredistill.engine import Engine
+from scoredistill.engine import Engine, seed_all
 from scoredistill.errors import UserError
 from scoredistill.guard import NonFiniteGuard
 from scoredistill.plugins import Hooks
@@ -101,7 +101,7 @@ class Run:
 def _set_runtime(config: RunConfig) -> None:
     if config.runtime.num_threads:
         torch.set_num_threads(config.runtime.num_threads)
-    torch.manual_seed(config.seed)
+    seed_all(config.seed)
 
 
 def build(config: RunConfig, hooks: Hooks, run_dir: Path, with_losses: bool = True, device: Optional[torch.device] = None) -> Run:

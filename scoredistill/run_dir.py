@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import os
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from torch import Tensor
 
@@ -19,12 +23,81 @@ CONFIG_FILE, METRICS_FILE, HISTORY_FILE, VERSIONS_FILE = "config.yaml", "metrics
 GENERATOR_FILE, FAKE_SCORE_FILE = "generator.safetensors", "fake_score.safetensors"
 ONLINE_GENERATOR_FILE, EMA_GENERATOR_FILE = "generator_online.safetensors", "generator_ema.safetensors"
 METRICS_CSV_FILE = METRICS_CSV
+LOCK_FILE = ".scoredistill.lock"  # held (flock) by the process that works on the run; deleted when it lets go
 
 
 def check_run_dir_free(path: Path) -> None:
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise UserError(f"run folder '{path}' already exists and is not empty; choose another --out")
+    if path.exists() and (not path.is_dir() or any(p.name != LOCK_FILE for p in path.iterdir())):
+        hint = f", or continue that run with: scoredistill run --resume {path}" if (path / CONFIG_FILE).is_file() else ""
+        raise UserError(f"run folder '{path}' already exists and is not empty; choose another --out{hint}")
+
+
+_held: dict[Path, int] = {}  # run folders this process holds: how many times
+
+
+@contextlib.contextmanager
+def run_dir_lock(path: Path, create: bool = False) -> Iterator[None]:
+    """Hold the run folder ``path`` for this process (an advisory ``fcntl.flock`` on its lock file; re-entrant).
+
+    A second process (a second ``--resume``, or a run with the same ``--out``) is refused in one line. The
+    kernel lets go of the lock when its process ends, however it ends, so a lock file left by a killed run
+    never blocks the next one. ``create``: make the folder if missing (and remove it again if it is left empty).
+    Nothing happens for a folder that does not exist and is not to be created.
+    """
+    path = Path(path).absolute()
+    if path in _held:  # this process holds it already
+        _held[path] += 1
+        try:
+            yield
+        finally:
+            _held[path] -= 1
+        return
+    if not (create or path.is_dir()):
+        yield
+        return
+    made = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    fd = _acquire(path / LOCK_FILE, path)
+    _held[path] = 1
+    try:
+        yield
+    finally:
+        del _held[path]
+        (path / LOCK_FILE).unlink(missing_ok=True)  # while still held: a process waiting on the old file tries again
+        os.close(fd)
+        if made and not any(path.iterdir()):
+            path.rmdir()
+
+
+def _acquire(lock: Path, folder: Path) -> int:
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            try:
+                owner = lock.read_text().strip()
+            except OSError:
+                owner = ""
+            who = f" (process {owner})" if owner.isdigit() else ""
+            raise UserError(f"run folder '{folder}' is in use by another scoredistill process{who}; wait for it to end, "
+                            "or stop it, then try again") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino  # not a file its last holder deleted meanwhile
+        except FileNotFoundError:
+            same = False
+        if same:
+            try:  # who holds it, for the refusal's message; a full disk can do without
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+            except OSError:
+                pass
+            return fd
+        os.close(fd)
 
 
 def prepare_run_dir(path: Path) -> Path:
@@ -37,6 +110,19 @@ def prepare_run_dir(path: Path) -> Path:
 def start_run_dir(path: Path, config: RunConfig) -> None:
     """A new run's folder with its ``config.yaml`` and ``versions.json`` (the main process, before training)."""
     prepare_run_dir(path)
+    write_text(path / CONFIG_FILE, config.to_yaml())
+    write_json(path / VERSIONS_FILE, environment_versions())
+
+
+def restart_run_dir(path: Path, config: RunConfig) -> None:
+    """A run folder whose run stopped before its first checkpoint, ready to start again from the beginning: what
+    the stopped process logged goes (``metrics.csv`` is rewritten at the start anyway), the first files are rewritten."""
+    from scoredistill.checkpoint import remove_partial_writes
+
+    path = Path(path)
+    for stale in [*path.glob("events.out.tfevents.*"), path / METRICS_CSV_FILE]:
+        stale.unlink(missing_ok=True)
+    remove_partial_writes(path)
     write_text(path / CONFIG_FILE, config.to_yaml())
     write_json(path / VERSIONS_FILE, environment_versions())
 

@@ -43,7 +43,8 @@ import torch
 from torch import Tensor, nn
 
 from scoredistill import checkpoint as ckpt
-from scoredistill.engine import rank_seed
+from scoredistill.engine import rank_seed, seed_all
+from scoredistill.errors import RunInterrupted
 from scoredistill.ema import EMA  # noqa: F401  (public name)
 from scoredistill.guard import NonFiniteGuard, TrainingStopped  # noqa: F401  (public names)
 from scoredistill.io import write_text
@@ -55,18 +56,6 @@ from scoredistill.run_dir import CONFIG_FILE, FAKE_SCORE_FILE, METRICS_FILE, loa
 from scoredistill.runlog import RunLog, weights_hash
 from scoredistill.samples import eager, generate, one_step_samples  # noqa: F401  (public names)
 from scoredistill.trained import Trained, frozen  # noqa: F401
-
-
-class RunInterrupted(Exception):
-    """SIGINT or SIGTERM: a checkpoint was saved and the run stopped."""
-
-    def __init__(self, signum: int, step: int, checkpoint: Optional[Path]) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
 
 
 def generator_step(run: Run) -> tuple[Tensor, Optional[Tensor], dict[str, Tensor]]:
@@ -209,7 +198,7 @@ def train(run: Run, resume: Optional[ckpt.Checkpoint] = None) -> None:
         if run.is_main and (run.dir / CONFIG_FILE).read_text() != run.config.to_yaml():
             write_text(run.dir / CONFIG_FILE, run.config.to_yaml())  # e.g. a longer train.steps
     elif engine.rank > 0:
-        torch.manual_seed(rank_seed(run.config.seed, engine.rank))  # each process draws its own noise
+        seed_all(rank_seed(run.config.seed, engine.rank))  # each process draws its own noise
     run.hooks.train_start(run=run)
     run.refresh_weight_copies()  # a plugin may have set weights
     run.started = time.perf_counter()

@@ -94,7 +94,7 @@ RUN = [
     (["run"], "METHOD"),
     (["run", "dmd", "--resume", "{RUN}"], "not both"),
     (["run", "--resume", "{TMP}/nosuch"], "not a run folder"),
-    (["run", "--resume", "{EMPTY}"], "not a run folder"),
+    (["run", "--resume", "{EMPTY}"], "is empty: its run stopped before writing anything, so there is nothing to resume"),
     (["run", "--resume", "{RUN}"], "already finished"),
     (["run", "--resume", "{RUN}", "--set", "train.batch_size=16"], "cannot change on --resume"),
     (["run", "--resume", "{RUN}", "--set", "train.steps=true"], "not a boolean"),

@@ -33,9 +33,15 @@ def finished(tmp_path_factory) -> Path:
 # --------------------------------------------------------------------------- damaged copies of the run
 
 
-def copy_only_config(run: Path, copy: Path) -> None:
+def not_a_run(run: Path, copy: Path) -> None:
     copy.mkdir()
-    shutil.copy(run / "config.yaml", copy / "config.yaml")
+    (copy / "notes.txt").write_text("someone's file\n")
+
+
+def edited_config(run: Path, copy: Path) -> None:
+    shutil.copytree(run, copy)
+    text = (copy / "config.yaml").read_text()
+    (copy / "config.yaml").write_text(text.replace("batch_size: 64", "batch_size: 65"))
 
 
 def truncate_latest(run: Path, copy: Path) -> None:
@@ -83,7 +89,10 @@ CASES: list[tuple[str, list[str], str, Optional[Callable[[Path, Path], None]]]] 
     ("resume with a bad value", ["run", "--resume", "{run}", "--set", "train.steps=lots"], "invalid config value 'train.steps'", None),
     ("resume from a checkpoint that is not there", ["run", "--resume", "{run}/checkpoint-step-00000099.safetensors"],
      "no checkpoint '", None),
-    ("resume a run without checkpoints", ["run", "--resume", "{copy}"], "has no checkpoint to resume from", copy_only_config),
+    ("resume a folder that is not a run's", ["run", "--resume", "{copy}"], "has no config.yaml and no checkpoint, so there is nothing "
+     "to resume", not_a_run),
+    ("resume after editing config.yaml", ["run", "--resume", "{copy}"], "config.yaml was edited after checkpoint-step-00000020"
+     ".safetensors was written (train.batch_size changed)", edited_config),
     ("resume from a truncated checkpoint", ["run", "--resume", "{copy}"], "is corrupt or truncated", truncate_latest),
     ("resume from a file that is not a checkpoint", ["run", "--resume", "{copy}"], "is not a scoredistill checkpoint", foreign_checkpoint),
     ("resume a run whose config.yaml is broken", ["run", "--resume", "{copy}"], "cannot read run config", broken_config),

@@ -524,10 +524,12 @@ def cli_page() -> str:
         "## Exit status",
         "",
         "`0` on success; `2` for a user mistake (unknown method, bad `--set` key or value, a run folder that "
-        "already exists, ...) or a fault of the file system that the user fixes (a full disk, a read-only "
-        "`--out`), printed as one line `scoredistill: error: ...` without a traceback, before anything is "
-        "written; `1` for a run stopped by a non-finite loss; `130` / `143` when interrupted by SIGINT / SIGTERM "
-        "(after saving a checkpoint). Under torchrun, rank 0 prints the line.",
+        "already exists or is in use by another process, ...) or a fault of the file system that the user fixes "
+        "(a full disk, a read-only `--out`), printed as one line `scoredistill: error: ...` without a traceback, "
+        "before anything is written; `1` for a run stopped by a non-finite loss, or one that skipped more than "
+        "`train.max_skipped_fraction` of its updates (its `metrics.json` written); `130` / `143` when interrupted "
+        "by SIGINT / SIGTERM (in training, after saving a checkpoint), with one line saying how to continue: "
+        "`scoredistill run --resume DIR` finishes a run stopped at any moment. Under torchrun, rank 0 prints the line.",
         "",
         "Results (the `done:` line, `compare`'s table, `sample`'s and `export`'s summaries) go to stdout; "
         "progress, warnings and errors to stderr. When stderr is not a terminal, progress is a plain line "
