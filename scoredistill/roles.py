@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
@@ -121,12 +121,27 @@ class Teacher(Role):
 
 
 class Generator(Role):
-    """The one-step generator ``G(z, cond) -> x``; ``latent_shape`` is the shape of one ``z``."""
+    """The one-step generator ``G(z, cond) -> x``; ``latent_shape`` is the shape of one ``z``.
+
+    A few-step generator (DMD2's, a consistency model) also samples in ``K > 1`` steps: it overrides
+    :meth:`sample` and sets ``sampling_steps`` (its default ``K``); ``forward`` stays what a training
+    step calls.
+    """
 
     latent_shape: tuple[int, ...]
+    #: steps of the generator's own sampling chain (1: ``G(z)``)
+    sampling_steps: int = 1
 
     def forward(self, z: Tensor, cond: Optional[Tensor] = None) -> Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def sample(self, z: Tensor, cond: Optional[Tensor] = None, steps: Optional[int] = None,
+               noise: Optional[Callable[[], Tensor]] = None) -> Tensor:
+        """Samples from noise ``z`` in ``steps`` steps (default ``sampling_steps``); ``noise()`` draws re-noising noise."""
+        if steps is not None and steps != 1:
+            raise UserError(f"generator '{type(self).__name__}' is one-step (G(z)): it cannot sample in {steps} steps; "
+                            "train a few-step generator (generator.component: fewstep_generator) for --steps > 1")
+        return self(z, cond)
 
     def export(self, folder: Path, provenance: dict[str, Any]) -> None:
         """Write this generator into the empty ``folder`` as a diffusers-loadable model, with a ``README.md``.
@@ -191,10 +206,14 @@ class GeneratorLoss(nn.Module):
     Set ``differentiates_fake_score = True`` if the term back-propagates through
     ``models.fake_score`` (a GAN term on its features): the trainer then freezes the fake
     score's weights during the generator step, so that no gradient reaches them.
+    Set ``checkpointed = True`` if the term keeps state of its own across steps (a consistency
+    model's EMA target network): its ``state_dict`` is saved in checkpoints and restored on resume.
     """
 
     needs_pairs: ClassVar[bool] = False
     differentiates_fake_score: ClassVar[bool] = False
+    #: the term's ``state_dict`` changes during training (an EMA target network): checkpoints keep it
+    checkpointed: ClassVar[bool] = False
 
     def forward(self, batch: GeneratorBatch, models: Models) -> Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -247,6 +266,7 @@ class BuildContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     cache_dir: Path = field(default_factory=lambda: default_cache_dir())
     teacher: Optional[Teacher] = None
+    generator: Optional[Generator] = None
     fake_score: Optional[FakeScore] = None
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)

@@ -173,6 +173,7 @@ def build(config: RunConfig, hooks: Hooks, run_dir: Path, with_losses: bool = Tr
     teacher = hooks.make_teacher(spec=config.teacher, ctx=ctx).to(device).eval().requires_grad_(False)
     ctx.teacher = teacher
     generator = hooks.make_generator(spec=config.generator, ctx=ctx).to(device)
+    ctx.generator = generator
     fake_score = hooks.make_fake_score(spec=config.fake_score, ctx=ctx).to(device)
     ctx.fake_score = fake_score
     models = Models(teacher=teacher, generator=generator, fake_score=fake_score)
@@ -519,6 +520,9 @@ def save_checkpoint(run: Run) -> Path:
         tensors.update(flat)
     if run.ema is not None:
         tensors.update({f"ema.{k}": v for k, v in run.ema.state_dict().items()})
+    for term_name, term in run.losses.items():
+        if term.checkpointed:  # a term's own state (an EMA target network)
+            tensors.update({f"losses.{term_name}.{k}": v for k, v in term.state_dict().items()})
     rng = engine.gather(ckpt.capture_rng(run.device))
     name = ckpt.checkpoint_name(run.step, run.warmup_step, cfg.fake_score_warmup_steps)
     skipped = float(run.guard.skipped)
@@ -550,6 +554,9 @@ def restore(run: Run, checkpoint: ckpt.Checkpoint) -> None:
                 net.schedule.load_state_dict(state["schedules"][name])
         if run.ema is not None:
             run.ema.load_state_dict(ckpt.prefixed(tensors, "ema"))
+        for term_name, term in run.losses.items():
+            if term.checkpointed:
+                term.load_state_dict(ckpt.prefixed(tensors, f"losses.{term_name}"))
         if state["scaler"]:
             engine.scaler.load_state_dict(state["scaler"])
     except (KeyError, RuntimeError, ValueError) as exc:
@@ -681,15 +688,16 @@ def train(run: Run, resume: Optional[ckpt.Checkpoint] = None) -> None:
     run.hooks.train_end(run=run)
 
 
-def generate(run: Run, n: int, seed: int, batch_size: int = 4096) -> torch.Tensor:
-    """``n`` one-step samples of the run's generator (EMA weights where kept) from a fixed seed.
+def generate(run: Run, n: int, seed: int, batch_size: int = 4096, steps: Optional[int] = None) -> torch.Tensor:
+    """``n`` samples of the run's generator (EMA weights where kept) from a fixed seed, in ``steps`` steps
+    (default: the generator's ``sampling_steps``, 1 for a one-step generator).
 
     A conditional teacher's runs sample with :func:`~scoredistill.roles.seeded_conditions` (the
     same conditions the evaluation gives the teacher's own sampler).
     """
     cond = seeded_conditions(run.models.teacher, n, seed)
     with eager(run.config.runtime.compile):
-        return one_step_samples(run.sampling_generator, n, seed, run.device, batch_size, cond)
+        return one_step_samples(run.sampling_generator, n, seed, run.device, batch_size, cond, steps)
 
 
 @contextlib.contextmanager
@@ -710,10 +718,11 @@ def eager(compiled: bool = True) -> Iterator[None]:
 
 @torch.no_grad()
 def one_step_samples(generator: nn.Module, n: int, seed: int, device: Optional[torch.device] = None,
-                     batch_size: int = 4096, cond: Optional[Tensor] = None) -> torch.Tensor:
+                     batch_size: int = 4096, cond: Optional[Tensor] = None, steps: Optional[int] = None) -> torch.Tensor:
     """``G(z, cond)`` for ``n`` noises from ``seed`` (independent of the training RNG), in eval mode; float32 on the CPU.
 
-    ``cond``: ``n`` conditions (``None``: unconditional).
+    ``cond``: ``n`` conditions (``None``: unconditional). ``steps``: a few-step generator's chain length
+    (:meth:`~scoredistill.roles.Generator.sample`; its re-noising noise is drawn from the same seed).
     """
     was_training = generator.training
     if was_training:  # (train() walks every submodule: skipped for the EMA copy, which stays in eval mode)
@@ -723,7 +732,8 @@ def one_step_samples(generator: nn.Module, n: int, seed: int, device: Optional[t
     for start in range(0, n, batch_size):
         z = torch.randn((min(batch_size, n - start), *generator.latent_shape), generator=gen).to(device or "cpu")
         c = cond[start : start + len(z)].to(z.device) if cond is not None else None
-        out.append(generator(z, c).float().cpu())
+        noise = (lambda shape=z.shape, where=z.device: torch.randn(shape, generator=gen).to(where))
+        out.append(generator.sample(z, c, steps, noise).float().cpu())
     if was_training:
         generator.train()
     return out[0] if len(out) == 1 else torch.cat(out)

@@ -1,0 +1,180 @@
+"""Consistency distillation (CD, LCM) and continuous-time consistency distillation (sCM) as generator loss terms.
+
+* CD: Song et al. 2023, "Consistency Models" (arXiv 2303.01469), Algorithm 2 / eq. 7.
+* LCM: Luo et al. 2023, "Latent Consistency Models" (arXiv 2310.04378), Algorithm 1: CD with
+  guidance folded into the solver (eq. 9) and a skipping step ``k``.
+* sCM: Lu & Song 2024, "Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models"
+  (arXiv 2410.11081), Algorithm 1: TrigFlow, the tangent by forward-mode differentiation, its
+  normalisation and warm-up.
+
+Each term calls the generator itself (``G(x_s, s)``, a :class:`~scoredistill_consistency.generator.FewStepGenerator`);
+the trainer's ``batch.x`` is not used.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from scoredistill.errors import UserError
+from scoredistill.registry import component
+from scoredistill.roles import BuildContext, GeneratorBatch, GeneratorLoss, Models, append_dims
+
+from scoredistill_consistency.maths import (SOLVERS, default_huber_c, guided, lpips_distance, pseudo_huber, squared_l2,
+                                            trigflow_F, trigflow_velocity)
+from scoredistill_consistency.parts import Curriculum, EMATarget
+
+
+def _needs_denoising_generator(ctx: BuildContext, what: str) -> None:
+    if not callable(getattr(ctx.generator, "denoise", None)):
+        raise UserError(f"{what} needs a generator conditioned on its noise level, G(x_s, s); "
+                        f"generator '{type(ctx.generator).__name__}' is one-step: set generator.component: fewstep_generator")
+
+
+def _real_data(models: Models, n: int) -> Tensor:
+    return models.teacher.real_samples(n)
+
+
+@component("consistency_distillation", role="generator_loss",
+           paper="Song et al. 2023 (Consistency Models), Algorithm 2, eq. 7; Luo et al. 2023 (LCM), eq. 9 and Sec. 4.3")
+class ConsistencyDistillation(GeneratorLoss):
+    """CD: d(f_theta(x_{s_{n+k}}, s_{n+k}), f_theta-(x^phi_{s_n}, s_n)), x^phi one teacher ODE step (LCM: guided)."""
+
+    checkpointed = True
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        solver: Literal["heun", "euler"] = Field("heun", description="the teacher's one-step ODE solver Phi (Song et al.: Heun)")
+        distance: Literal["l2", "pseudo_huber", "lpips"] = Field("l2", description="d(x, y): squared L2 per dimension, "
+                                                                  "pseudo-Huber (iCT) or LPIPS (images)")
+        huber_c: Optional[float] = Field(None, gt=0, description="pseudo-Huber c; default iCT's 0.00054 sqrt(dim)")
+        target_decay: float = Field(0.95, ge=0, lt=1, description="mu of the EMA target network (Song et al. CD: 0.95; 0: sg(theta))")
+        curriculum: Curriculum = Field(default_factory=Curriculum, description="noise levels and the skipping step k")
+        lpips_backbone: Literal["imagenet", "random"] = Field("imagenet", description="distance lpips: 'random' runs offline "
+                                                              "but is not perceptual (tests only)")
+        guidance_scale: Optional[float] = Field(None, description="LCM: w of the guided solver D_u + w (D_c - D_u) "
+                                                                  "(a conditional teacher; fixed w: the networks have no w-embedding)")
+
+    def __init__(self, config: "ConsistencyDistillation.Config", ctx: BuildContext) -> None:
+        super().__init__()
+        _needs_denoising_generator(ctx, "loss 'consistency_distillation'")
+        teacher = ctx.teacher
+        if config.guidance_scale is not None and teacher.num_classes is None:
+            raise UserError("consistency_distillation.guidance_scale (LCM) needs a conditional teacher (class labels); "
+                            f"teacher '{type(teacher).__name__}' is unconditional: leave guidance_scale null")
+        self.config = config
+        self.solve = SOLVERS[config.solver]
+        self.target = EMATarget(ctx.generator, config.target_decay)
+        self.register_buffer("levels", config.curriculum.levels(teacher), persistent=False)
+        dim = math.prod(teacher.data_shape)
+        self.huber_c = config.huber_c or default_huber_c(dim)
+        self.lpips = None
+        if config.distance == "lpips":
+            if len(teacher.data_shape) != 3:
+                raise UserError(f"distance lpips needs images; the teacher's data shape is {tuple(teacher.data_shape)}: "
+                                "use distance l2 or pseudo_huber")
+            # shared: duplicate of scoredistill_dmd.lpips_regression's backbone check, to move into the core module
+            weights = Path(torch.hub.get_dir()) / "checkpoints" / "vgg16-397923af.pth"
+            if config.lpips_backbone == "imagenet" and not weights.is_file():
+                raise UserError(f"distance lpips needs the ImageNet weights of its VGG backbone: place {weights.name} in "
+                                f"{weights.parent} (or set TORCH_HOME), or choose distance l2 / pseudo_huber")
+            import lpips
+
+            self.lpips = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=config.lpips_backbone == "random",
+                                     verbose=False).eval().requires_grad_(False)
+
+    def distance(self, a: Tensor, b: Tensor) -> Tensor:
+        if self.config.distance == "pseudo_huber":
+            return pseudo_huber(a, b, self.huber_c)
+        if self.config.distance == "lpips":
+            return lpips_distance(self.lpips, a, b)
+        return squared_l2(a, b)
+
+    def forward(self, batch: GeneratorBatch, models: Models) -> Tensor:
+        self.target.update(models.generator)
+        x0 = _real_data(models, len(batch.z))
+        cond = batch.cond
+        s_n, s_next = self.config.curriculum.pairs(self.levels, len(x0))
+        x_next = x0 + append_dims(s_next, x0.ndim) * torch.randn_like(x0)
+        teacher = models.teacher if self.config.guidance_scale is None else guided(models.teacher, self.config.guidance_scale)
+        with torch.no_grad():
+            x_n = self.solve(teacher, x_next, s_next, s_n, cond)
+            target = self.target(x_n, s_n, cond)
+        online = models.generator.denoise(x_next, s_next, cond)
+        return self.distance(online, target).mean()
+
+
+@component("scm", role="generator_loss", paper="Lu & Song 2024 (sCM), Algorithm 1 (continuous-time consistency distillation)")
+class ContinuousConsistency(GeneratorLoss):
+    """sCM: ||F_theta - F_theta- - g||^2 with the TrigFlow tangent g (jvp), normalised and warmed up."""
+
+    checkpointed = True
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        p_mean: float = Field(-0.8, description="log-normal proposal of tan(t) sd: mean of log s")
+        p_std: float = Field(1.6, gt=0, description="log-normal proposal: std of log s")
+        tangent: Literal["jvp", "finite_difference"] = Field("jvp", description="dF/dt by torch.func.jvp or a central difference")
+        fd_eps: float = Field(1e-3, gt=0, description="finite_difference: step along the ODE (in t)")
+        tangent_norm: float = Field(0.1, gt=0, description="c of the tangent normalisation g / (||g|| + c)")
+        warmup_steps: int = Field(10000, ge=0, description="H: the tangent's second term is weighted min(1, step / H)")
+        target_decay: float = Field(0.0, ge=0, lt=1, description="mu of the target network (sCM: 0, theta- = sg(theta))")
+
+    def __init__(self, config: "ContinuousConsistency.Config", ctx: BuildContext) -> None:
+        super().__init__()
+        _needs_denoising_generator(ctx, "loss 'scm'")
+        teacher = ctx.teacher
+        if not getattr(teacher, "continuous_time", True):
+            raise UserError(f"loss 'scm' needs a teacher that TrigFlow can express (a continuous-time EDM or flow denoiser); "
+                            f"teacher '{type(teacher).__name__}' is a discrete-time VP model: use method cd instead")
+        self.config = config
+        self.sigma_data = float(teacher.sigma_data)
+        self.s_range = (float(teacher.sigma_min), float(teacher.sigma_max))
+        self.target = EMATarget(ctx.generator, config.target_decay)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+
+    def tangent(self, target, x_t: Tensor, t: Tensor, dxdt: Tensor, cond: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """``(F_theta-(x_t / sd, t), cos t sin t dF_theta-/dt)``, the total derivative along the teacher's ODE."""
+        sd = self.sigma_data
+        cs = t.cos() * t.sin()
+        v_x, v_t = append_dims(cs, x_t.ndim) * dxdt / sd, cs
+
+        def F(x_in: Tensor, tt: Tensor) -> Tensor:
+            return trigflow_F(target, x_in, tt, sd, cond)
+
+        if self.config.tangent == "jvp":
+            try:
+                return torch.func.jvp(F, (x_t / sd, t), (v_x, v_t))
+            except (RuntimeError, NotImplementedError) as exc:
+                raise UserError(f"loss 'scm': the generator's network does not support forward-mode differentiation "
+                                f"({str(exc).splitlines()[0][:120]}); set losses.consistency.tangent=finite_difference") from None
+        h = self.config.fd_eps
+        plus, minus = F(x_t / sd + h * v_x, t + h * v_t), F(x_t / sd - h * v_x, t - h * v_t)
+        return F(x_t / sd, t), (plus - minus) / (2 * h)
+
+    def forward(self, batch: GeneratorBatch, models: Models) -> Tensor:
+        self.target.update(models.generator)
+        self.calls += 1
+        c, sd = self.config, self.sigma_data
+        x0 = _real_data(models, len(batch.z))
+        cond = batch.cond
+        n, nd = len(x0), x0.ndim
+        s = (torch.randn(n, device=x0.device) * c.p_std + c.p_mean).exp().clamp(*self.s_range)
+        t = torch.atan(s / sd).to(x0.dtype)
+        cos, sin = append_dims(t.cos(), nd), append_dims(t.sin(), nd)
+        x_t = cos * x0 + sin * sd * torch.randn_like(x0)
+        with torch.no_grad():
+            dxdt = trigflow_velocity(models.teacher, x_t, t, sd, cond)
+            F_minus, dF = self.tangent(self.target, x_t, t, dxdt, cond)
+            r = (self.calls / c.warmup_steps).clamp(max=1.0).to(x0.dtype) if c.warmup_steps else 1.0
+            # Lu & Song 2024, Algorithm 1: g = -cos^2 t (sd F- - dx/dt) - r cos t sin t (x_t + sd dF-/dt)
+            g = -cos**2 * (sd * F_minus - dxdt) - r * (cos * sin * x_t + sd * dF)
+            norm = g.flatten(1).norm(dim=1)
+            g = g / (append_dims(norm, nd) + c.tangent_norm)
+        F_theta = trigflow_F(models.generator.denoise, x_t / sd, t, sd, cond)
+        return (F_theta - F_minus - g).flatten(1).pow(2).mean(1).mean()
