@@ -57,6 +57,9 @@ class Teacher(Role):
     sigma_data: float
     #: class labels are ``0 .. num_classes - 1`` (a networks' label table size); ``None``: no class labels
     num_classes: Optional[int] = None
+    #: the denoiser is a continuous-time model of every noise level (EDM, flow matching, an analytic teacher), not a
+    #: discrete-time one (DDPM's VP timesteps): continuous-time consistency (sCM's TrigFlow) can express it
+    continuous_time: bool = True
 
     def forward(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:  # pragma: no cover
         raise NotImplementedError

@@ -129,7 +129,7 @@ class ContinuousConsistency(GeneratorLoss):
         super().__init__()
         _needs_denoising_generator(ctx, "loss 'scm'")
         teacher = ctx.teacher
-        if not getattr(teacher, "continuous_time", True):
+        if not teacher.continuous_time:
             raise UserError(f"loss 'scm' needs a teacher that TrigFlow can express (a continuous-time EDM or flow denoiser); "
                             f"teacher '{type(teacher).__name__}' is a discrete-time VP model: use method cd instead")
         self.config = config

@@ -69,6 +69,8 @@ class UNetDenoiser(nn.Module):
     sees their embeddings.
     """
 
+    continuous_time = True  # Teacher.continuous_time
+
     def __init__(self, unet: nn.Module, *, guidance_scale: float = 1.0, null_class: Optional[int] = None) -> None:
         super().__init__()
         self.unet = unet
@@ -238,6 +240,8 @@ class UNetDenoiser(nn.Module):
 
 class VPDenoiser(UNetDenoiser):
     """A discrete-time VP (DDPM) UNet with ``epsilon``, ``v_prediction`` or ``sample`` output."""
+
+    continuous_time = False  # trained on DDPM's discrete timesteps (Teacher.continuous_time)
 
     def __init__(self, unet: nn.Module, alphas_cumprod: Tensor, prediction_type: str = "epsilon", **kw) -> None:
         super().__init__(unet, **kw)
