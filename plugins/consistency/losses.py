@@ -13,6 +13,7 @@ the trainer's ``batch.x`` is not used.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Literal, Optional
@@ -34,6 +35,15 @@ def _needs_denoising_generator(ctx: BuildContext, what: str) -> None:
     if not callable(getattr(ctx.generator, "denoise", None)):
         raise UserError(f"{what} needs a generator conditioned on its noise level, G(x_s, s); "
                         f"generator '{type(ctx.generator).__name__}' is one-step: set generator.component: fewstep_generator")
+
+
+def _math_attention():
+    """Within: ``scaled_dot_product_attention`` by its math backend (torch >= 2.3; the fused kernels have no jvp)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def _real_data(models: Models, n: int) -> Tensor:
@@ -149,13 +159,24 @@ class ContinuousConsistency(GeneratorLoss):
 
         if self.config.tangent == "jvp":
             try:
-                return torch.func.jvp(F, (x_t / sd, t), (v_x, v_t))
+                with _math_attention():  # attention by matmuls and softmax: they have forward-mode rules
+                    return torch.func.jvp(F, (x_t / sd, t), (v_x, v_t))
             except (RuntimeError, NotImplementedError) as exc:
                 raise UserError(f"loss 'scm': the generator's network does not support forward-mode differentiation "
                                 f"({str(exc).splitlines()[0][:120]}); set losses.consistency.tangent=finite_difference") from None
         h = self.config.fd_eps
         plus, minus = F(x_t / sd + h * v_x, t + h * v_t), F(x_t / sd - h * v_x, t - h * v_t)
         return F(x_t / sd, t), (plus - minus) / (2 * h)
+
+    def direction(self, teacher, x_t: Tensor, t: Tensor, cond: Optional[Tensor], r) -> tuple[Tensor, Tensor]:
+        """``(F_theta-, g)`` with Lu & Song 2024's (Algorithm 1) un-normalised tangent
+        ``g = -cos^2 t (sd F- - dx_t/dt) - r cos t sin t (x_t + sd dF-/dt)`` (``r``: the warm-up weight), which is
+        ``cos t df-/dt`` along the teacher's ODE at ``r = 1``; ``dx_t/dt`` is the teacher's TrigFlow velocity."""
+        sd, nd = self.sigma_data, x_t.ndim
+        cos, sin = append_dims(t.cos(), nd), append_dims(t.sin(), nd)
+        dxdt = trigflow_velocity(teacher, x_t, t, sd, cond)
+        F_minus, dF = self.tangent(self.target, x_t, t, dxdt, cond)  # dF = cos t sin t dF-/dt
+        return F_minus, -cos**2 * (sd * F_minus - dxdt) - r * (cos * sin * x_t + sd * dF)
 
     def forward(self, batch: GeneratorBatch, models: Models) -> Tensor:
         self.target.update(models.generator)
@@ -169,12 +190,8 @@ class ContinuousConsistency(GeneratorLoss):
         cos, sin = append_dims(t.cos(), nd), append_dims(t.sin(), nd)
         x_t = cos * x0 + sin * sd * torch.randn_like(x0)
         with torch.no_grad():
-            dxdt = trigflow_velocity(models.teacher, x_t, t, sd, cond)
-            F_minus, dF = self.tangent(self.target, x_t, t, dxdt, cond)
             r = (self.calls / c.warmup_steps).clamp(max=1.0).to(x0.dtype) if c.warmup_steps else 1.0
-            # Lu & Song 2024, Algorithm 1: g = -cos^2 t (sd F- - dx/dt) - r cos t sin t (x_t + sd dF-/dt)
-            g = -cos**2 * (sd * F_minus - dxdt) - r * (cos * sin * x_t + sd * dF)
-            norm = g.flatten(1).norm(dim=1)
-            g = g / (append_dims(norm, nd) + c.tangent_norm)
+            F_minus, g = self.direction(models.teacher, x_t, t, cond, r)
+            g = g / (append_dims(g.flatten(1).norm(dim=1), nd) + c.tangent_norm)  # tangent normalisation
         F_theta = trigflow_F(models.generator.denoise, x_t / sd, t, sd, cond)
         return (F_theta - F_minus - g).flatten(1).pow(2).mean(1).mean()
