@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from scoredistill.errors import UserError
 from scoredistill.fewstep import chain_inputs, chain_sigmas, sample_chain
-from scoredistill.networks import MLPDenoiserNet
+from scoredistill.networks import FourierEmbedding, MLPDenoiserNet
 from scoredistill.registry import component
 from scoredistill.roles import BuildContext, Generator, append_dims, edm_preconditioning
 
@@ -35,6 +35,44 @@ def consistency_coefficients(sigma: Tensor, sigma_min: float, sigma_data: float)
     c_skip = sigma_data**2 / ((sigma - sigma_min) ** 2 + sigma_data**2)
     c_out = sigma_data * (sigma - sigma_min) / (sigma_data**2 + sigma**2).sqrt()
     return c_skip, c_out
+
+
+def fit_to_teacher(denoiser: nn.Module, teacher, steps: int, seed: int, batch_size: int = 256, lr: float = 1e-3) -> None:
+    """Initialise ``denoiser`` from the teacher: ``steps`` Adam steps on ``lambda(s) ||D(x_s, s) - D_real(x_s, s)||^2``
+    (the teacher's own weighting and noise levels, its real samples), under a forked RNG seeded by ``seed``."""
+    if steps == 0:
+        return
+    opt = torch.optim.Adam(denoiser.parameters(), lr=lr)
+    device = teacher.sigmas.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for _ in range(steps):
+            x0 = teacher.real_samples(batch_size)
+            sigma = teacher.training_sigmas(batch_size)
+            cond = teacher.sample_conditions(batch_size)
+            x_s = x0 + append_dims(sigma, x0.ndim) * torch.randn_like(x0)
+            with torch.no_grad():
+                target = teacher(x_s, sigma, cond)
+            err = (denoiser(x_s, sigma, cond) - target).flatten(1).pow(2).mean(1)
+            loss = (teacher.loss_weight(sigma) * err).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+
+class LossWeighting(nn.Module):
+    """A learned per-noise-level log-weight ``w_phi(s)``: a linear layer on Fourier features of ``log(s) / 4``, zero at
+    initialisation (sCM's adaptive weighting, Lu & Song 2024, Sec. 4.3, after EDM2's uncertainty head)."""
+
+    def __init__(self, features: int = 64) -> None:
+        super().__init__()
+        self.embed = FourierEmbedding(features, scale=1.0, seed=3)
+        self.linear = nn.Linear(features, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, sigma: Tensor) -> Tensor:
+        return self.linear(self.embed(sigma.log() / 4)).squeeze(1)
 
 
 @component("fewstep_generator", role="generator",
@@ -55,6 +93,10 @@ class FewStepGenerator(Generator):
         depth: int = Field(3, ge=1, description="MLP network: hidden layers")
         input_features: int = Field(64, ge=0, description="MLP network: random Fourier features of the input")
         input_scale: float = Field(1.0, gt=0, description="MLP network: their frequency scale")
+        teacher_init_steps: int = Field(1000, ge=0, description="MLP network: fit it to the teacher's denoiser for this many "
+                                                                 "Adam steps when built (an analytic teacher has no weights to copy)")
+        loss_weighting: bool = Field(False, description="add sCM's learned loss weighting w_phi(s) (trained with G; "
+                                                         "the scm loss uses it; Lu & Song 2024, Sec. 4.3)")
 
     def __init__(self, config: "FewStepGenerator.Config", ctx: BuildContext) -> None:
         super().__init__()
@@ -67,6 +109,7 @@ class FewStepGenerator(Generator):
             self.denoiser = MLPDenoiserNet(teacher.data_shape[0], teacher.sigma_data, config.width, config.depth,
                                            input_features=config.input_features, input_scale=config.input_scale,
                                            num_classes=teacher.num_classes)
+            fit_to_teacher(self.denoiser, teacher, config.teacher_init_steps, seed=ctx.seed)
         else:
             raise UserError(f"generator 'fewstep_generator' copies the teacher's network, but teacher '{type(teacher).__name__}' "
                             "has none to copy (no trainable_copy) and its data is not flat")
@@ -75,6 +118,8 @@ class FewStepGenerator(Generator):
         self.sigma_min, self.sigma_data = float(teacher.sigma_min), float(teacher.sigma_data)
         self.register_buffer("teacher_sigmas", teacher.sigmas.detach().clone().float(), persistent=False)
         self.register_buffer("chain", chain_sigmas(self.teacher_sigmas, config.steps, config.timesteps), persistent=False)
+        if config.loss_weighting:
+            self.loss_weighting = LossWeighting()
 
     def denoise(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
         """``G(x_s, s)``: the network's denoiser, or the consistency function ``f(x_s, s)`` (its boundary condition)."""

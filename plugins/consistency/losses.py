@@ -132,8 +132,13 @@ class ContinuousConsistency(GeneratorLoss):
         tangent: Literal["jvp", "finite_difference"] = Field("jvp", description="dF/dt by torch.func.jvp or a central difference")
         fd_eps: float = Field(1e-3, gt=0, description="finite_difference: step along the ODE (in t)")
         tangent_norm: float = Field(0.1, gt=0, description="c of the tangent normalisation g / (||g|| + c)")
+        tangent_scale: float = Field(1.0, gt=0, description="a factor on the normalised tangent (1: the paper's); its "
+                                                            "per-dimension size is ~1/sqrt(dim), so low-dimensional data "
+                                                            "takes far larger steps than images")
         warmup_steps: int = Field(10000, ge=0, description="H: the tangent's second term is weighted min(1, step / H)")
         target_decay: float = Field(0.0, ge=0, lt=1, description="mu of the target network (sCM: 0, theta- = sg(theta))")
+        adaptive_weighting: bool = Field(True, description="e^w / D ||.||^2 - w with the generator's learned w_phi(s) "
+                                                           "(needs generator.loss_weighting: true); false: plain ||.||^2 / D")
 
     def __init__(self, config: "ContinuousConsistency.Config", ctx: BuildContext) -> None:
         super().__init__()
@@ -142,6 +147,9 @@ class ContinuousConsistency(GeneratorLoss):
         if not teacher.continuous_time:
             raise UserError(f"loss 'scm' needs a teacher that TrigFlow can express (a continuous-time EDM or flow denoiser); "
                             f"teacher '{type(teacher).__name__}' is a discrete-time VP model: use method cd instead")
+        if config.adaptive_weighting and not isinstance(getattr(ctx.generator, "loss_weighting", None), torch.nn.Module):
+            raise UserError("loss 'scm' with adaptive_weighting needs the generator's learned weighting: set "
+                            "generator.loss_weighting=true (fewstep_generator), or losses.consistency.adaptive_weighting=false")
         self.config = config
         self.sigma_data = float(teacher.sigma_data)
         self.s_range = (float(teacher.sigma_min), float(teacher.sigma_max))
@@ -192,6 +200,10 @@ class ContinuousConsistency(GeneratorLoss):
         with torch.no_grad():
             r = (self.calls / c.warmup_steps).clamp(max=1.0).to(x0.dtype) if c.warmup_steps else 1.0
             F_minus, g = self.direction(models.teacher, x_t, t, cond, r)
-            g = g / (append_dims(g.flatten(1).norm(dim=1), nd) + c.tangent_norm)  # tangent normalisation
+            g = c.tangent_scale * g / (append_dims(g.flatten(1).norm(dim=1), nd) + c.tangent_norm)  # tangent normalisation
         F_theta = trigflow_F(models.generator.denoise, x_t / sd, t, sd, cond)
-        return (F_theta - F_minus - g).flatten(1).pow(2).mean(1).mean()
+        per_sample = (F_theta - F_minus - g).flatten(1).pow(2).mean(1)
+        if not c.adaptive_weighting:
+            return per_sample.mean()
+        w = models.generator.loss_weighting(s.to(x0.dtype))  # Lu & Song 2024, eq. 9: e^w / D ||.||^2 - w
+        return (w.exp() * per_sample - w).mean()
