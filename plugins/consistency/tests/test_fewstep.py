@@ -15,7 +15,7 @@ from scoredistill.roles import BuildContext
 from scoredistill.trainer import build, one_step_samples
 
 TOY = ["train.batch_size=32", "eval.num_samples=200", "runtime.progress=false", "train.fake_score_warmup_steps=2",
-       "train.log_every=2", "train.sample_every=null"]
+       "train.log_every=2", "train.sample_every=null", "generator.teacher_init_steps=20"]
 
 
 def toy_run(hooks, tmp_path, method="dmd2_4step", extra=()):
@@ -109,7 +109,8 @@ def test_backward_simulation_runs_the_generators_own_chain_then_one_step_with_gr
 def test_cli_fewstep_run_then_sample_steps_and_bad_inputs(tmp_path, capsys):
     run_dir = tmp_path / "run"
     base = ["--preset", "toy2d", "--quiet", "--set", "train.steps=4", "--set", "train.batch_size=32", "--set",
-            "train.fake_score_warmup_steps=1", "--set", "eval.num_samples=100", "--set", "train.sample_every=null"]
+            "train.fake_score_warmup_steps=1", "--set", "eval.num_samples=100", "--set", "train.sample_every=null",
+            "--set", "generator.teacher_init_steps=20"]
     assert main(["run", "dmd2_4step", "--out", str(run_dir), *base]) == 0
     capsys.readouterr()
     for k in (1, 2, 4):
@@ -132,7 +133,8 @@ def test_cli_fewstep_run_then_sample_steps_and_bad_inputs(tmp_path, capsys):
 ])
 def test_resume_is_bitwise_with_ema_targets_and_backward_simulation(tmp_path, method, extra):
     base = ["--preset", "toy2d", "--quiet", "--set", "train.batch_size=32", "--set", "train.fake_score_warmup_steps=1",
-            "--set", "eval.num_samples=100", "--set", "train.sample_every=null", "--set", "train.log_every=2"]
+            "--set", "eval.num_samples=100", "--set", "train.sample_every=null", "--set", "train.log_every=2",
+            "--set", "generator.teacher_init_steps=20"]
     for item in extra:
         base += ["--set", item]
     short, longer = tmp_path / "short", tmp_path / "long"
