@@ -319,6 +319,14 @@ def validate_component(registry: Registry, section: str, role: str, raw: Any) ->
     return ComponentSpec(component=name, role=role, config=config, weight=weight)
 
 
+def build_part(ctx: Any, section: str, role: str, raw: Optional[dict], default: str) -> Any:
+    """Build the component of ``role`` that a loss term's setting ``section`` names (``{component: NAME, ...settings}``;
+    ``default`` when it names none), e.g. a consistency loss's ``target`` network or ``curriculum``; one-line errors."""
+    raw = {"component": default, **(raw or {})}
+    spec = validate_component(ctx.hooks.registry, section, role, raw)
+    return ctx.hooks.registry.component(role, spec.component).cls(spec.config, ctx)
+
+
 def validate(registry: Registry, raw: dict) -> RunConfig:
     """Validate a merged config dict into a :class:`RunConfig` (one-line errors)."""
     data = dict(raw)

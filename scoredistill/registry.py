@@ -30,8 +30,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from scoredistill.errors import UserError, one_of
 
-Role = Literal["teacher", "generator", "fake_score", "generator_loss", "fake_score_loss", "pair_source"]
-ROLES: tuple[str, ...] = ("teacher", "generator", "fake_score", "generator_loss", "fake_score_loss", "pair_source")
+Role = Literal["teacher", "generator", "fake_score", "generator_loss", "fake_score_loss", "pair_source", "target", "curriculum"]
+#: the last two are parts of loss terms (a consistency loss's target network and noise-level curriculum), built by name
+#: from the term's own settings (:func:`scoredistill.config.build_part`)
+ROLES: tuple[str, ...] = ("teacher", "generator", "fake_score", "generator_loss", "fake_score_loss", "pair_source",
+                          "target", "curriculum")
 
 
 @dataclass(frozen=True)

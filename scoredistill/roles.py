@@ -246,6 +246,32 @@ class PairSource:
         return self.z[idx], self.y[idx], (self.c[idx] if self.c is not None else None)
 
 
+class TargetNetwork(nn.Module):
+    """A copy of the generator that moves slowly, for consistency losses: ``target(x_s, s, cond) = G_theta-(x_s, s)``.
+
+    Built from ``ctx.generator``; the loss term that owns it calls :meth:`update` once per generator
+    step and keeps it in its ``state_dict`` (``GeneratorLoss.checkpointed``).
+    """
+
+    def update(self, generator: nn.Module) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def forward(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class Curriculum:
+    """The noise levels ``s_1 < ... < s_N`` a consistency loss draws adjacent pairs ``(s_n, s_{n+k})`` from."""
+
+    def levels(self, teacher: Teacher) -> Tensor:  # pragma: no cover
+        """The ascending levels, on the teacher's device."""
+        raise NotImplementedError
+
+    def pairs(self, levels: Tensor, n: int) -> tuple[Tensor, Tensor]:  # pragma: no cover
+        """``n`` draws of ``(s_n, s_{n+k})``."""
+        raise NotImplementedError
+
+
 def seeded_conditions(teacher: Teacher, n: int, seed: int) -> Optional[Tensor]:
     """The conditions of ``n`` seeded samples (pairs, evaluation): drawn from ``seed + 1``, so that the noise drawn
     from ``seed`` is the same as for an unconditional teacher."""

@@ -47,6 +47,8 @@ ROLE_DOC = {
     "generator_loss": "One term of the generator objective, `term(batch, models) -> scalar`; a method sums `weight * term` over its terms (config section `losses.<term name>`).",
     "fake_score_loss": "The loss that trains the fake score on detached generator samples (config section `fake_score_loss`).",
     "pair_source": "Noise-to-data pairs `(z_ref, y_ref)` from the teacher, for regression terms (config section `pairs`).",
+    "target": "A slowly moving copy of the generator that a consistency loss regresses towards (setting `target` of the loss term).",
+    "curriculum": "The noise levels a consistency loss draws adjacent pairs from (setting `curriculum` of the loss term).",
 }
 
 
@@ -273,6 +275,7 @@ def components_page() -> str:
     reg = project().registry
     section_of = {role: f"`{section}`" for section, role in COMPONENT_SECTIONS.items()}
     section_of["generator_loss"] = f"`{LOSS_SECTION}.<term>`"
+    section_of.update({part: f"`{LOSS_SECTION}.<term>.{part}`" for part in ("target", "curriculum")})
     out = [
         "# Components",
         "",
@@ -292,6 +295,7 @@ def components_page() -> str:
     base_class = {
         "teacher": roles.Teacher, "generator": roles.Generator, "fake_score": roles.FakeScore,
         "generator_loss": roles.GeneratorLoss, "fake_score_loss": roles.FakeScoreLoss, "pair_source": roles.PairSource,
+        "target": roles.TargetNetwork, "curriculum": roles.Curriculum,
     }
     for role, table in reg.components.items():
         out += [f"## Role `{role}` {{ #role-{role.replace('_', '-')} }}", "", ROLE_DOC.get(role, ""), ""]
@@ -304,6 +308,7 @@ def components_page() -> str:
             info = table[name]
             cls = info.cls
             section = "losses.<term>" if role == "generator_loss" else next((s for s, r in COMPONENT_SECTIONS.items() if r == role), role)
+            section = f"losses.<term>.{role}" if role in ("target", "curriculum") else section
             example = {"component": name}
             if role == "generator_loss":
                 example["weight"] = 1.0

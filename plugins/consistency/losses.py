@@ -16,19 +16,19 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from scoredistill.config import build_part
 from scoredistill.errors import UserError
 from scoredistill.registry import component
 from scoredistill.roles import BuildContext, GeneratorBatch, GeneratorLoss, Models, append_dims
 
 from scoredistill_consistency.maths import (SOLVERS, default_huber_c, guided, lpips_distance, pseudo_huber, squared_l2,
                                             trigflow_F, trigflow_velocity)
-from scoredistill_consistency.parts import Curriculum, EMATarget
 
 
 def _needs_denoising_generator(ctx: BuildContext, what: str) -> None:
@@ -63,8 +63,10 @@ class ConsistencyDistillation(GeneratorLoss):
         distance: Literal["l2", "pseudo_huber", "lpips"] = Field("l2", description="d(x, y): squared L2 per dimension, "
                                                                   "pseudo-Huber (iCT) or LPIPS (images)")
         huber_c: Optional[float] = Field(None, gt=0, description="pseudo-Huber c; default iCT's 0.00054 sqrt(dim)")
-        target_decay: float = Field(0.95, ge=0, lt=1, description="mu of the EMA target network (Song et al. CD: 0.95; 0: sg(theta))")
-        curriculum: Curriculum = Field(default_factory=Curriculum, description="noise levels and the skipping step k")
+        target: dict[str, Any] = Field(default_factory=dict, description="the target network theta-, a component of role "
+                                                                         "target (default {component: ema_target, decay: 0.95})")
+        curriculum: dict[str, Any] = Field(default_factory=dict, description="the noise levels and skipping step, a component of "
+                                                                             "role curriculum (default {component: karras_grid})")
         lpips_backbone: Literal["imagenet", "random"] = Field("imagenet", description="distance lpips: 'random' runs offline "
                                                               "but is not perceptual (tests only)")
         guidance_scale: Optional[float] = Field(None, description="LCM: w of the guided solver D_u + w (D_c - D_u) "
@@ -79,8 +81,9 @@ class ConsistencyDistillation(GeneratorLoss):
                             f"teacher '{type(teacher).__name__}' is unconditional: leave guidance_scale null")
         self.config = config
         self.solve = SOLVERS[config.solver]
-        self.target = EMATarget(ctx.generator, config.target_decay)
-        self.register_buffer("levels", config.curriculum.levels(teacher), persistent=False)
+        self.target = build_part(ctx, "losses.consistency.target", "target", config.target, "ema_target")
+        self.curriculum = build_part(ctx, "losses.consistency.curriculum", "curriculum", config.curriculum, "karras_grid")
+        self.register_buffer("levels", self.curriculum.levels(teacher), persistent=False)
         dim = math.prod(teacher.data_shape)
         self.huber_c = config.huber_c or default_huber_c(dim)
         self.lpips = None
@@ -109,7 +112,7 @@ class ConsistencyDistillation(GeneratorLoss):
         self.target.update(models.generator)
         x0 = _real_data(models, len(batch.z))
         cond = batch.cond
-        s_n, s_next = self.config.curriculum.pairs(self.levels, len(x0))
+        s_n, s_next = self.curriculum.pairs(self.levels, len(x0))
         x_next = x0 + append_dims(s_next, x0.ndim) * torch.randn_like(x0)
         teacher = models.teacher if self.config.guidance_scale is None else guided(models.teacher, self.config.guidance_scale)
         with torch.no_grad():
@@ -136,7 +139,9 @@ class ContinuousConsistency(GeneratorLoss):
                                                             "per-dimension size is ~1/sqrt(dim), so low-dimensional data "
                                                             "takes far larger steps than images")
         warmup_steps: int = Field(10000, ge=0, description="H: the tangent's second term is weighted min(1, step / H)")
-        target_decay: float = Field(0.0, ge=0, lt=1, description="mu of the target network (sCM: 0, theta- = sg(theta))")
+        target: dict[str, Any] = Field(default_factory=lambda: {"decay": 0.0},
+                                       description="the target network, a component of role target (sCM: theta- = sg(theta): "
+                                                   "{component: ema_target, decay: 0})")
         adaptive_weighting: bool = Field(True, description="e^w / D ||.||^2 - w with the generator's learned w_phi(s) "
                                                            "(needs generator.loss_weighting: true); false: plain ||.||^2 / D")
 
@@ -153,7 +158,7 @@ class ContinuousConsistency(GeneratorLoss):
         self.config = config
         self.sigma_data = float(teacher.sigma_data)
         self.s_range = (float(teacher.sigma_min), float(teacher.sigma_max))
-        self.target = EMATarget(ctx.generator, config.target_decay)
+        self.target = build_part(ctx, "losses.consistency.target", "target", config.target, "ema_target")
         self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
 
     def tangent(self, target, x_t: Tensor, t: Tensor, dxdt: Tensor, cond: Optional[Tensor]) -> tuple[Tensor, Tensor]:

@@ -1,39 +1,37 @@
-"""The parts consistency losses are built from: an EMA target network and timestep curricula.
+"""Registered parts of consistency losses: the EMA target network and the noise-level curricula.
 
-Small classes with a pydantic ``Config``, chosen by name in a loss's settings (``target``,
-``curriculum``), so that the next consistency-style method reuses them.
+Roles ``target`` and ``curriculum``: a loss term names them in its settings (``target: {component:
+ema_target, decay: 0.95}``, ``curriculum: {component: karras_grid, num_scales: 18}``) and builds them
+with :func:`scoredistill.config.build_part`, so that any later method reuses them by name.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from scoredistill.errors import UserError
-from scoredistill.roles import Teacher
+from scoredistill.registry import component
+from scoredistill.roles import BuildContext, Curriculum, TargetNetwork, Teacher
 
 
-class EMATarget(nn.Module):
-    """The target network ``theta^- <- sg(mu theta^- + (1 - mu) theta)`` (Song et al. 2023, Algorithm 2).
-
-    A frozen copy of the generator made when the run is built (``theta^- = theta``). :meth:`update` is
-    called by the loss at the start of each generator step, with the weights the previous update left:
-    the same sequence as updating after each step. ``mu = 0`` is iCT's and sCM's ``theta^- = sg(theta)``.
-    Its weights are the loss term's state (checkpointed: a resumed run continues bit for bit).
-    """
+@component("ema_target", role="target", paper="Song et al. 2023 (Consistency Models), Algorithm 2: theta- <- sg(mu theta- + (1 - mu) theta)")
+class EMATarget(TargetNetwork):
+    """The target network theta- <- sg(mu theta- + (1 - mu) theta), a frozen copy of the generator made at build time."""
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        decay: float = Field(0.95, ge=0, lt=1, description="mu (Song et al. 2023 CD: 0.95; iCT, sCM: 0)")
+        decay: float = Field(0.95, ge=0, lt=1, description="mu (Song et al. 2023 CD: 0.95; iCT, sCM: 0, theta- = sg(theta))")
 
-    def __init__(self, generator: nn.Module, decay: float) -> None:
+    def __init__(self, config: "EMATarget.Config", ctx: BuildContext) -> None:
+        """``update`` is called by the loss at the start of each generator step with the weights the previous update
+        left: the same sequence as updating after each step. The weights are the loss term's checkpointed state."""
         super().__init__()
-        self.decay = decay
-        self.network = copy.deepcopy(generator).eval().requires_grad_(False)
+        self.decay = config.decay
+        self.network = copy.deepcopy(ctx.generator).eval().requires_grad_(False)
         self._pairs = None
 
     @torch.no_grad()
@@ -47,32 +45,16 @@ class EMATarget(nn.Module):
         else:
             torch._foreach_lerp_(mine, theirs, 1.0 - self.decay)
 
-    def forward(self, *args, **kw) -> Tensor:
-        return self.network.denoise(*args, **kw)
+    def forward(self, x_noisy: Tensor, sigma: Tensor, cond=None) -> Tensor:
+        return self.network.denoise(x_noisy, sigma, cond)
 
 
-class Curriculum(BaseModel):
-    """The discretisation ``s_min = s_1 < ... < s_N = s_max`` that a consistency loss picks adjacent levels from.
+class _Skipping(Curriculum):
+    """Adjacent levels ``n`` and ``n + skip`` (LCM's skipping step k, Luo et al. 2023, Sec. 4.3)."""
 
-    ``karras``: Song et al. 2023's grid ``s_i = (s_min^(1/rho) + (i-1)/(N-1) (s_max^(1/rho) - s_min^(1/rho)))^rho``
-    (their CD on CIFAR-10: N = 18). ``teacher``: the teacher's own timesteps (LCM on the DDPM grid).
-    ``skip`` pairs level ``n`` with ``n + skip`` (LCM's skipping step k, Luo et al. 2023, Sec. 4.3).
-    """
+    skip: int = 1
 
-    model_config = ConfigDict(extra="forbid")
-    grid: Literal["karras", "teacher"] = Field("karras", description="karras: N levels of EDM's grid; teacher: the teacher's timesteps")
-    num_scales: int = Field(18, ge=2, description="N, levels of the karras grid (Song et al. 2023 CD: 18)")
-    rho: float = Field(7.0, gt=0, description="karras grid spacing exponent")
-    skip: int = Field(1, ge=1, description="k: the solver goes from level n + k down to level n (LCM's skipping step; 1 = adjacent)")
-
-    def levels(self, teacher: Teacher) -> Tensor:
-        """The ascending noise levels, on the teacher's device."""
-        if self.grid == "teacher":
-            levels = teacher.sigmas.detach().float()
-        else:
-            i = torch.arange(self.num_scales, dtype=torch.float64) / (self.num_scales - 1)
-            lo, hi, inv = teacher.sigma_min, teacher.sigma_max, 1.0 / self.rho
-            levels = ((lo**inv + i * (hi**inv - lo**inv)) ** self.rho).float().to(teacher.sigmas.device)
+    def checked(self, levels: Tensor) -> Tensor:
         if self.skip >= len(levels):
             raise UserError(f"consistency curriculum: skip={self.skip} needs more than {len(levels)} noise levels; "
                             f"allowed: 1 to {len(levels) - 1}")
@@ -82,3 +64,38 @@ class Curriculum(BaseModel):
         """``n`` draws of ``(s_n, s_{n+k})`` with ``n ~ U{1, ..., N - k}`` (Song et al. 2023, Algorithm 2)."""
         i = torch.randint(0, len(levels) - self.skip, (n,), device=levels.device)
         return levels[i], levels[i + self.skip]
+
+
+@component("karras_grid", role="curriculum", paper="Song et al. 2023 (Consistency Models), Sec. 5 / Appendix C; Karras et al. 2022, eq. 5")
+class KarrasGrid(_Skipping):
+    """N levels s_i = (s_min^(1/rho) + (i-1)/(N-1) (s_max^(1/rho) - s_min^(1/rho)))^rho between the teacher's extremes."""
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        num_scales: int = Field(18, ge=2, description="N (Song et al. 2023 CD on CIFAR-10: 18)")
+        rho: float = Field(7.0, gt=0, description="spacing exponent")
+        skip: int = Field(1, ge=1, description="k: the solver goes from level n + k down to level n (1: adjacent)")
+
+    def __init__(self, config: "KarrasGrid.Config", ctx: BuildContext) -> None:
+        self.config, self.skip = config, config.skip
+
+    def levels(self, teacher: Teacher) -> Tensor:
+        c = self.config
+        i = torch.arange(c.num_scales, dtype=torch.float64) / (c.num_scales - 1)
+        lo, hi, inv = teacher.sigma_min, teacher.sigma_max, 1.0 / c.rho
+        return self.checked(((lo**inv + i * (hi**inv - lo**inv)) ** c.rho).float().to(teacher.sigmas.device))
+
+
+@component("teacher_grid", role="curriculum", paper="Luo et al. 2023 (LCM), Sec. 4.3: the teacher's timesteps with a skipping step k")
+class TeacherGrid(_Skipping):
+    """The teacher's own noise levels (its discrete timesteps), with LCM's skipping step k."""
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        skip: int = Field(20, ge=1, description="k: timesteps between the solver's ends (LCM: 20 of 1000)")
+
+    def __init__(self, config: "TeacherGrid.Config", ctx: BuildContext) -> None:
+        self.config, self.skip = config, config.skip
+
+    def levels(self, teacher: Teacher) -> Tensor:
+        return self.checked(teacher.sigmas.detach().float())

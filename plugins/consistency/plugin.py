@@ -9,13 +9,14 @@ from scoredistill.registry import Method
 
 from scoredistill_consistency.generator import FewStepGenerator
 from scoredistill_consistency.losses import ConsistencyDistillation, ContinuousConsistency
+from scoredistill_consistency.parts import EMATarget, KarrasGrid, TeacherGrid
 
 METHOD_DIR = Path(__file__).parent / "methods"
 
 
 @hookimpl
 def scoredistill_add_components() -> list[type]:
-    return [FewStepGenerator, ConsistencyDistillation, ContinuousConsistency]
+    return [FewStepGenerator, ConsistencyDistillation, ContinuousConsistency, EMATarget, KarrasGrid, TeacherGrid]
 
 
 @hookimpl

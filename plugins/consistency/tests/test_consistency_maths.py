@@ -280,3 +280,20 @@ def test_the_generator_is_fitted_to_the_analytic_teacher(hooks, tmp_path):
     fit_to_teacher(g.denoiser, teacher, 200, seed=0)
     assert error() < 0.7 * before
     assert torch.equal(torch.get_rng_state(), state)  # a forked stream: the run's own draws are unchanged
+
+
+@pytest.mark.parametrize("override, message", [
+    ("losses.consistency.curriculum.component=nope", "curriculum component"),
+    ("losses.consistency.curriculum.skip=18", "skip=18 needs more than 18 noise levels"),
+    ("losses.consistency.target.decay=1.5", "losses.consistency.target.decay"),
+    ("losses.consistency.target.speed=2", "unknown config key 'losses.consistency.target.speed'"),
+])
+def test_bad_parts_are_one_line_errors(hooks, tmp_path, override, message):
+    with pytest.raises(UserError, match=message) as info:
+        toy(hooks, tmp_path, "cd", [override])
+    assert "\n" not in str(info.value)
+
+
+def test_parts_are_registered_components_any_method_can_name(hooks):
+    reg = hooks.registry
+    assert {"ema_target"} <= set(reg.components["target"]) and {"karras_grid", "teacher_grid"} <= set(reg.components["curriculum"])

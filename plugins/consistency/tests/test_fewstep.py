@@ -127,7 +127,7 @@ def test_cli_fewstep_run_then_sample_steps_and_bad_inputs(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method, extra", [
-    ("cd", ["losses.consistency.target_decay=0.9", "train.ema_decay=0.9"]),
+    ("cd", ["losses.consistency.target.decay=0.9", "train.ema_decay=0.9"]),
     ("dmd2_4step", []),
     ("scm", ["losses.consistency.warmup_steps=15"]),
 ])
