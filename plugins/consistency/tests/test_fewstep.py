@@ -147,3 +147,11 @@ def test_resume_is_bitwise_with_ema_targets_and_backward_simulation(tmp_path, me
     targets = [k for k in ca if k.startswith("losses.")]
     assert (method == "dmd2_4step") or targets  # the consistency terms' target networks are in the checkpoint
     assert all(torch.equal(ca[k], cb[k]) for k in targets)
+
+
+def test_a_one_step_generator_refuses_more_steps(hooks, tmp_path):
+    run = build(resolve(hooks.registry, "dmd", "toy2d", [], ["runtime.progress=false", "pairs.num_pairs=16"]), hooks, tmp_path)
+    with pytest.raises(UserError, match="is one-step") as info:
+        one_step_samples(run.models.generator, 4, seed=0, steps=2)
+    assert "\n" not in str(info.value)
+    assert one_step_samples(run.models.generator, 4, seed=0, steps=1).shape == (4, 2)
