@@ -297,3 +297,40 @@ def test_bad_parts_are_one_line_errors(hooks, tmp_path, override, message):
 def test_parts_are_registered_components_any_method_can_name(hooks):
     reg = hooks.registry
     assert {"ema_target"} <= set(reg.components["target"]) and {"karras_grid", "teacher_grid"} <= set(reg.components["curriculum"])
+
+
+class _NoForwardMode(torch.autograd.Function):
+    """An op with a backward rule and no forward-mode (jvp) rule, as some fused kernels are."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _Wrapped(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, sigma, cond=None):
+        return _NoForwardMode.apply(self.inner(x, sigma, cond))
+
+
+def test_scm_without_forward_mode_is_a_one_line_error_and_finite_differences_work(hooks, tmp_path):
+    from scoredistill_consistency.maths import trigflow_velocity
+
+    run = toy(hooks, tmp_path, "scm")
+    loss, teacher = run.losses["consistency"], run.models.teacher
+    loss.target.network.denoiser = _Wrapped(loss.target.network.denoiser)
+    t = torch.tensor([0.3, 1.0])
+    x_t = torch.randn(2, 2)
+    dxdt = trigflow_velocity(teacher, x_t, t, loss.sigma_data)
+    with pytest.raises(UserError, match="does not support forward-mode differentiation") as info:
+        loss.tangent(loss.target, x_t, t, dxdt, None)
+    assert "\n" not in str(info.value) and "tangent=finite_difference" in str(info.value)
+    loss.config = loss.config.model_copy(update={"tangent": "finite_difference"})
+    assert torch.isfinite(loss.tangent(loss.target, x_t, t, dxdt, None)[1]).all()

@@ -123,6 +123,15 @@ def test_cli_fewstep_run_then_sample_steps_and_bad_inputs(tmp_path, capsys):
     assert main(["run", "cd", "--out", str(tmp_path / "bad"), *base, "--set", "generator.steps=1001"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "more than the teacher's schedule has" in err[0], err
+    # LCM: guidance folded into the solver needs a conditional teacher
+    assert main(["run", "lcm", "--out", str(tmp_path / "bad2"), *base, "--set", "losses.consistency.guidance_scale=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs a conditional teacher" in err[0], err
+    lcm = tmp_path / "lcm"
+    assert main(["run", "lcm", "--out", str(lcm), *base, "--set", "teacher.class_conditional=true",
+                 "--set", "losses.consistency.guidance_scale=2"]) == 0
+    assert main(["sample", str(lcm), "--num", "10", "--out", str(tmp_path / "lcm.npy"), "--steps", "2"]) == 0
+    assert (tmp_path / "lcm_labels.npy").is_file()
 
 
 @pytest.mark.slow
