@@ -164,3 +164,22 @@ def test_a_one_step_generator_refuses_more_steps(hooks, tmp_path):
         one_step_samples(run.models.generator, 4, seed=0, steps=2)
     assert "\n" not in str(info.value)
     assert one_step_samples(run.models.generator, 4, seed=0, steps=1).shape == (4, 2)
+
+
+@pytest.mark.slow
+def test_the_fewstep_results_script_runs(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    out = tmp_path / "table"
+    cmd = [sys.executable, str(root / "benchmarks" / "fewstep_toy2d.py"), "--out", str(out), "--seeds", "1", "--methods", "cd",
+           "--set", "train.steps=3", "--set", "eval.num_samples=100", "--set", "generator.teacher_init_steps=5"]
+    proc = subprocess.run(cmd, cwd=root, env={**os.environ}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    values = json.loads(out.with_suffix(".json").read_text())
+    assert set(values["cd"]) == {"1", "2", "4"}
+    assert "| cd | 4 |" in out.with_suffix(".md").read_text()
