@@ -86,7 +86,7 @@ class ConsistencyDistillation(GeneratorLoss):
         self.register_buffer("levels", self.curriculum.levels(teacher), persistent=False)
         dim = math.prod(teacher.data_shape)
         self.huber_c = config.huber_c or default_huber_c(dim)
-        self.lpips = None
+        self.__dict__["lpips"] = None
         if config.distance == "lpips":
             if len(teacher.data_shape) != 3:
                 raise UserError(f"distance lpips needs images; the teacher's data shape is {tuple(teacher.data_shape)}: "
@@ -98,13 +98,16 @@ class ConsistencyDistillation(GeneratorLoss):
                                 f"{weights.parent} (or set TORCH_HOME), or choose distance l2 / pseudo_huber")
             import lpips
 
-            self.lpips = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=config.lpips_backbone == "random",
-                                     verbose=False).eval().requires_grad_(False)
+            net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=config.lpips_backbone == "random", verbose=False)
+            # not a registered submodule: the term's checkpointed state is its target network, not LPIPS's fixed weights
+            self.__dict__["lpips"] = net.eval().requires_grad_(False)
 
     def distance(self, a: Tensor, b: Tensor) -> Tensor:
         if self.config.distance == "pseudo_huber":
             return pseudo_huber(a, b, self.huber_c)
         if self.config.distance == "lpips":
+            if next(self.lpips.parameters()).device != a.device:
+                self.lpips.to(a.device)
             return lpips_distance(self.lpips, a, b)
         return squared_l2(a, b)
 

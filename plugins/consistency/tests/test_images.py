@@ -46,6 +46,9 @@ def test_cd_with_lpips_on_images(image_models):
     g = _generator(ctx, parameterization="consistency", steps=2)
     value, grads = _loss_and_grads(ctx, "consistency_distillation", distance="lpips", lpips_backbone="random")
     assert torch.isfinite(value) and value > 0
+    cls = ctx.hooks.registry.component("generator_loss", "consistency_distillation").cls
+    state = cls(cls.Config(distance="lpips", lpips_backbone="random"), ctx).state_dict()
+    assert state and all(k.startswith("target.") for k in state)  # checkpoints keep the target network, not LPIPS
     assert any(gr is not None and gr.abs().sum() > 0 for gr in grads)
     assert g.sample(torch.randn(3, 1, 8, 8)).shape == (3, 1, 8, 8)
 
