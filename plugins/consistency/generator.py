@@ -17,6 +17,7 @@ teacher of flat data, an EDM-preconditioned MLP denoiser.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Literal, Optional
 
 import torch
@@ -27,7 +28,11 @@ from scoredistill.errors import UserError
 from scoredistill.fewstep import chain_inputs, chain_sigmas, sample_chain
 from scoredistill.networks import FourierEmbedding, MLPDenoiserNet
 from scoredistill.registry import component
-from scoredistill.roles import BuildContext, Generator, append_dims, edm_preconditioning
+from scoredistill.io import load_tensors, save_tensors
+from scoredistill.roles import BuildContext, Generator, append_dims, edm_preconditioning, stable_hash
+
+#: bump when fit_to_teacher changes: cached fits are keyed by it
+FIT_VERSION = 1
 
 
 def consistency_coefficients(sigma: Tensor, sigma_min: float, sigma_data: float) -> tuple[Tensor, Tensor]:
@@ -42,8 +47,8 @@ def fit_to_teacher(denoiser: nn.Module, teacher, steps: int, seed: int, batch_si
     (the teacher's own weighting and noise levels, its real samples), under a forked RNG seeded by ``seed``."""
     if steps == 0:
         return
-    opt = torch.optim.Adam(denoiser.parameters(), lr=lr)
     device = teacher.sigmas.device
+    opt = torch.optim.Adam(denoiser.to(device).parameters(), lr=lr)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for _ in range(steps):
@@ -109,7 +114,7 @@ class FewStepGenerator(Generator):
             self.denoiser = MLPDenoiserNet(teacher.data_shape[0], teacher.sigma_data, config.width, config.depth,
                                            input_features=config.input_features, input_scale=config.input_scale,
                                            num_classes=teacher.num_classes)
-            fit_to_teacher(self.denoiser, teacher, config.teacher_init_steps, seed=ctx.seed)
+            self._init_from_teacher(teacher, ctx)
         else:
             raise UserError(f"generator 'fewstep_generator' copies the teacher's network, but teacher '{type(teacher).__name__}' "
                             "has none to copy (no trainable_copy) and its data is not flat")
@@ -120,6 +125,20 @@ class FewStepGenerator(Generator):
         self.register_buffer("chain", chain_sigmas(self.teacher_sigmas, config.steps, config.timesteps), persistent=False)
         if config.loss_weighting:
             self.loss_weighting = LossWeighting()
+
+    def _init_from_teacher(self, teacher, ctx: BuildContext) -> None:
+        """:func:`fit_to_teacher`, cached on disk by teacher, settings and seed (the fit is deterministic)."""
+        c = self.config
+        if c.teacher_init_steps == 0:
+            return
+        key = stable_hash(teacher.fingerprint(), c.width, c.depth, c.input_features, c.input_scale, c.teacher_init_steps,
+                          ctx.seed, FIT_VERSION)
+        path = Path(ctx.cache_dir) / "fewstep_init" / f"mlp-{key}.safetensors"
+        if path.is_file():
+            self.denoiser.load_state_dict(load_tensors(path))
+            return
+        fit_to_teacher(self.denoiser, teacher, c.teacher_init_steps, seed=ctx.seed)
+        save_tensors(path, {k: v.detach().cpu().contiguous() for k, v in self.denoiser.state_dict().items()})
 
     def denoise(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
         """``G(x_s, s)``: the network's denoiser, or the consistency function ``f(x_s, s)`` (its boundary condition)."""

@@ -334,3 +334,17 @@ def test_scm_without_forward_mode_is_a_one_line_error_and_finite_differences_wor
     assert "\n" not in str(info.value) and "tangent=finite_difference" in str(info.value)
     loss.config = loss.config.model_copy(update={"tangent": "finite_difference"})
     assert torch.isfinite(loss.tangent(loss.target, x_t, t, dxdt, None)[1]).all()
+
+
+def test_the_teacher_fit_is_cached_and_the_cache_gives_the_same_weights(hooks, tmp_path):
+    import os
+    from pathlib import Path
+
+    overrides = ["generator.teacher_init_steps=20"]
+    first = toy(hooks, tmp_path / "a", "cd", overrides).models.generator.state_dict()
+    cache = Path(os.environ["SCOREDISTILL_CACHE"]) / "fewstep_init"
+    assert len(list(cache.glob("mlp-*.safetensors"))) >= 1
+    again = toy(hooks, tmp_path / "b", "cd", overrides).models.generator.state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    other = toy(hooks, tmp_path / "c", "cd", ["generator.teacher_init_steps=20", "seed=1"]).models.generator.state_dict()
+    assert any(not torch.equal(first[k], other[k]) for k in first)  # the seed is part of the key
