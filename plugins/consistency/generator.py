@@ -99,7 +99,7 @@ class FewStepGenerator(Generator):
         input_features: int = Field(64, ge=0, description="MLP network: random Fourier features of the input")
         input_scale: float = Field(1.0, gt=0, description="MLP network: their frequency scale")
         teacher_init_steps: int = Field(1000, ge=0, description="MLP network: fit it to the teacher's denoiser for this many "
-                                                                 "Adam steps when built (an analytic teacher has no weights to copy)")
+                                                                 "Adam steps when built (an analytic teacher has no weights to copy; cached on disk)")
         loss_weighting: bool = Field(False, description="add sCM's learned loss weighting w_phi(s) (trained with G; "
                                                          "the scm loss uses it; Lu & Song 2024, Sec. 4.3)")
 
