@@ -2,7 +2,7 @@
 
     scoredistill run METHOD [--preset P] [--ablate NAME]... [--set key=value]... [--out DIR]
     scoredistill run --resume RUN_DIR [--set train.steps=N]...
-    scoredistill sample RUN_DIR --num N --out FILE.npy [--seed S] [--online]
+    scoredistill sample RUN_DIR --num N --out FILE.npy [--seed S] [--online] [--steps K]
     scoredistill export RUN_DIR OUT [--online]
     scoredistill compare SPEC [SPEC ...] [--preset P] [--seeds K] [--ablate NAME]... [--out DIR]
     scoredistill list
@@ -91,6 +91,8 @@ def make_parser(hooks=None) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output .npy file (float32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise z (default: 0)")
     p.add_argument("--online", action="store_true", help="use the online weights of a run trained with EMA")
+    p.add_argument("--steps", type=int, default=None,
+                   help="generator steps per sample (a few-step generator's chain; default: the run's own, 1 for one-step)")
 
     p = sub.add_parser("export", help="write a run's one-step generator as a diffusers model folder with a README")
     p.set_defaults(func=cmd_export)
@@ -232,10 +234,12 @@ def cmd_sample(args, hooks) -> int:
     check_seed(args.seed)
     if args.out.suffix != ".npy":
         raise UserError(f"--out must be a .npy file (got '{args.out}')")
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be a positive integer (got {args.steps})")
     check_out(args.out, folder=False)
     run = load_run(args.run_dir, hooks, online=args.online)
     _check_fits(args.out, args.num, run.models.teacher.data_shape)
-    samples = generate(run, args.num, args.seed).numpy().astype("float32")
+    samples = generate(run, args.num, args.seed, steps=args.steps).numpy().astype("float32")
     atomic_write(args.out, lambda p: np.save(open(p, "wb"), samples))
     print(f"wrote {args.out}: {samples.shape[0]} samples of shape {tuple(samples.shape[1:])}")
     labels = seeded_conditions(run.models.teacher, args.num, args.seed)  # the conditions generate() used, if any

@@ -33,7 +33,7 @@ from scoredistill.strict import check_strict_numbers, format_validation_error
 
 LOSS_SECTION, LOSS_ROLE = "losses", "generator_loss"
 #: run-config sections that name one component, and the role of that component (the loss terms are under LOSS_SECTION)
-COMPONENT_SECTIONS: dict[str, str] = {r.section: r.name for r in ROLE_TABLE if r.name != LOSS_ROLE}
+COMPONENT_SECTIONS: dict[str, str] = {r.section: r.name for r in ROLE_TABLE if "." not in r.section}
 #: chosen on the command line (METHOD, --preset, --ablate), never by --set
 COMMAND_LINE_KEYS = {"method": "METHOD (scoredistill run METHOD)", "preset": "--preset", "ablations": "--ablate"}
 #: bounds that keep a typo from running forever or asking for all the memory
@@ -343,6 +343,14 @@ def validate_component(registry: Registry, section: str, role: str, raw: Any) ->
     except (TypeError, ValueError):
         raise UserError(f"invalid config value '{section}.weight': expected a number (got {weight!r})") from None
     return ComponentSpec(component=name, role=role, config=config, weight=weight)
+
+
+def build_part(ctx: Any, section: str, role: str, raw: Optional[dict], default: str) -> Any:
+    """Build the component of ``role`` that a loss term's setting ``section`` names (``{component: NAME, ...settings}``;
+    ``default`` when it names none), e.g. a consistency loss's ``target`` network or ``curriculum``; one-line errors."""
+    raw = {"component": default, **(raw or {})}
+    spec = validate_component(ctx.hooks.registry, section, role, raw)
+    return ctx.hooks.registry.component(role, spec.component).cls(spec.config, ctx)
 
 
 def validate(registry: Registry, raw: dict) -> RunConfig:

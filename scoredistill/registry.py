@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from scoredistill.errors import UserError, one_of
 
-Role = Literal["teacher", "generator", "fake_score", "generator_loss", "fake_score_loss", "pair_source"]
+Role = Literal["teacher", "generator", "fake_score", "generator_loss", "fake_score_loss", "pair_source", "target", "curriculum"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,10 @@ ROLE_TABLE: tuple[RoleInfo, ...] = (
              "generator samples (config section `fake_score_loss`)."),
     RoleInfo("pair_source", "pairs", "PairSource", "Noise-to-data pairs `(z_ref, y_ref)` from the teacher, for regression "
              "terms (config section `pairs`)."),
+    RoleInfo("target", "losses.<term>.target", "TargetNetwork", "A slowly moving copy of the generator that a consistency "
+             "loss regresses towards (setting `target` of the loss term, built by `scoredistill.config.build_part`)."),
+    RoleInfo("curriculum", "losses.<term>.curriculum", "Curriculum", "The noise levels a consistency loss draws adjacent "
+             "pairs from (setting `curriculum` of the loss term, built by `scoredistill.config.build_part`)."),
 )
 ROLES: tuple[str, ...] = tuple(r.name for r in ROLE_TABLE)
 

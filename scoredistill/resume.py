@@ -34,6 +34,9 @@ def save_checkpoint(run: Run) -> Path:
         tensors.update(flat)
     if run.ema is not None:
         tensors.update({f"ema.{k}": v for k, v in run.ema.state_dict().items()})
+    for term_name, term in run.losses.items():
+        if term.checkpointed:  # a term's own state (an EMA target network)
+            tensors.update({f"losses.{term_name}.{k}": v for k, v in term.state_dict().items()})
     rng = engine.gather(ckpt.capture_rng(run.device))
     name = ckpt.checkpoint_name(run.step, run.warmup_step, cfg.fake_score_warmup_steps)
     skipped = float(run.guard.skipped)
@@ -65,6 +68,9 @@ def restore(run: Run, checkpoint: ckpt.Checkpoint) -> None:
                 net.schedule.load_state_dict(state["schedules"][name])
         if run.ema is not None:
             run.ema.load_state_dict(ckpt.prefixed(tensors, "ema"))
+        for term_name, term in run.losses.items():
+            if term.checkpointed:
+                term.load_state_dict(ckpt.prefixed(tensors, f"losses.{term_name}"))
         if state["scaler"]:
             engine.scaler.load_state_dict(state["scaler"])
     except (KeyError, RuntimeError, ValueError) as exc:

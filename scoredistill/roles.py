@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -65,6 +65,9 @@ class Teacher(Role):
     conditioning: str = "none"
     #: steps of the teacher's own multi-step sampler (:meth:`sample`)
     sampler_steps: int = 18
+    #: the denoiser is a continuous-time model of every noise level (EDM, flow matching, an analytic teacher), not a
+    #: discrete-time one (DDPM's VP timesteps): continuous-time consistency (sCM's TrigFlow) can express it
+    continuous_time: bool = True
 
     def trainable_copy(self, role: str = "copy", lora: Any = None) -> nn.Module:
         """A trainable copy of the teacher's denoiser, for the generator and the fake score to start from.
@@ -169,12 +172,27 @@ class Teacher(Role):
 
 
 class Generator(Role):
-    """The one-step generator ``G(z, cond) -> x``; ``latent_shape`` is the shape of one ``z``."""
+    """The one-step generator ``G(z, cond) -> x``; ``latent_shape`` is the shape of one ``z``.
+
+    A few-step generator (DMD2's, a consistency model) also samples in ``K > 1`` steps: it overrides
+    :meth:`sample` and sets ``sampling_steps`` (its default ``K``); ``forward`` stays what a training
+    step calls.
+    """
 
     latent_shape: tuple[int, ...]
+    #: steps of the generator's own sampling chain (1: ``G(z)``)
+    sampling_steps: int = 1
 
     def forward(self, z: Tensor, cond: Optional[Tensor] = None) -> Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def sample(self, z: Tensor, cond: Optional[Tensor] = None, steps: Optional[int] = None,
+               noise: Optional[Callable[[], Tensor]] = None) -> Tensor:
+        """Samples from noise ``z`` in ``steps`` steps (default ``sampling_steps``); ``noise()`` draws re-noising noise."""
+        if steps is not None and steps != 1:
+            raise UserError(f"generator '{type(self).__name__}' is one-step (G(z)): it cannot sample in {steps} steps; "
+                            "train a few-step generator (generator.component: fewstep_generator) for --steps > 1")
+        return self(z, cond)
 
     def export(self, folder: Path, provenance: dict[str, Any]) -> None:
         """Write this generator into the empty ``folder`` as a diffusers-loadable model, with a ``README.md``.
@@ -239,10 +257,14 @@ class GeneratorLoss(nn.Module):
     Set ``differentiates_fake_score = True`` if the term back-propagates through
     ``models.fake_score`` (a GAN term on its features): the trainer then freezes the fake
     score's weights during the generator step, so that no gradient reaches them.
+    Set ``checkpointed = True`` if the term keeps state of its own across steps (a consistency
+    model's EMA target network): its ``state_dict`` is saved in checkpoints and restored on resume.
     """
 
     needs_pairs: ClassVar[bool] = False
     differentiates_fake_score: ClassVar[bool] = False
+    #: the term's ``state_dict`` changes during training (an EMA target network): checkpoints keep it
+    checkpointed: ClassVar[bool] = False
 
     def forward(self, batch: GeneratorBatch, models: Models) -> Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -270,6 +292,32 @@ class PairSource:
         # drawn on the pairs' device: CPU indices into GPU pairs would be a blocking host-to-device copy every step
         idx = torch.randint(0, len(self.z), (n,), device=self.z.device)
         return self.z[idx], self.y[idx], (self.c[idx] if self.c is not None else None)
+
+
+class TargetNetwork(nn.Module):
+    """A copy of the generator that moves slowly, for consistency losses: ``target(x_s, s, cond) = G_theta-(x_s, s)``.
+
+    Built from ``ctx.generator``; the loss term that owns it calls :meth:`update` once per generator
+    step and keeps it in its ``state_dict`` (``GeneratorLoss.checkpointed``).
+    """
+
+    def update(self, generator: nn.Module) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def forward(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class Curriculum:
+    """The noise levels ``s_1 < ... < s_N`` a consistency loss draws adjacent pairs ``(s_n, s_{n+k})`` from."""
+
+    def levels(self, teacher: Teacher) -> Tensor:  # pragma: no cover
+        """The ascending levels, on the teacher's device."""
+        raise NotImplementedError
+
+    def pairs(self, levels: Tensor, n: int) -> tuple[Tensor, Tensor]:  # pragma: no cover
+        """``n`` draws of ``(s_n, s_{n+k})``."""
+        raise NotImplementedError
 
 
 def seeded_conditions(teacher: Teacher, n: int, seed: int) -> Optional[Tensor]:
@@ -306,6 +354,7 @@ class BuildContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     cache_dir: Path = field(default_factory=lambda: default_cache_dir())
     teacher: Optional[Teacher] = None
+    generator: Optional[Generator] = None
     fake_score: Optional[FakeScore] = None
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)

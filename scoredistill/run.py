@@ -114,6 +114,7 @@ def build(config: RunConfig, hooks: Hooks, run_dir: Path, with_losses: bool = Tr
     teacher = hooks.make_teacher(spec=config.teacher, ctx=ctx).to(device).eval().requires_grad_(False)
     ctx.teacher = teacher
     generator = hooks.make_generator(spec=config.generator, ctx=ctx).to(device)
+    ctx.generator = generator
     fake_score = hooks.make_fake_score(spec=config.fake_score, ctx=ctx).to(device)
     ctx.fake_score = fake_score
     models = Models(teacher=teacher, generator=generator, fake_score=fake_score)

@@ -14,7 +14,9 @@ from scoredistill.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = ROOT / "scoredistill"
-PLUGIN_PACKAGES = {"scoredistill_dmd": ROOT / "plugins" / "dmd", "scoredistill_baselines": ROOT / "plugins" / "baselines"}
+#: the method plugins under plugins/ (import package -> folder), as pyproject.toml installs them
+PLUGIN_PACKAGES = {name: ROOT / folder for name, folder in re.findall(r'"(scoredistill_\w+)" = "(plugins/\w+)"',
+                                                                     (ROOT / "pyproject.toml").read_text())}
 #: folders under scoredistill/ that are built-in plugins, not core
 CORE_PLUGIN_FOLDERS = ("images", "toy2d")
 

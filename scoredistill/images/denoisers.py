@@ -88,6 +88,7 @@ class NetworkDenoiser(nn.Module):
 
     #: what :meth:`describe` calls this parameterisation
     parameterisation = "?"
+    continuous_time = True  # Teacher.continuous_time
 
     def __init__(self, unet: nn.Module, *, guidance_scale: float = 1.0, null_class: Optional[int] = None,
                  backbone: Optional[Backbone] = None) -> None:
@@ -297,6 +298,7 @@ class VPDenoiser(NetworkDenoiser):
     """A discrete-time VP (DDPM) network with ``epsilon``, ``v_prediction`` or ``sample`` output."""
 
     parameterisation = "vp"
+    continuous_time = False  # trained on DDPM's discrete timesteps (Teacher.continuous_time)
 
     def __init__(self, unet: nn.Module, alphas_cumprod: Tensor, prediction_type: str = "epsilon", terminal: bool = False, **kw) -> None:
         super().__init__(unet, **kw)

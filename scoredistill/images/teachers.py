@@ -88,6 +88,10 @@ class ImageTeacher(Teacher):
     def compile_targets(self) -> list[nn.Module]:
         return [self.denoiser.unet]  # the diffusers network: guidance and preconditioning stay eager
 
+    @property
+    def continuous_time(self) -> bool:
+        return self.denoiser.continuous_time
+
     def fingerprint(self) -> str:
         return f"unet-{self._digest}"
 

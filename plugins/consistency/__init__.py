@@ -1,0 +1,1 @@
+"""Few-step generators (DMD2's backward simulation) and the consistency family (CD, LCM, sCM)."""
