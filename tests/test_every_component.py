@@ -34,6 +34,7 @@ def settings(name: str, image_teacher: str) -> dict:
         "digits_unet": {"block_out_channels": [8, 16], "norm_num_groups": 4, "attention": False, "train_steps": 4,
                         "train_batch_size": 16, "sampler_steps": 3},  # trains its teacher: a tiny one, for 4 steps
         "lpips_regression": {"backbone": "random", "net": "alex", "resize": 64},  # ImageNet weights are a download; small
+        "fewstep_generator": {"teacher_init_steps": 20, "width": 32},  # fits its MLP to the toy teacher at build: briefly
     }.get(name, {})
 
 
@@ -45,7 +46,7 @@ def make(role: str, name: str, ctx: BuildContext, image_teacher: str = ""):
 def context(teacher, generator: str, fake_score: str) -> SimpleNamespace:
     ctx = BuildContext(hooks=Hooks(make_plugin_manager()), teacher=teacher, extra={"progress": False})
     g, f = make("generator", generator, ctx), make("fake_score", fake_score, ctx)
-    ctx.fake_score = f
+    ctx.generator, ctx.fake_score = g, f
     return SimpleNamespace(ctx=ctx, models=Models(teacher=teacher, generator=g, fake_score=f))
 
 
@@ -80,6 +81,16 @@ def method_using(section: str, name: str) -> dict:
     return {}
 
 
+def method_with_part(role: str) -> dict:
+    """The config of the first method with a loss term that has a part of ``role`` (a ``target`` or ``curriculum``
+    setting), or ``{}``."""
+    for method in REGISTRY.methods.values():
+        for spec in (method.config.get("losses") or {}).values():
+            if isinstance(spec, dict) and role in REGISTRY.component("generator_loss", spec["component"]).config_model.model_fields:
+                return method.config
+    return {}
+
+
 def finite_gradients(module: torch.nn.Module) -> None:
     grads = [p.grad for p in module.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads), "a parameter got no or a non-finite gradient"
@@ -102,6 +113,13 @@ def test_every_component_builds_and_runs_forward_and_backward(role, name, reques
         partner = (method_using("fake_score_loss", name).get("fake_score") or {}).get("component")
         if partner:
             ctx.fake_score = models.fake_score = make("fake_score", partner, ctx)
+    method = {"generator_loss": lambda: method_using("losses", name), "fake_score_loss": lambda: method_using("fake_score_loss", name),
+              "target": lambda: method_with_part(role), "curriculum": lambda: method_with_part(role)}.get(role, dict)()
+    spec = dict(method.get("generator") or {})
+    generator = spec.pop("component", None)
+    if generator and name not in IMAGE_COMPONENTS:  # the generator the method trains (a few-step G(x_s, s)), as it sets it
+        info = REGISTRY.component("generator", generator)
+        ctx.generator = models.generator = info.cls(info.config_model(**{**spec, **settings(generator, "")}), ctx)
     made = make(role, name, ctx, image_teacher)
 
     if role == "teacher":
@@ -155,5 +173,18 @@ def test_every_component_builds_and_runs_forward_and_backward(role, name, reques
         z, y, c = made.sample(N)
         assert z.shape == (N, *models.generator.latent_shape) and y.shape == (N, *teacher.data_shape)
         assert torch.isfinite(z).all() and torch.isfinite(y).all()  # data, not a network: nothing to differentiate
+    elif role == "target":
+        x, sigma, x_noisy = noised_batch(teacher)
+        x_noisy.requires_grad_(True)
+        out = made(x_noisy, sigma, cond)
+        out.square().sum().backward()  # a target does not train: the gradient reaches the input
+        assert out.shape == x_noisy.shape and torch.isfinite(out).all() and torch.isfinite(x_noisy.grad).all()
+        made.update(models.generator)
+        assert torch.isfinite(made(x_noisy.detach(), sigma, cond)).all()
+    elif role == "curriculum":
+        levels = made.levels(teacher)
+        lo, hi = made.pairs(levels, N)
+        assert torch.isfinite(levels).all() and (levels[1:] > levels[:-1]).all()  # ascending noise levels
+        assert lo.shape == hi.shape == (N,) and (lo < hi).all()  # data, not a network: nothing to differentiate
     else:  # pragma: no cover
         pytest.fail(f"role {role} has no case here: add one")
