@@ -13,7 +13,7 @@ end evaluates the online weights and each EMA on the FID protocol (1,500 samples
 ``eval.seed``, digits-classifier features, against the held-out test split and the train
 split), so that one training answers "which EMA" too.
 
-Writes one JSON line per seed to ``--out`` (default ``benchmarks/results/digits_seeds.jsonl``;
+Writes one JSON line per seed to ``--out`` (default ``benchmarks/results/digits_fid_by_seed.jsonl``;
 a seed already there with the same settings is skipped) and prints a table: per weights, the
 FID of each seed, the mean and the standard deviation. ``--parallel N`` trains N seeds at once
 in child processes, one torch thread each (on 2 cores: 2).
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEFAULT_OUT = Path(__file__).parent / "results" / "digits_seeds.jsonl"
+DEFAULT_OUT = Path(__file__).parent / "results" / "digits_fid_by_seed.jsonl"
 UNDIGESTED_RUNTIME = ("num_threads", "progress", "tensorboard", "debug_weight_hashes")
 
 

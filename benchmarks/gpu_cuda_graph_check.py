@@ -128,7 +128,7 @@ def whole_train(folder: Path, overrides: list[str], poison_at: Optional[int] = N
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_cuda_graph_check.json"))
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/cuda_graph_vs_eager.json"))
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_cuda_graph_check: no CUDA device here (CUDA graphs need one)")

@@ -297,7 +297,7 @@ def main() -> None:
                    help="settings run in a child process, stopped at the budget (default: the compiled ones, whose "
                         "warm-up is minutes); a crash there is recorded with its exit status")
     p.add_argument("--no-profile", action="store_true")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_dmd.json"))
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_dmd_throughput.json"))
     p.add_argument("--profile-out", type=Path, default=None)
     p.add_argument("--child", metavar="NAME", help=argparse.SUPPRESS)  # one setting, in a child process
     p.add_argument("--teacher", type=Path, help=argparse.SUPPRESS)

@@ -19,7 +19,7 @@ python3 -c "import torch, diffusers, scoredistill; print('torch', torch.__versio
 
 # 0. optional (CHECK=1): runtime.cuda_graph against the eager iteration, bit for bit (the check CPUs cannot run)
 if [ "${CHECK:-0}" = 1 ]; then
-    timeout "${CHECK_TIMEOUT:-150}" python3 benchmarks/gpu_cuda_graph_check.py --out "$OUT/gpu_cuda_graph_check.json" 2>&1 \
+    timeout "${CHECK_TIMEOUT:-150}" python3 benchmarks/gpu_cuda_graph_check.py --out "$OUT/cuda_graph_vs_eager.json" 2>&1 \
         | grep -v -e "Warning" -e "warn(" -e "^$" | tee "$OUT/gpu_cuda_graph_check.log"
 fi
 
@@ -30,8 +30,8 @@ fi
 #    The unfiltered output goes to gpu_dmd_raw.log (session 7's CUDA-graphs row ended with no message in the filtered
 #    log), and faulthandler prints a crash's Python stack there.
 BUDGET=${GPU_BENCH_BUDGET:-540}
-timeout "$(( BUDGET + 20 ))" python3 -X faulthandler benchmarks/gpu_dmd.py --iters 20 --budget "$BUDGET" --out "$OUT/gpu_dmd.json" \
-    --profile-out "$OUT/gpu_profile.txt" ${GPU_BENCH_ONLY:+--only $GPU_BENCH_ONLY} ${GPU_BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_dmd_raw.log" | grep -v -e "UserWarning" -e "warn_once" -e "^$" -e "This call originates" -e "File \"" -e "is_torch_version" -e "\^\^\^" \
+timeout "$(( BUDGET + 20 ))" python3 -X faulthandler benchmarks/gpu_dmd.py --iters 20 --budget "$BUDGET" --out "$OUT/gpu_dmd_throughput.json" \
+    --profile-out "$OUT/gpu_dmd_kernel_profile.txt" ${GPU_BENCH_ONLY:+--only $GPU_BENCH_ONLY} ${GPU_BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_dmd_raw.log" | grep -v -e "UserWarning" -e "warn_once" -e "^$" -e "This call originates" -e "File \"" -e "is_torch_version" -e "\^\^\^" \
     | tee "$OUT/gpu_dmd.log"
 
 # 2. optional (SWEEP=1): digits settings on the GPU, ranked by FID against the train split. Measured once: 16

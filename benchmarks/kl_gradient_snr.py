@@ -42,7 +42,7 @@ def gradient_by_level(models, x: torch.Tensor, ratios, draws: int, seed: int = 0
                       cond: Optional[torch.Tensor] = None) -> list[dict]:
     """Per timestep ratio: the signal, noise and single-draw SNR of DMD's normalised gradient at ``x`` (generated with
     conditions ``cond``, if any), and the mean bias of D_fake on ``x`` and (given ``real`` data) of the teacher on ``real``."""
-    from scoredistill_dmd.losses import dmd_gradient
+    from scoredistill.distill import dmd_gradient
 
     teacher, fake = models.teacher, models.fake_score
     gen = torch.Generator(device=x.device).manual_seed(seed)

@@ -2,7 +2,7 @@
 
     python benchmarks/overhead.py [--presets toy2d digits] [--iters N] [--warmup W] [--threads 1]
                                   [--sample-batch B] [--breakdown N] [--set key=value ...]
-                                  [--out benchmarks/results/overhead.json]
+                                  [--out benchmarks/results/overhead_cpu.json]
 
 GitHub issue 7, "Overhead": the framework's cost must be the cost of the networks, not of the
 framework (target: framework / bare <= 1.05 on CPU, for ``toy2d`` and ``digits``).
@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-DEFAULT_OUT = Path(__file__).parent / "results" / "overhead.json"
+DEFAULT_OUT = Path(__file__).parent / "results" / "overhead_cpu.json"
 DEFAULTS = {  # preset: (timed pairs of training iterations, warm-up pairs, sampling batch, timed pairs of sampling calls)
     "toy2d": (500, 30, 4096, 500),
     "digits": (30, 3, 500, 30),
@@ -88,10 +88,10 @@ class Bare:
     """What a researcher writes by hand for one DMD iteration on these networks: no framework."""
 
     def __init__(self, run) -> None:
-        from scoredistill.gaussian_mixture import GaussianMixtureTeacher
+        from scoredistill.toy2d.gaussian_mixture import GaussianMixtureTeacher
         from scoredistill.images.networks import UNetFakeScore, UNetGenerator
         from scoredistill.images.teachers import ImageTeacher
-        from scoredistill.networks import MLPFakeScore, MLPGenerator
+        from scoredistill.toy2d.networks import MLPFakeScore, MLPGenerator
         from scoredistill.precision import without_weight_copies  # the hand-written loop casts as autocast does
 
         cfg, m = run.config, run.models
@@ -395,7 +395,7 @@ def breakdown(run, iters: int) -> dict[str, float]:
     targets = [(engine_mod.Engine, "check_gradients", "engine.check_gradients", timed),
                (engine_mod.Engine, "autocast", "engine.autocast", timed_cm),
                (engine_mod.Engine, "full_parameters", "engine.full_parameters", timed_cm),
-               (trainer, "_frozen", "trainer._frozen", timed_cm),
+               (trainer, "frozen", "trainer.frozen", timed_cm),
                (trainer.NonFiniteGuard, "observe", "guard.observe", timed),
                (trainer, "_update_ema", "trainer._update_ema (EMA)", timed)]
     targets += [(run.engine.scaler, m, f"scaler.{m}", timed) for m in ("scale", "unscale_", "update")]

@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 RESULT_TAG = "SCALING_RESULT "
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "scaling.json"
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "scaling_time_memory.json"
 
 
 # --------------------------------------------------------------------------- the teacher

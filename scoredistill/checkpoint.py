@@ -10,17 +10,18 @@ holding, as tensors: ``generator.*``, ``fake_score.*`` and ``ema.*`` (weights an
 and, as JSON text in the file's metadata: ``state`` (step counters, optimiser
 hyper-parameters, lr schedules, loss scaler, Python and NumPy RNG states of every
 process, history, skip counts), ``config`` (the resolved run config, YAML) and
-``sha256`` (of every tensor's bytes, in key order).
+``sha256`` (of every tensor's bytes, in key order, then of the state and config texts: a
+flipped bit anywhere in what a resume reads is caught).
 
 The file is written to a temporary name, flushed to disk and renamed into place, so a
-crash at any moment leaves the previous checkpoint intact. Loading runs no pickle
+crash at any moment leaves the previous checkpoint intact; the temporary files a crash
+leaves (ours and safetensors' own ``.tmpXXXXXX``) are deleted at the next checkpoint save. Loading runs no pickle
 (safetensors and JSON only) and checks the checksum, so a truncated or corrupted file
 is reported in one line, naming the previous checkpoint to resume from instead.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -35,9 +36,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from scoredistill.errors import UserError
+from scoredistill.hashing import sha256_digest
 from scoredistill.io import atomic_write
 
-FORMAT = "1"
+FORMAT = "2"
+LEGACY_FORMATS = ("1",)  # format 1: the checksum covers the tensors only
 PATTERN = "checkpoint-*.safetensors"
 _NAME = re.compile(r"^checkpoint-(?P<phase>warmup|step)-(?P<n>\d{8})\.safetensors$")
 _SEP = "::"
@@ -131,14 +134,18 @@ def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
 # --------------------------------------------------------------------------- writing
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        t = tensors[key]
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        # a copy: numpy() would mark the tensor's storage (a live parameter's, perhaps) as not resizable, which FSDP needs
-        h.update(t.reshape(-1).clone().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+def _digest(tensors: dict[str, torch.Tensor], *texts: str) -> str:
+    """SHA-256 of every tensor (key, dtype, shape, bytes; in key order), then of each text (the state and config)."""
+
+    def chunks():
+        for key in sorted(tensors):
+            yield f"{key}|{tensors[key].dtype}|{tuple(tensors[key].shape)}|".encode()
+            yield tensors[key]
+        for text in texts:
+            yield f"text|{len(text)}|".encode()
+            yield text.encode()
+
+    return sha256_digest(chunks(), length=None)
 
 
 def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -153,7 +160,8 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def save(run_dir: Path, name: str, tensors: dict[str, torch.Tensor], state: dict, config_yaml: str, keep: int) -> Path:
     """Write checkpoint ``name`` into ``run_dir`` atomically and durably; keep the newest ``keep``. Returns its path."""
     tensors = _unshared({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
-    metadata = {"format": FORMAT, "state": json.dumps(state), "config": config_yaml, "sha256": _digest(tensors)}
+    state_json = json.dumps(state)
+    metadata = {"format": FORMAT, "state": state_json, "config": config_yaml, "sha256": _digest(tensors, state_json, config_yaml)}
     path = Path(run_dir) / name
 
     def write(tmp: Path) -> None:
@@ -183,8 +191,22 @@ def _prune(run_dir: Path, newest: str, keep: int) -> None:
     stale = [n for n in names if _order(n) > _order(newest)]
     for name in older[: max(len(older) - keep, 0)] + stale:
         (run_dir / name).unlink(missing_ok=True)
-    for tmp in run_dir.glob(".checkpoint-*.tmp"):  # left by a crash mid-write
-        tmp.unlink(missing_ok=True)
+    remove_partial_writes(run_dir)
+
+
+#: safetensors (0.5 and later) writes ``.tmp`` + six characters beside the file, then renames it
+_SAFETENSORS_TMP = re.compile(r"^\.tmp[A-Za-z0-9_]{6}$")
+
+
+def remove_partial_writes(run_dir: Path) -> list[Path]:
+    """Delete the temporary files a crash in the middle of a checkpoint write leaves in ``run_dir``: ours
+    (``.checkpoint-*.tmp``) and safetensors' own (``.tmpXXXXXX``). Returns what was deleted."""
+    run_dir = Path(run_dir)
+    gone = [p for p in run_dir.glob(".*") if p.is_file() and (
+        _SAFETENSORS_TMP.match(p.name) or (p.name.startswith(".checkpoint-") and p.name.endswith(".tmp")))]
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
 
 
 # --------------------------------------------------------------------------- reading
@@ -232,10 +254,12 @@ def _read(path: Path) -> Checkpoint:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"checkpoint {path} is corrupt or truncated: {str(exc).splitlines()[0]}") from None
-    if meta.get("format") != FORMAT or not {"state", "config", "sha256"} <= set(meta):
+    fmt = meta.get("format")
+    if fmt not in (FORMAT, *LEGACY_FORMATS) or not {"state", "config", "sha256"} <= set(meta):
         raise UserError(f"{path} is not a scoredistill checkpoint of format {FORMAT} (its metadata lacks state, config or sha256)")
-    if _digest(tensors) != meta["sha256"]:
-        raise UserError(f"checkpoint {path} is corrupt: its tensors do not match the SHA-256 checksum it was written with")
+    texts = (meta["state"], meta["config"]) if fmt == FORMAT else ()
+    if _digest(tensors, *texts) != meta["sha256"]:
+        raise UserError(f"checkpoint {path} is corrupt: its tensors, state or config do not match the SHA-256 checksum it was written with")
     try:
         state = json.loads(meta["state"])
     except ValueError:

@@ -7,7 +7,8 @@
     scoredistill compare SPEC [SPEC ...] [--preset P] [--seeds K] [--ablate NAME]... [--out DIR]
     scoredistill list
 
-A user mistake prints one line (what is wrong, what is allowed) and exits with 2.
+Results go to stdout; progress, warnings and errors to stderr (plain lines when stderr is
+not a terminal). A user mistake prints one line (what is wrong, what is allowed) and exits with 2.
 A run stopped by a non-finite loss exits with 1; one interrupted by SIGINT / SIGTERM
 saves a checkpoint, prints one line and exits with 130 / 143.
 
@@ -17,6 +18,7 @@ Several processes: ``torchrun --nproc_per_node N -m scoredistill.cli run ...``.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
@@ -27,6 +29,8 @@ from scoredistill.errors import UserError
 
 DEFAULT_PRESET = "digits"  # the embedded image default (issue 3); toy2d is the 2-D analytic one
 TEACHER_PRESET = "teacher"  # the settings --teacher FOLDER starts from (a generic diffusers teacher)
+MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
+MAX_SAMPLES = 10**8
 
 
 class _Parser(argparse.ArgumentParser):
@@ -111,13 +115,37 @@ def _hooks(plugins: Sequence[str]):
     return Hooks(make_plugin_manager(plugins=modules, blocked=blocked))
 
 
+def check_out(path: Path, option: str = "--out", folder: bool = True) -> None:
+    """``path`` can be created: it is not an existing file (or folder, for a file), nothing above it is a file,
+    and the nearest existing folder above it is writable. Looks only: nothing is created."""
+    path = Path(path)
+    if path.exists() and folder and not path.is_dir():
+        raise UserError(f"{option} '{path}' is an existing file; give a new folder")
+    if path.is_dir() and not folder:
+        raise UserError(f"{option} '{path}' is an existing folder; give a file name")
+    above = path.absolute() if folder and path.is_dir() else path.absolute().parent  # where the files will go
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        raise UserError(f"{option} '{path}' cannot be created: '{above}' is a file, not a folder")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise UserError(f"{option} '{path}' cannot be created: '{above}' is not writable (read-only file system or no permission)")
+
+
+def check_seed(seed: int, option: str = "--seed") -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"{option} must be an integer from 0 to 2**63-1 (got {seed})")
+
+
 def _timestamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
 
 
 def cmd_run(args, hooks) -> int:
     from scoredistill.config import resolve
-    from scoredistill.trainer import RunInterrupted, execute, resume_config
+    from scoredistill.resume import resume_config
+    from scoredistill.runner import execute
+    from scoredistill.trainer import RunInterrupted
 
     if args.resume is not None and args.teacher is not None:
         raise UserError("--teacher cannot be used with --resume: a resumed run keeps its teacher")
@@ -137,22 +165,32 @@ def cmd_run(args, hooks) -> int:
         config = resolve(hooks.registry, args.method, preset, args.ablate, overrides)
         tag = "".join(f"-no-{a}" for a in args.ablate)
         out = args.out or Path("runs") / f"{args.method}{tag}-{preset}-{_timestamp()}"
+        check_out(out)
     try:
         result = execute(config, hooks, out, resume=checkpoint)
     except RunInterrupted as stop:
         if _is_main_process():
             sys.stderr.write(f"scoredistill: interrupted by {stop} at step {stop.step}; checkpoint saved: {stop.checkpoint}; "
-                             f"continue with: scoredistill run --resume {out}\n")
+                             f"continue with: {_launcher()} run --resume {out}\n")
         return stop.exit_code
-    if result is not None:
-        from rich.console import Console
-
-        Console(stderr=True).print(f"[green]done[/green]: {out}  " + _headline(result.metrics))
+    if result is not None:  # the result, on stdout (progress and messages go to stderr)
+        print(f"done: {out}  " + _headline(result.metrics), flush=True)
     return 0
 
 
 def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
+
+
+def _launcher() -> str:
+    """How this process was started, for a command to repeat: ``scoredistill``, or torchrun with as many processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return "scoredistill"
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1") or 1)
+    per_node = os.environ.get("LOCAL_WORLD_SIZE", str(world))
+    where = f" --nnodes {nodes}" if nodes > 1 else ""
+    return f"torchrun{where} --nproc_per_node {per_node} -m scoredistill.cli"
 
 
 def _headline(metrics: dict) -> str:
@@ -168,11 +206,14 @@ def cmd_sample(args, hooks) -> int:
     from scoredistill.roles import seeded_conditions
     from scoredistill.trainer import generate, load_run
 
-    if args.num < 1:
-        raise UserError(f"--num must be a positive integer (got {args.num})")
+    if not 1 <= args.num <= MAX_SAMPLES:
+        raise UserError(f"--num must be an integer from 1 to {MAX_SAMPLES:,} (got {args.num})")
+    check_seed(args.seed)
     if args.out.suffix != ".npy":
         raise UserError(f"--out must be a .npy file (got '{args.out}')")
+    check_out(args.out, folder=False)
     run = load_run(args.run_dir, hooks, online=args.online)
+    _check_fits(args.out, args.num, run.models.teacher.data_shape)
     samples = generate(run, args.num, args.seed).numpy().astype("float32")
     atomic_write(args.out, lambda p: np.save(open(p, "wb"), samples))
     print(f"wrote {args.out}: {samples.shape[0]} samples of shape {tuple(samples.shape[1:])}")
@@ -185,9 +226,25 @@ def cmd_sample(args, hooks) -> int:
     return 0
 
 
+def _check_fits(out: Path, num: int, shape: Sequence[int]) -> None:
+    """``num`` float32 samples of ``shape`` must fit on the disk that holds ``out`` (and so, in all likelihood, in memory)."""
+    import math
+    import shutil
+
+    need = num * math.prod(shape) * 4
+    above = out.absolute().parent
+    while not above.exists():
+        above = above.parent
+    free = shutil.disk_usage(above).free
+    if need > free:
+        raise UserError(f"--num {num} samples of shape {tuple(shape)} need {need / 1e9:.3g} GB, more than the "
+                        f"{free / 1e9:.3g} GB free at '{above}'; ask for fewer")
+
+
 def cmd_export(args, hooks) -> int:
     from scoredistill.export import export_run
 
+    check_out(args.out, option="OUT")
     info = export_run(args.run_dir, args.out, hooks, online=args.online)
     print(f"wrote {args.out}: {info['generator']} ({info['weights']} weights) as a diffusers model; see {args.out / 'README.md'}")
     return 0
@@ -196,13 +253,14 @@ def cmd_export(args, hooks) -> int:
 def cmd_compare(args, hooks) -> int:
     from scoredistill.compare import compare, parse_spec
 
-    if args.seeds < 1:
-        raise UserError(f"--seeds must be >= 1 (got {args.seeds})")
+    if not 1 <= args.seeds <= 1000:
+        raise UserError(f"--seeds must be an integer from 1 to 1000 (got {args.seeds})")
     specs = [parse_spec(s, extra_ablations=args.ablate) for s in args.specs]
     preset, overrides = _teacher_option(args)
     overrides += ["runtime.progress=false"] if args.quiet else []
     preset = preset or DEFAULT_PRESET
     out = args.out or Path("runs") / f"compare-{preset}-{_timestamp()}"
+    check_out(out)
     table = compare(hooks, specs, preset, args.seeds, overrides, out)
     print(table)
     return 0
@@ -243,6 +301,18 @@ def cmd_list(args, hooks) -> int:
     return 0
 
 
+#: faults of the file system that a user fixes (space, permissions, paths): one line, not a traceback
+_OS_FAULTS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
+              errno.EEXIST, errno.ENAMETOOLONG, errno.EFBIG, errno.EMFILE, errno.ENFILE}
+
+
+def _os_fault(exc: OSError) -> str:
+    what = f"cannot write '{exc.filename}'" if exc.filename else "a file operation failed"
+    hint = {errno.ENOSPC: "free some space (a run keeps its last good checkpoint: continue it with --resume)",
+            errno.EDQUOT: "free some space or raise the quota", errno.EROFS: "choose a writable --out"}.get(exc.errno, "check the path")
+    return f"{what}: {exc.strerror or exc}; {hint}"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = _Parser(prog="scoredistill", add_help=False)
@@ -252,8 +322,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = make_parser(hooks).parse_args(argv)
         return args.func(args, hooks)
     except UserError as exc:
-        sys.stderr.write(f"scoredistill: error: {exc}\n")
+        if _is_main_process():  # under torchrun every process finds the same mistake: one line, from rank 0
+            sys.stderr.write(f"scoredistill: error: {exc}\n")
         return exc.exit_code
+    except OSError as exc:
+        if exc.errno not in _OS_FAULTS:
+            raise
+        if _is_main_process():
+            sys.stderr.write(f"scoredistill: error: {_os_fault(exc)}\n")
+        return UserError.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("scoredistill: interrupted\n")
         return 130

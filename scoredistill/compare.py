@@ -24,7 +24,9 @@ from scoredistill.config import resolve
 from scoredistill.errors import UserError
 from scoredistill.io import write_json, write_text
 from scoredistill.plugins import Hooks
-from scoredistill.trainer import METRICS_FILE, execute, generate, load_run, prepare_run_dir
+from scoredistill.run_dir import METRICS_FILE, load_run, prepare_run_dir
+from scoredistill.runner import execute
+from scoredistill.samples import generate
 
 #: metrics shown first when present (the rest follow in the order reported)
 REQUEST_FILE = "compare_request.json"
@@ -134,14 +136,6 @@ def summarise(hooks: Hooks, out: Path, specs: Sequence[Spec], seeds: int, preset
     for spec in specs:
         run = load_run(out / spec.slug / "seed0", hooks)
         panels.append((spec.label, generate(run, run.config.eval.num_samples, run.config.eval.seed), run))
-    _figure(panels, out / "comparison.png", preset)
+    hooks.draw_samples(teacher=panels[0][2].models.teacher, panels=[(label, samples) for label, samples, _ in panels],
+                       path=out / "comparison.png", title=preset)
     return markdown
-
-
-def _figure(panels, path: Path, preset: str) -> None:
-    from scoredistill import plots
-    from scoredistill.gaussian_mixture import GaussianMixtureTeacher
-
-    teacher = panels[0][2].models.teacher
-    if isinstance(teacher, GaussianMixtureTeacher) and teacher.dim == 2:
-        plots.scatter_panels(teacher, [(label, samples) for label, samples, _ in panels], path, title=preset)

@@ -18,6 +18,8 @@ Every failure is a :class:`~scoredistill.errors.UserError` with one line.
 from __future__ import annotations
 
 import copy
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -27,17 +29,15 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, FieldSerializationInfo, ValidationError, field_serializer, field_validator, model_validator
 
 from scoredistill.errors import UserError, one_of
-from scoredistill.registry import Registry
+from scoredistill.registry import ROLE_TABLE, Registry
 
-#: run-config sections that name a component, and the role of that component
-COMPONENT_SECTIONS: dict[str, str] = {
-    "teacher": "teacher",
-    "generator": "generator",
-    "fake_score": "fake_score",
-    "fake_score_loss": "fake_score_loss",
-    "pairs": "pair_source",
-}
 LOSS_SECTION, LOSS_ROLE = "losses", "generator_loss"
+#: run-config sections that name one component, and the role of that component (the loss terms are under LOSS_SECTION)
+COMPONENT_SECTIONS: dict[str, str] = {r.section: r.name for r in ROLE_TABLE if r.name != LOSS_ROLE}
+#: chosen on the command line (METHOD, --preset, --ablate), never by --set
+COMMAND_LINE_KEYS = {"method": "METHOD (scoredistill run METHOD)", "preset": "--preset", "ablations": "--ablate"}
+#: bounds that keep a typo from running forever or asking for all the memory
+MAX_STEPS, MAX_BATCH, MAX_SAMPLES, MAX_SEED = 10**9, 2**24, 10**8, 2**63 - 1
 
 
 class ComponentSpec(BaseModel):
@@ -66,17 +66,17 @@ class TrainConfig(BaseModel):
     """Optimisation settings shared by every method."""
 
     model_config = ConfigDict(extra="forbid")
-    steps: int = Field(1000, ge=0, description="generator updates")
-    batch_size: int = Field(256, ge=1, description="generator samples per step (and per fake-score update)")
+    steps: int = Field(1000, ge=0, le=MAX_STEPS, description="generator updates")
+    batch_size: int = Field(256, ge=1, le=MAX_BATCH, description="generator samples per step (and per fake-score update)")
     generator_lr: float = Field(1e-3, gt=0, description="Adam learning rate of the generator")
     fake_score_lr: float = Field(1e-3, gt=0, description="Adam learning rate of the fake score")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="Adam (beta1, beta2) of both optimisers")
-    fake_score_warmup_steps: int = Field(0, ge=0, description="fake-score updates before the first generator update")
+    fake_score_warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="fake-score updates before the first generator update")
     fake_updates_per_step: int = Field(1, ge=1, description="fake-score updates per generator update (TTUR)")
     grad_clip: Optional[float] = Field(None, gt=0, description="clip each network's gradient norm to this; null for none")
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="generator and fake-score learning rates over the generator steps")
     ema_decay: Optional[float] = Field(None, ge=0, lt=1, description="EMA of the generator's weights, used for sampling and evaluation")
-    pair_batch_size: Optional[int] = Field(None, ge=1, description="regression batch; default: batch_size")
+    pair_batch_size: Optional[int] = Field(None, ge=1, le=MAX_BATCH, description="regression batch; default: batch_size")
     log_every: int = Field(10, ge=1, description="record losses (history.json, metrics.csv, TensorBoard, progress bar, hooks) every N generator steps")
     optimizer: Literal["adam", "adamw"] = Field("adam", description="optimiser of every trained network (adamw: decoupled weight decay); "
                                                                  "torch's fused kernel on CUDA and in a single CPU process (torch >= 2.4)")
@@ -107,8 +107,8 @@ class EvalConfig(BaseModel):
     """Evaluation at the end of a run: how many one-step samples, from which noise seed."""
 
     model_config = ConfigDict(extra="forbid")
-    num_samples: int = Field(5000, ge=1, description="generator (and teacher) samples evaluated")
-    seed: int = Field(12345, description="seed of the evaluation noise, the same for every run and method")
+    num_samples: int = Field(5000, ge=1, le=MAX_SAMPLES, description="generator (and teacher) samples evaluated")
+    seed: int = Field(12345, ge=0, le=MAX_SEED, description="seed of the evaluation noise, the same for every run and method")
 
 
 class RuntimeConfig(BaseModel):
@@ -116,7 +116,7 @@ class RuntimeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     device: str = Field("cpu", description="torch device of every network; 'cuda' gives each process of a multi-process run its own GPU")
-    num_threads: Optional[int] = Field(None, ge=1, description="torch threads; tiny MLPs are fastest with 1")
+    num_threads: Optional[int] = Field(None, ge=1, le=4096, description="torch threads; tiny MLPs are fastest with 1")
     progress: bool = Field(True, description="show progress bars")
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp", description="with several processes (torchrun): 'ddp' replicates the generator and fake score, "
@@ -149,6 +149,17 @@ class RuntimeConfig(BaseModel):
     debug_weight_hashes: bool = Field(
         False, description="debug: after every step, each process appends a hash of its weights to RUN/debug/weights.rankR.txt")
 
+    @field_validator("device")
+    @classmethod
+    def _a_torch_device(cls, value: str) -> str:
+        import torch
+
+        try:
+            torch.device(value)
+        except (RuntimeError, ValueError):
+            raise ValueError("not a torch device; allowed: cpu, cuda, cuda:N, mps, xpu, ...") from None
+        return value
+
     @field_validator("mixed_precision", mode="before")
     @classmethod
     def _yaml_no(cls, value: Any) -> Any:
@@ -162,7 +173,7 @@ class RunConfig(BaseModel):
     method: str
     preset: str
     ablations: list[str] = Field(default_factory=list)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     teacher: ComponentSpec
     generator: ComponentSpec
     fake_score: ComponentSpec
@@ -252,10 +263,16 @@ def parse_overrides(overrides: list[str]) -> dict:
     for item in overrides:
         if "=" not in item or not item.split("=", 1)[0].strip():
             raise UserError(f"--set expects key=value (for example train.steps=500), got '{item}'")
-    try:
-        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=True)
-    except OmegaConfBaseException as exc:
-        raise UserError(f"cannot parse --set {overrides}: {str(exc).splitlines()[0]}") from None
+    out: dict = {}
+    for item in overrides:  # one at a time, so that an error names its item
+        try:
+            one = OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=True)
+            out = OmegaConf.to_container(OmegaConf.merge(out, one), resolve=True)
+        except (OmegaConfBaseException, yaml.YAMLError, ValueError, TypeError) as exc:  # a YAML tag (!!python/...) too
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(f"cannot parse --set {item!r}: {first} (values are plain YAML: numbers, strings, true/false, "
+                            "null, [lists], {maps})") from None
+    return out
 
 
 def merged_config(registry: Registry, method: str, preset: str, ablations: list[str] = (), overrides: list[str] = ()) -> dict:
@@ -279,7 +296,20 @@ def merged_config(registry: Registry, method: str, preset: str, ablations: list[
             f"ablating {', '.join(ablations)} leaves method '{method}' with no generator loss: "
             f"nothing would train the generator; ablate fewer of: {', '.join(sorted(m.ablations))}"
         )
-    return _merge(cfg, parse_overrides(list(overrides)))
+    changes = parse_overrides(list(overrides))
+    for key, where in COMMAND_LINE_KEYS.items():
+        if key in changes:
+            raise UserError(f"--set {key}=... cannot be used: the {key} is chosen on the command line with {where}")
+    _check_new_terms(method, cfg.get(LOSS_SECTION) or {}, changes.get(LOSS_SECTION))
+    return _merge(cfg, changes)
+
+
+def _check_new_terms(method: str, terms: dict, changes: Any) -> None:
+    """``--set losses.NAME.KEY=...`` for a term the method lacks must add it whole (with ``component``): else a typo."""
+    for name, section in (changes or {}).items() if isinstance(changes, dict) else ():
+        if name not in terms and not (isinstance(section, dict) and "component" in section):
+            raise UserError(f"method '{method}' has no loss term '{name}'; its terms: {', '.join(sorted(terms))} "
+                            f"(a new term needs losses.{name}.component=NAME)")
 
 
 # --------------------------------------------------------------------------- validation
@@ -300,6 +330,38 @@ def _format_error(err: ValidationError, prefix: str, model: type[BaseModel]) -> 
     return f"invalid config value '{loc}': {e['msg']}{shown}"
 
 
+def _number_kind(annotation: Any) -> Optional[type]:
+    """``int`` or ``float`` for a field typed ``int`` / ``float`` (also inside ``Optional``/``Annotated``), else None."""
+    args = typing.get_args(annotation)
+    if annotation in (int, float):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType, Annotated):
+        kinds = {_number_kind(a) for a in args if a is not type(None)} - {None}
+        return kinds.pop() if len(kinds) == 1 else None
+    return None
+
+
+def check_strict_numbers(model: type[BaseModel], raw: Any, prefix: str) -> None:
+    """Strict numbers in ``raw`` for ``model``: no boolean where a number goes (YAML's ``true`` is not 1), no
+    fractional or huge float (``1e30``) where an integer goes. Pydantic's lax mode would take both."""
+    if not isinstance(raw, dict):
+        return
+    for key, value in raw.items():
+        field = model.model_fields.get(key) if isinstance(key, str) else None
+        if field is None:
+            continue
+        where = f"{prefix}.{key}" if prefix else key
+        nested = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) else None
+        if nested is not None:
+            check_strict_numbers(nested, value, where)
+            continue
+        kind = _number_kind(field.annotation)
+        if kind is not None and isinstance(value, bool):
+            raise UserError(f"invalid config value '{where}': expected a number, not a boolean (got {value!r})")
+        if kind is int and isinstance(value, float):
+            raise UserError(f"invalid config value '{where}': expected an integer (got {value!r})")
+
+
 def validate_component(registry: Registry, section: str, role: str, raw: Any) -> ComponentSpec:
     if not isinstance(raw, dict) or "component" not in raw:
         allowed = ", ".join(sorted(registry.components[role]))
@@ -308,6 +370,9 @@ def validate_component(registry: Registry, section: str, role: str, raw: Any) ->
     name = raw.pop("component")
     weight = raw.pop("weight", 1.0) if role == LOSS_ROLE else 1.0
     info = registry.component(role, name)
+    check_strict_numbers(info.config_model, raw, section)
+    if isinstance(weight, bool):
+        raise UserError(f"invalid config value '{section}.weight': expected a number, not a boolean (got {weight!r})")
     try:
         config = info.config_model.model_validate(raw)
     except ValidationError as err:
@@ -329,6 +394,7 @@ def validate(registry: Registry, raw: dict) -> RunConfig:
     if not isinstance(losses, dict):
         raise UserError(f"config section '{LOSS_SECTION}' must map term names to components")
     data[LOSS_SECTION] = {k: validate_component(registry, f"{LOSS_SECTION}.{k}", LOSS_ROLE, v) for k, v in losses.items()}
+    check_strict_numbers(RunConfig, {k: v for k, v in data.items() if k in ("seed", "train", "eval", "runtime")}, "")
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
@@ -343,8 +409,10 @@ def load_run_config(registry: Registry, path: Path) -> RunConfig:
     """Re-validate a run folder's ``config.yaml``."""
     try:
         raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    except (OSError, OmegaConfBaseException, yaml.YAMLError) as exc:
-        raise UserError(f"cannot read run config {path}: {str(exc).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"cannot read run config {path}: it is not UTF-8 text (restore it from a copy)") from None
+    except (OSError, OmegaConfBaseException, yaml.YAMLError, ValueError) as exc:
+        raise UserError(f"cannot read run config {path}: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from None
     if not isinstance(raw, dict):
         raise UserError(f"run config {path} is not a mapping")
     return validate(registry, raw)

@@ -38,15 +38,21 @@ tensors must not be replaced after the capture (a resume loads before the first 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 from torch import Tensor
 
 from scoredistill.errors import UserError
 
-if TYPE_CHECKING:
-    from scoredistill.trainer import Run
+
+class Run(Protocol):
+    """What the graph reads of a run (:class:`scoredistill.run.Run` is one)."""
+
+    trained: dict[str, Any]  # name -> Trained: its optimizer and lr schedule
+    device: torch.device
+    guard: Any  # the NonFiniteGuard: its pending records
+    step: int
 
 #: eager iterations before the capture (on a side stream); PyTorch's whole-network capture examples take three
 WARMUP_ITERATIONS = 3

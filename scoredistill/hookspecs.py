@@ -19,7 +19,10 @@ Hooks fall into three groups:
   looking the component up in the registry (``trylast``); a plugin that returns
   something other than ``None`` first replaces that default.
 * **Lifecycle**: the trainer's moments (configure, start, step, end) and the
-  run's evaluation and report, which every interested plugin contributes to.
+  run's evaluation and report, which every interested plugin contributes to. They
+  see the run through :class:`~scoredistill.views.RunView`, not the trainer's state.
+* **Pictures** (``firstresult``): drawing a run's samples, by the plugin that knows
+  its teacher's data (the core asks no teacher for its type).
 
 All hooks are called with keyword arguments only, through the typed facade
 :class:`scoredistill.plugins.Hooks`; nothing in the core calls a hook by string.
@@ -28,6 +31,7 @@ All hooks are called with keyword arguments only, through the typed facade
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -46,7 +50,7 @@ if TYPE_CHECKING:
         Teacher,
     )
     from scoredistill.registry import Method, Preset
-    from scoredistill.trainer import Run
+    from scoredistill.views import RunView
 
 PROJECT = "scoredistill"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -167,7 +171,7 @@ def scoredistill_make_pair_source(spec: ComponentSpec, ctx: BuildContext) -> Pai
 
 
 @hookspec
-def scoredistill_train_start(run: Run) -> None:
+def scoredistill_train_start(run: RunView) -> None:
     """Called once the models are built, before the first optimisation step.
 
     Weights set here in place (an initialisation of the plugin's own) are the ones the first
@@ -176,7 +180,7 @@ def scoredistill_train_start(run: Run) -> None:
 
 
 @hookspec
-def scoredistill_train_step_end(run: Run, step: int, logs: dict[str, float]) -> None:
+def scoredistill_train_step_end(run: RunView, step: int, logs: dict[str, float]) -> None:
     """Called every ``train.log_every`` generator steps (and after the last) with the scalar losses.
 
     ``logs`` is a fresh dict of Python floats; plugins may read it, not change
@@ -185,12 +189,12 @@ def scoredistill_train_step_end(run: Run, step: int, logs: dict[str, float]) -> 
 
 
 @hookspec
-def scoredistill_train_end(run: Run) -> None:
+def scoredistill_train_end(run: RunView) -> None:
     """Called after the last step, before evaluation."""
 
 
 @hookspec
-def scoredistill_evaluate(run: Run, samples: torch.Tensor) -> dict[str, Any] | None:
+def scoredistill_evaluate(run: RunView, samples: torch.Tensor) -> dict[str, Any] | None:
     """Return metrics for the generator's ``samples`` (or ``None`` if not applicable).
 
     Every plugin's dict is merged into ``metrics.json``; two plugins reporting
@@ -199,5 +203,18 @@ def scoredistill_evaluate(run: Run, samples: torch.Tensor) -> dict[str, Any] | N
 
 
 @hookspec
-def scoredistill_report(run: Run, samples: torch.Tensor, metrics: dict[str, Any]) -> None:
+def scoredistill_report(run: RunView, samples: torch.Tensor, metrics: dict[str, Any]) -> None:
     """Write pictures into ``run.dir`` (sample grids, scatter plots, curves)."""
+
+
+@hookspec(firstresult=True)
+def scoredistill_draw_samples(teacher: Teacher, panels: list[tuple[str, torch.Tensor]], path: Path,
+                              title: str | None) -> bool | None:
+    """Draw generator samples as a picture at ``path``: one panel, or several side by side, each ``(label, samples)``.
+
+    Return ``True`` once drawn, ``None`` to leave it to another plugin (``samples`` this plugin
+    does not know how to show, e.g. of another teacher). One panel with ``title=None``: the label is
+    the picture's title. Used for the periodic sample pictures (``train.sample_every``) and
+    ``scoredistill compare``'s ``comparison.png``; where no plugin draws, the core shows 2-D points
+    as a plain scatter and images as a grid.
+    """

@@ -8,14 +8,15 @@ the teacher's fingerprint and every solver setting, so any change recomputes.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from rich.progress import Progress
 
 from scoredistill.io import load_tensors, save_tensors
+from scoredistill.progress import progress as progress_display
 from scoredistill.registry import component
 from scoredistill.roles import BuildContext, PairSource, Teacher, seeded_conditions, stable_hash
 from scoredistill.sampling import heun_sample, karras_sigmas
@@ -41,8 +42,8 @@ class ODEPairs(PairSource):
         key = stable_hash(teacher.fingerprint(), config.num_pairs, config.steps, config.rho, config.seed,
                           *(["conditions", cond] if cond is not None else []))
         self.path = Path(ctx.cache_dir) / "pairs" / f"ode-{key}.safetensors"
-        if config.cache and self.path.exists():
-            data = load_tensors(self.path)
+        data = self._cached() if config.cache else None
+        if data is not None:
             self.z, self.y = data["z"], data["y"]
         else:
             self.z, self.y = self.solve(teacher, cond, progress=ctx.extra.get("progress", True))
@@ -50,6 +51,22 @@ class ODEPairs(PairSource):
                 save_tensors(self.path, {"z": self.z, "y": self.y}, {"teacher": teacher.fingerprint()})
         self.z, self.y = self.z.to(ctx.device), self.y.to(ctx.device)
         self.c = cond.to(ctx.device) if cond is not None else None
+
+    def _cached(self) -> Optional[dict[str, torch.Tensor]]:
+        """The cached pairs, or None: none yet, or a damaged file (a run killed while another wrote it), which is
+        deleted and solved again."""
+        if not self.path.exists():
+            return None
+        try:
+            data = load_tensors(self.path)
+            if data["z"].shape != (self.config.num_pairs, *data["z"].shape[1:]) or data["y"].shape != data["z"].shape:
+                raise ValueError("wrong shapes")
+            return data
+        except Exception as exc:  # safetensors' own errors, a missing key, wrong shapes
+            sys.stderr.write(f"scoredistill: warning: discarding the damaged ODE-pair cache {self.path} "
+                             f"({(str(exc).splitlines() or [type(exc).__name__])[0]}); solving the pairs again\n")
+            self.path.unlink(missing_ok=True)
+            return None
 
     def solve(self, teacher: Teacher, cond: Optional[torch.Tensor] = None, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """``(z, ODE(z))`` for the seeded noise; the ``i``-th pair is solved with ``cond[i]`` when given."""
@@ -59,7 +76,7 @@ class ODEPairs(PairSource):
         sigmas = karras_sigmas(c.steps, teacher.sigma_min, teacher.sigma_max, c.rho)
         device = teacher.sigmas.device
         ys = []
-        with Progress(transient=True, disable=not progress) as bar:
+        with progress_display(progress, transient=True) as bar:
             task = bar.add_task("ODE pairs (Heun)", total=c.num_pairs)
             for start in range(0, c.num_pairs, c.batch_size):
                 zb = z[start : start + c.batch_size].to(device)

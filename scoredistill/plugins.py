@@ -4,7 +4,7 @@ Plugins are found the way pytest finds them:
 
 * the core's own plugins (:data:`CORE_PLUGINS`, e.g. :mod:`scoredistill.builtin`) are always registered;
 * installed packages join through the ``scoredistill`` entry-point group (the
-  built-in ``dmd`` and ``baselines`` plugins too), unless
+  built-in ``toy2d``, ``dmd`` and ``baselines`` plugins too), unless
   ``SCOREDISTILL_DISABLE_PLUGIN_AUTOLOAD`` is set;
 * ``SCOREDISTILL_PLUGINS=mod.a,mod.b`` (or ``-p mod.a`` on the command line)
   imports and registers modules by name;
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
     from scoredistill.config import ComponentSpec, RunConfig
     from scoredistill.roles import BuildContext, FakeScore, FakeScoreLoss, Generator, GeneratorLoss, PairSource, Teacher
-    from scoredistill.trainer import Run
+    from scoredistill.views import RunView
 
 ENTRY_POINT_GROUP = "scoredistill"
 #: parts of the core that are plugins themselves, always registered (name -> module)
@@ -120,16 +120,16 @@ class Hooks:
         return self._required(self.pm.hook.scoredistill_make_pair_source(spec=spec, ctx=ctx), "pair_source", spec)
 
     # -- lifecycle
-    def train_start(self, *, run: "Run") -> None:
+    def train_start(self, *, run: "RunView") -> None:
         self.pm.hook.scoredistill_train_start(run=run)
 
-    def train_step_end(self, *, run: "Run", step: int, logs: dict[str, float]) -> None:
+    def train_step_end(self, *, run: "RunView", step: int, logs: dict[str, float]) -> None:
         self.pm.hook.scoredistill_train_step_end(run=run, step=step, logs=logs)
 
-    def train_end(self, *, run: "Run") -> None:
+    def train_end(self, *, run: "RunView") -> None:
         self.pm.hook.scoredistill_train_end(run=run)
 
-    def evaluate(self, *, run: "Run", samples: "torch.Tensor") -> dict[str, Any]:
+    def evaluate(self, *, run: "RunView", samples: "torch.Tensor") -> dict[str, Any]:
         merged: dict[str, Any] = {}
         for part in self.pm.hook.scoredistill_evaluate(run=run, samples=samples):
             for key, value in (part or {}).items():
@@ -138,8 +138,13 @@ class Hooks:
                 merged[key] = value
         return merged
 
-    def report(self, *, run: "Run", samples: "torch.Tensor", metrics: dict[str, Any]) -> None:
+    def report(self, *, run: "RunView", samples: "torch.Tensor", metrics: dict[str, Any]) -> None:
         self.pm.hook.scoredistill_report(run=run, samples=samples, metrics=metrics)
+
+    def draw_samples(self, *, teacher: "Teacher", panels: list[tuple[str, "torch.Tensor"]], path: Any,
+                     title: Optional[str] = None) -> bool:
+        """True when a plugin drew the panels (:func:`~scoredistill.hookspecs.scoredistill_draw_samples`)."""
+        return bool(self.pm.hook.scoredistill_draw_samples(teacher=teacher, panels=panels, path=path, title=title))
 
     @staticmethod
     def _required(result: Any, role: str, spec: "ComponentSpec") -> Any:

@@ -5,7 +5,7 @@ bias to the low precision in every forward, and the backward casts their gradien
 aten ops per tensor and call. On a GPU whose host sets the pace each costs the host about a
 kernel launch and more (session 7's H200 profile: 28 µs per cast, 42 µs per cast's backward
 node). In a bf16 DMD iteration on the CIFAR UNet they are 1,352 of its 6,885 aten ops
-(``benchmarks/README.md``, "GPU").
+(``benchmarks/README.md``, "GPU throughput").
 
 :class:`WeightCopies` keeps those casts as tensors of their own, and gives each layer's forward
 the copies while autocast runs at their dtype. Gradients land on the copies and reach the
@@ -17,7 +17,7 @@ cast once, as autocast's backward casts it. This is the master-weights scheme of
 et al., "Mixed Precision Training" (ICLR 2018), restricted to the tensors autocast casts.
 
 The float32 weights stay the network's parameters, so the optimiser, checkpoints, the EMA and
-sampling outside autocast (``trainer.generate``) see the network as it was.
+sampling outside autocast (``samples.generate``) see the network as it was.
 
 - Left alone (cast per call, as before): layers of other types, weights tied between layers,
   and deep copies of the network (they fall back to the layer's own forward).

@@ -31,7 +31,33 @@ from pydantic import BaseModel, ConfigDict, Field
 from scoredistill.errors import UserError, one_of
 
 Role = Literal["teacher", "generator", "fake_score", "generator_loss", "fake_score_loss", "pair_source"]
-ROLES: tuple[str, ...] = ("teacher", "generator", "fake_score", "generator_loss", "fake_score_loss", "pair_source")
+
+
+@dataclass(frozen=True)
+class RoleInfo:
+    """One role a component can fill: its name, the run-config section that names it, its base class, what it is."""
+
+    name: str
+    section: str  # ``losses.<term>`` for generator loss terms
+    base: str  # the base class in scoredistill.roles
+    summary: str
+
+
+#: the one table of roles, in the order a run builds them
+ROLE_TABLE: tuple[RoleInfo, ...] = (
+    RoleInfo("teacher", "teacher", "Teacher", "The frozen *real* denoiser `D_real(x_s, s, cond)` and its noise schedule. "
+             "Every teacher follows the sigma convention `x_s = x + s * eps`."),
+    RoleInfo("generator", "generator", "Generator", "The one-step generator `G(z, cond) -> x` that the run trains."),
+    RoleInfo("fake_score", "fake_score", "FakeScore", "The *fake* denoiser `D_fake` of the generator's own distribution, "
+             "trained online (or replaced, in ablations)."),
+    RoleInfo("generator_loss", "losses.<term>", "GeneratorLoss", "One term of the generator objective, `term(batch, models) "
+             "-> scalar`; a method sums `weight * term` over its terms (config section `losses.<term name>`)."),
+    RoleInfo("fake_score_loss", "fake_score_loss", "FakeScoreLoss", "The loss that trains the fake score on detached "
+             "generator samples (config section `fake_score_loss`)."),
+    RoleInfo("pair_source", "pairs", "PairSource", "Noise-to-data pairs `(z_ref, y_ref)` from the teacher, for regression "
+             "terms (config section `pairs`)."),
+)
+ROLES: tuple[str, ...] = tuple(r.name for r in ROLE_TABLE)
 
 
 @dataclass(frozen=True)

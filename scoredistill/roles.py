@@ -1,24 +1,24 @@
 """The roles a score-distillation method is built from, and what each must provide.
 
-Notation follows DESIGN.md and the DMD paper (Yin et al., CVPR 2024): sigma-form
+Notation follows EDM (Karras et al., NeurIPS 2022) and the DMD paper (Yin et al., CVPR 2024): sigma-form
 noising ``x_s = x + s * eps``; a denoiser ``D(x_s, s, cond) ~ E[x | x_s]``; its
 score is ``(D(x_s, s) - x_s) / s**2``.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from scoredistill.errors import UserError
+from scoredistill.hashing import stable_hash  # noqa: F401  (re-exported: components hash their settings with it)
 
 if TYPE_CHECKING:
-    from scoredistill.plugins import Hooks
+    from scoredistill.registry import Registry
 
 
 def score_from_denoiser(denoised: Tensor, x_noisy: Tensor, sigma: Tensor) -> Tensor:
@@ -280,11 +280,22 @@ def cat_conditions(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]
     return torch.cat([a, b])
 
 
+class ComponentSource(Protocol):
+    """What a component's constructor may use of the plugin system (``BuildContext.hooks``): the registry.
+
+    :class:`scoredistill.plugins.Hooks` is one.
+    """
+
+    @property
+    def registry(self) -> Registry:
+        """Every registered component, method and preset."""
+
+
 @dataclass
 class BuildContext:
     """What a component's constructor may use besides its own config."""
 
-    hooks: "Hooks"
+    hooks: ComponentSource
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     cache_dir: Path = field(default_factory=lambda: default_cache_dir())
     teacher: Optional[Teacher] = None
@@ -299,19 +310,6 @@ def default_cache_dir() -> Path:
 
     root = os.environ.get("SCOREDISTILL_CACHE")
     return Path(root) if root else Path.home() / ".cache" / "scoredistill"
-
-
-def stable_hash(*parts: Any) -> str:
-    """A short hex digest of ``repr`` of the parts (floats rounded to 12 significant digits)."""
-    h = hashlib.sha256()
-    for p in parts:
-        if isinstance(p, Tensor):
-            h.update(p.detach().cpu().contiguous().numpy().tobytes())
-        elif isinstance(p, float):
-            h.update(f"{p:.12g}".encode())
-        else:
-            h.update(repr(p).encode())
-    return h.hexdigest()[:16]
 
 
 def edm_preconditioning(sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -1,6 +1,6 @@
 """Where a run's numbers and pictures go while it trains (the main process only).
 
-* a progress bar (rich): step, losses, steps per second, time left;
+* progress on stderr (:mod:`scoredistill.progress`): step, total, time left, steps per second, losses;
 * ``metrics.csv``: one row per logged step (the records of ``history.json``);
 * TensorBoard scalars (an ``events.out.tfevents.*`` file in the run folder, so that
   ``tensorboard --logdir runs`` shows every run by its folder name) when the
@@ -15,7 +15,6 @@ Nothing here synchronises the device except at the log steps the trainer chooses
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,13 +22,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from scoredistill.errors import UserError
+from scoredistill.hashing import state_hash
 from scoredistill.io import atomic_write, write_text
+from scoredistill.progress import progress
 
 if TYPE_CHECKING:
-    from scoredistill.trainer import Run
+    from scoredistill.run import Run
 
 METRICS_CSV = "metrics.csv"
 DEBUG_DIR = "debug"
@@ -51,40 +51,31 @@ def check_tensorboard(setting: Optional[bool]) -> None:
                         "(or set runtime.tensorboard=false)")
 
 
-def progress_bar(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[losses]}"),
-        TextColumn("{task.fields[speed]}"), TimeElapsedColumn(), TimeRemainingColumn(), transient=False, disable=not enabled,
-    )
+def progress_bar(enabled: bool) -> Any:
+    """On stderr: step, total, time left, then speed and losses (cut first on a narrow terminal); plain lines in a log."""
+    return progress(enabled, "speed", "losses")
 
 
 def weights_hash(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        h.update(key.encode())
-        h.update(tensors[key].detach().reshape(-1).clone().cpu().view(torch.uint8).numpy().tobytes())  # a copy (see checkpoint._digest)
-    return h.hexdigest()[:16]
+    return state_hash(tensors)
 
 
-def sample_picture(teacher: Any, samples: torch.Tensor, path: Path, title: str) -> bool:
-    """Samples as a picture: 2-D points as a scatter (over the target's density when known), images as a grid."""
-    from scoredistill import plots
-    from scoredistill.gaussian_mixture import GaussianMixtureTeacher
-
+def sample_picture(teacher: Any, samples: torch.Tensor, path: Path, title: str, hooks: Any = None) -> bool:
+    """Samples as a picture: as a plugin draws them (``scoredistill_draw_samples``, e.g. over the target's
+    density), else 2-D points as a scatter and images as a grid."""
+    if hooks is not None and hooks.draw_samples(teacher=teacher, panels=[(title, samples)], path=path):
+        return True
     if samples.ndim == 2 and samples.shape[1] == 2:
-        if isinstance(teacher, GaussianMixtureTeacher):
-            plots.scatter_over_density(teacher, samples, path, title)
-        else:
-            import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt
 
-            from scoredistill.io import save_figure
+        from scoredistill.io import save_figure
 
-            fig, ax = plt.subplots(figsize=(5, 5))
-            s = samples[:3000].cpu()
-            ax.scatter(s[:, 0], s[:, 1], s=2, c="tab:red", alpha=0.5, linewidths=0)
-            ax.set_title(title, fontsize=9)
-            save_figure(fig, path)
-            plt.close(fig)
+        fig, ax = plt.subplots(figsize=(5, 5))
+        s = samples[:3000].cpu()
+        ax.scatter(s[:, 0], s[:, 1], s=2, c="tab:red", alpha=0.5, linewidths=0)
+        ax.set_title(title, fontsize=9)
+        save_figure(fig, path)
+        plt.close(fig)
         return True
     if samples.ndim == 4 and samples.shape[1] in (1, 3):
         from torchvision.utils import make_grid, save_image
@@ -109,6 +100,7 @@ class RunLog:
         self.pending: list[Future] = []
         self.hash_file: Optional[Path] = None
         self._last = (0, 0.0)  # (step, time) of the previous record, for steps per second
+        self.csv_failed = False
 
     # -- lifecycle
     def __enter__(self) -> "RunLog":
@@ -179,12 +171,21 @@ class RunLog:
         write_text(self.run.dir / METRICS_CSV, buf.getvalue())
 
     def _append_csv(self, record: dict[str, float]) -> None:
+        """One row of ``metrics.csv``. A full disk (or any other OS fault) here costs that file only: one warning, no
+        more rows, training goes on (``history.json`` and the checkpoints keep every record)."""
+        if self.csv_failed:
+            return
         path = self.run.dir / METRICS_CSV
-        with open(path, "a", newline="") as f:
-            if self.columns is None:
-                self.columns = list(record)
-                csv.DictWriter(f, fieldnames=self.columns).writeheader()
-            csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore").writerow(record)
+        try:
+            with open(path, "a", newline="") as f:
+                if self.columns is None:
+                    self.columns = list(record)
+                    csv.DictWriter(f, fieldnames=self.columns).writeheader()
+                csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore").writerow(record)
+        except OSError as err:
+            self.csv_failed = True
+            sys.stderr.write(f"scoredistill: warning: cannot append to {path} ({err.strerror or err}); it gets no more rows "
+                             "this session (history.json keeps them; a --resume rewrites it)\n")
 
     # -- pictures and debug
     def picture(self, step: int, samples: torch.Tensor) -> None:
@@ -197,7 +198,7 @@ class RunLog:
         title = f"{run.config.method} — step {step}"
         path = run.dir / f"samples_step{step}.png"
         self.pending = [f for f in self.pending if not f.done()]
-        self.pending.append(self.pool.submit(sample_picture, run.models.teacher, samples, path, title))
+        self.pending.append(self.pool.submit(sample_picture, run.models.teacher, samples, path, title, run.hooks))
 
     def weight_hashes(self, step: int, hashes: dict[str, str]) -> None:
         if self.hash_file is not None:

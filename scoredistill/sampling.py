@@ -26,6 +26,11 @@ def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float
     return torch.cat([s, s.new_zeros(1)])
 
 
+def karras_schedule(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """A teacher's discrete schedule: the ``n`` levels of :func:`karras_sigmas` (EDM eq. 5) in ascending order, float32."""
+    return karras_sigmas(n, sigma_min, sigma_max, rho)[:-1].flip(0).float()
+
+
 @torch.no_grad()
 def heun_sample(denoiser: Denoiser, x_start: Tensor, sigmas: Tensor, cond: Optional[Tensor] = None) -> Tensor:
     """Solve the probability-flow ODE from ``x_start`` (noise at ``sigmas[0]``) to ``sigmas[-1]``.

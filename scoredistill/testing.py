@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from scoredistill.gaussian_mixture import GaussianMixtureTeacher
+from scoredistill.toy2d.gaussian_mixture import GaussianMixtureTeacher
 from scoredistill.plugins import Hooks, make_plugin_manager
 from scoredistill.roles import BuildContext
 

@@ -82,7 +82,7 @@ def test_kl_gradient_snr_is_zero_when_the_fake_score_is_the_teacher(tmp_path):
 
 def test_mean_bias_is_zero_for_the_exact_mixture_denoiser():
     """E[D(x + s eps)] = E[x] for the exact posterior mean; a denoiser off by 0.5 shows a bias of 0.5."""
-    from scoredistill.gaussian_mixture import GaussianMixtureTeacher
+    from scoredistill.toy2d.gaussian_mixture import GaussianMixtureTeacher
 
     snr = _load_benchmark("kl_gradient_snr")
     gmm = GaussianMixtureTeacher(GaussianMixtureTeacher.Config(means=[[-2.0, 0.0], [2.0, 1.0]], stds=[0.3, 0.5], weights=[0.4, 0.6]))

@@ -133,7 +133,7 @@ def test_dmd2_with_a_class_conditional_teacher_is_a_one_line_error(teacher_path,
 
 
 def _toy_teacher(**kw):
-    from scoredistill.gaussian_mixture import GaussianMixtureTeacher
+    from scoredistill.toy2d.gaussian_mixture import GaussianMixtureTeacher
 
     base = dict(means=[[4.0, 0.0], [0.0, 4.0], [-4.0, 0.0]], stds=[0.3, 0.5, 0.3], weights=[0.5, 0.25, 0.25])
     return GaussianMixtureTeacher(GaussianMixtureTeacher.Config(**{**base, **kw}))
@@ -164,7 +164,8 @@ def test_the_conditional_mixture_denoiser_is_one_components_denoiser_guided(g):
 def test_dmd_learns_a_class_conditional_generator_on_the_toy(hooks, tmp_path):
     """toy2d with labels (component k = class k): after training, G(z, k) lands in component k, judged by the exact
     Bayes posterior of the mixture, and the samples over labels still cover the whole mixture."""
-    from scoredistill.trainer import execute, one_step_samples
+    from scoredistill.runner import execute
+    from scoredistill.samples import one_step_samples
 
     overrides = ["teacher.class_conditional=true", "train.steps=1500", "pairs.num_pairs=20000", "runtime.progress=false",
                  "eval.num_samples=2000"]

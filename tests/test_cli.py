@@ -99,7 +99,7 @@ def test_existing_run_folder_is_never_overwritten(tiny_run):
 
 
 def test_sample_rejects_bad_arguments(tiny_run, tmp_path):
-    for args, message in [(["--num", "0", "--out", str(tmp_path / "a.npy")], "--num must be a positive integer"),
+    for args, message in [(["--num", "0", "--out", str(tmp_path / "a.npy")], "--num must be an integer from 1"),
                           (["--num", "5", "--out", str(tmp_path / "a.txt")], "must be a .npy file")]:
         proc = _cli("sample", str(tiny_run), *args)
         assert proc.returncode == 2 and message in proc.stderr

@@ -1,9 +1,10 @@
 """The documentation site builds with ``mkdocs build --strict`` and covers the code.
 
-The reference pages are generated from the code at build time (docs/_hooks/reference.py);
-these tests check that the build passes and that what it generated names every
-registered component, method, preset, hook and command, and that the hand-written
-run-folder page describes every file and metric the code writes.
+The reference pages are written from the code and committed (docs/_hooks/reference.py), and
+so is the code the tutorial shows; these tests check that the committed copies are current,
+that the build passes, that the pages name every registered component, method, preset, hook
+and command, and that the hand-written run-folder page describes every file and metric the
+code writes.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def project():
     """The docs hook's view of the built-in plugins (the same registry the pages came from)."""
     spec = importlib.util.spec_from_file_location("scoredistill_docs_reference", DOCS / "_hooks" / "reference.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module.project()
 
@@ -115,13 +117,13 @@ def test_every_command_and_option_is_documented(site):
 def test_the_run_folder_page_describes_every_file_and_metric():
     import torch
 
-    from scoredistill import trainer
+    from scoredistill import run_dir
     from scoredistill.testing import mixture
-    from scoredistill.toy_metrics import mixture_metrics
+    from scoredistill.toy2d.toy_metrics import mixture_metrics
 
     text = (DOCS / "reference" / "run-folder.md").read_text()
     text = text.replace("<!-- generated: run-files -->", "")
-    for constant, filename in vars(trainer).items():
+    for constant, filename in vars(run_dir).items():
         if constant.endswith("_FILE") and isinstance(filename, str):
             assert f"`{filename}`" in text, f"{filename} ({constant}) is not described in docs/reference/run-folder.md"
     teacher = mixture([[1.0, 0.0], [-1.0, 0.0]], [0.3, 0.3], [0.5, 0.5])
@@ -130,13 +132,47 @@ def test_the_run_folder_page_describes_every_file_and_metric():
         assert f"`{key}`" in text, f"metric {key} is not described in docs/reference/run-folder.md"
 
 
-def test_the_tutorial_includes_every_file_of_the_example_package():
+def test_the_tutorial_shows_every_file_of_the_example_package():
     tutorial = (DOCS / "tutorial.md").read_text()
     example = DOCS / "examples" / "scoredistill-example"
     for path in sorted(example.rglob("*")):
         if path.is_file() and path.suffix in (".py", ".toml", ".yaml") and path.name != "__init__.py":
             rel = path.relative_to(ROOT).as_posix()
-            assert f'--8<-- "{rel}' in tutorial, f"the tutorial does not include {rel}"
+            assert re.search(rf"<!-- include \w+: (.*, )?{re.escape(rel)}", tutorial), f"the tutorial does not show {rel}"
+
+
+def test_the_committed_reference_pages_and_listings_are_current(project):
+    import scoredistill_docs_reference as reference
+
+    assert reference.stale() == [], f"stale: refresh them with: {reference.REFRESH}"
+    for name in reference.INCLUDED:  # plain Markdown: no include line is left for a build to expand
+        assert "--8<-- \"" not in (DOCS / name).read_text()
+
+
+def test_a_stale_copy_is_found_and_refreshed(project, tmp_path, monkeypatch):
+    import scoredistill_docs_reference as reference
+
+    page = DOCS / "reference" / "presets.md"
+    tutorial = DOCS / "tutorial.md"
+    saved = {p: p.read_text() for p in (page, tutorial)}
+    try:
+        page.write_text(saved[page].replace("# Presets", "# Presets (edited by hand)"))
+        tutorial.write_text(saved[tutorial].replace("class Config(BaseModel):", "class Config(Base):", 1))
+        assert reference.stale() == ["docs/reference/presets.md", "docs/tutorial.md"]
+        assert reference.refresh() == ["docs/reference/presets.md", "docs/tutorial.md"]
+        assert {p: p.read_text() for p in saved} == saved
+    finally:
+        for p, text in saved.items():
+            p.write_text(text)
+
+
+def test_settings_tables_keep_their_columns_where_a_type_is_a_choice_or_optional():
+    text = (DOCS / "reference" / "components.md").read_text() + (DOCS / "reference" / "config.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert any('"stop" \\| "skip"' in row for row in rows) and any("int \\| None" in row for row in rows)
+    for row in rows:
+        cells = re.split(r"(?<!\\)\|", row)[1:-1]
+        assert len(cells) in (2, 3, 5), row
 
 
 def _text(html: str) -> str:

@@ -9,7 +9,7 @@ import pytest
 from scoredistill.config import resolve
 from scoredistill.errors import UserError
 from scoredistill.plugins import Hooks, make_plugin_manager
-from scoredistill.trainer import execute
+from scoredistill.runner import execute
 
 TINY = ["train.steps=6", "train.fake_score_warmup_steps=2", "train.batch_size=32", "train.log_every=2",
         "pairs.num_pairs=64", "eval.num_samples=200", "runtime.progress=false"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from scoredistill.gaussian_mixture import GaussianMixtureTeacher
+from scoredistill.toy2d.gaussian_mixture import GaussianMixtureTeacher
 from scoredistill.roles import score_from_denoiser
 
 from scoredistill.testing import mixture

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict
 from scoredistill import hookimpl
 from scoredistill.config import resolve
 from scoredistill.errors import UserError
-from scoredistill.gaussian_mixture import GaussianMixtureTeacher
+from scoredistill.toy2d.gaussian_mixture import GaussianMixtureTeacher
 from scoredistill.plugins import CORE_PLUGINS, Hooks, make_plugin_manager
 from scoredistill.registry import ROLES, component
 from scoredistill.roles import GeneratorLoss

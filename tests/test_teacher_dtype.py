@@ -57,7 +57,7 @@ def test_a_bf16_teacher_gives_the_fp32_teachers_denoiser_to_bf16_precision(hooks
 
 
 def test_under_autocast_a_bf16_teacher_casts_none_of_its_weights(hooks, tmp_path, folder):
-    """What the option is for on a GPU (benchmarks/README.md, plan item 2): autocast re-casts a float32 teacher's
+    """What the option is for on a GPU (benchmarks/README.md, "GPU throughput"): autocast re-casts a float32 teacher's
     convolution and linear weights to bf16 on every call; a bf16 teacher's are already bf16."""
     x, sigma = torch.randn((2, 1, 8, 8)), torch.tensor([0.5, 3.0])
     counts = {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from scoredistill.config import resolve
-from scoredistill.trainer import execute
+from scoredistill.runner import execute
 
 pytestmark = pytest.mark.slow
 

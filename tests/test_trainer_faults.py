@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -41,14 +42,34 @@ def flip_a_bit(path):
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage, message", [(truncate, "is corrupt or truncated"), (flip_a_bit, "is corrupt: its tensors do not match the SHA-256 checksum")])
+def edit_header(old: bytes, new: bytes):
+    """A same-length change inside the checkpoint's JSON header (safetensors still parses it)."""
+    assert len(old) == len(new)
+
+    def damage(path):
+        data = path.read_bytes()
+        assert data.count(old) >= 1, old
+        path.write_bytes(data.replace(old, new, 1))
+    damage.__name__ = f"edit_{old.decode()}"
+    return damage
+
+
+SUM = "is corrupt: its tensors, state or config do not match the SHA-256 checksum"
+
+
+@pytest.mark.parametrize("damage, message", [
+    (truncate, "is corrupt or truncated"), (flip_a_bit, SUM),
+    (edit_header(b'\\"lr\\": 0.001', b'\\"lr\\": 0.000'), SUM),  # an optimiser's learning rate in the state JSON
+    (edit_header(b'\\"step\\": 30', b'\\"step\\": 20'), SUM),  # the step counter
+    (edit_header(b"batch_size: 64", b"batch_size: 65"), SUM),  # the config stored in the checkpoint
+], ids=["truncated", "tensor-bit", "state-lr", "state-step", "config"])
 def test_a_damaged_checkpoint_is_refused_and_the_previous_one_resumes_exactly(finished, tmp_path, capsys, damage, message):
     run_dir = tmp_path / "run"
     shutil.copytree(finished, run_dir)
     latest = run_dir / "checkpoint-step-00000030.safetensors"
     damage(latest)
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
-    if damage is truncate:  # as a user sees it: a separate process
+    if damage in (truncate, flip_a_bit):  # as a user sees it: a separate process
         proc = subprocess.run([sys.executable, "-m", "scoredistill.cli", "run", "--resume", str(run_dir), "--quiet"],
                               capture_output=True, text=True, env=os.environ)
         code, err = proc.returncode, proc.stderr
@@ -66,6 +87,42 @@ def test_a_damaged_checkpoint_is_refused_and_the_previous_one_resumes_exactly(fi
     a, b = load_file(str(run_dir / "generator.safetensors")), load_file(str(finished / "generator.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert load_file(str(latest)).keys() == load_file(str(finished / latest.name)).keys()  # rewritten whole
+
+
+def test_checkpoint_files_are_shared_by_umask_and_a_kill_mid_write_leaves_nothing_behind(finished, tmp_path):
+    """A SIGKILL while safetensors writes a checkpoint leaves its own ``.tmpXXXXXX`` file; the next save (here:
+    the resumed run's) deletes it. Every checkpoint and weight file gets mode 0666 & ~umask, not mkstemp's 0600."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    writer = ("import torch, sys; from scoredistill import checkpoint as c; t = {'w': torch.ones(48 << 20)}\n"
+              "while True: c.save(sys.argv[1], 'checkpoint-step-00000099.safetensors', t, {}, '', 1)")
+    left = []
+    for _ in range(5):  # the kill must land inside safetensors' write: watch for its temporary file, then kill
+        proc = subprocess.Popen([sys.executable, "-c", writer, str(junk)])
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and proc.poll() is None:
+                if any(p.name.startswith(".tmp") for p in junk.iterdir()):
+                    break
+        finally:
+            proc.kill()
+            proc.wait()
+        left = [p for p in junk.iterdir() if p.name.startswith(".tmp")]
+        if left:
+            break
+    assert left, "no partial write was caught"
+    for p in left:
+        shutil.move(p, run_dir / p.name)
+    old = os.umask(0o022)
+    try:
+        assert main(["run", "--resume", str(run_dir), "--set", "train.steps=40", "--quiet"]) == 0
+    finally:
+        os.umask(old)
+    assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".")]
+    for p in [*run_dir.glob("checkpoint-*.safetensors"), run_dir / "generator.safetensors"]:
+        assert p.stat().st_mode & 0o777 == 0o644, (p, oct(p.stat().st_mode))
 
 
 @pytest.mark.parametrize("gradient_only, what", [(False, "non-finite loss term 'boom'"), (True, "non-finite gradient of the generator")])

@@ -1,6 +1,11 @@
-"""MkDocs hook: write the reference pages from the code at build time, so they cannot drift.
+"""The reference pages, written from the code, and the code the tutorial shows, copied from the example package.
 
-Generated pages (they exist only in the built site, never in ``docs/``):
+Both are committed, so that the docs read completely as plain Markdown in the repository;
+``tests/test_docs.py`` fails when a committed copy is stale, and one command refreshes them::
+
+    python docs/_hooks/reference.py
+
+Generated pages (``docs/reference/``):
 
 * ``reference/components.md``: every registered component, by role, with its
   docstring, paper and config fields (from its pydantic ``Config``);
@@ -11,12 +16,18 @@ Generated pages (they exist only in the built site, never in ``docs/``):
 * ``reference/cli.md``: every command and option of ``scoredistill``, from the
   argparse parser (``scoredistill.cli.make_parser``).
 
-Hand-written pages can also embed generated tables with a marker on a line of
-its own, e.g. ``<!-- generated: method-table -->`` (see ``MARKERS``).
+Code copied into pages: a region ``<!-- include LANG: FILE[:SECTION] -->`` ...
+``<!-- end include -->`` holds a fenced ``LANG`` block (no LANG: the text itself) with the
+part of FILE between its ``--8<-- [start:SECTION]`` and ``--8<-- [end:SECTION]`` comments
+(the whole file without no SECTION; ``FILE:N:`` from line N on; several, comma-separated,
+joined by a blank line). See :data:`INCLUDED`.
 
 Only the plugins that ship with scoredistill (its own ``scoredistill`` entry
 points) are documented; third-party plugins installed in the same environment
-are left out.
+are left out. Hand-written pages hold generated tables in regions
+``<!-- generated: NAME -->`` ... ``<!-- end generated -->`` (see ``MARKERS``), refreshed the
+same way. As a MkDocs hook this file loads the Sphinx-role extension and checks that the
+generated pages exist.
 """
 
 from __future__ import annotations
@@ -35,19 +46,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from mkdocs.plugins import event_priority
-from mkdocs.structure.files import File, Files
+from mkdocs.structure.files import Files
 
 sys.path.insert(0, str(Path(__file__).parent))
 import sphinx_roles  # noqa: E402  (a sibling file, not a package)
 
-ROLE_DOC = {
-    "teacher": "The frozen *real* denoiser `D_real(x_s, s, cond)` and its noise schedule. Every teacher follows the sigma convention `x_s = x + s * eps`.",
-    "generator": "The one-step generator `G(z, cond) -> x` that the run trains.",
-    "fake_score": "The *fake* denoiser `D_fake` of the generator's own distribution, trained online (or replaced, in ablations).",
-    "generator_loss": "One term of the generator objective, `term(batch, models) -> scalar`; a method sums `weight * term` over its terms (config section `losses.<term name>`).",
-    "fake_score_loss": "The loss that trains the fake score on detached generator samples (config section `fake_score_loss`).",
-    "pair_source": "Noise-to-data pairs `(z_ref, y_ref)` from the teacher, for regression terms (config section `pairs`).",
-}
 
 
 # --------------------------------------------------------------------------- the registry
@@ -119,9 +122,9 @@ def type_name(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin is typing.Literal:
-        return " \\| ".join(json.dumps(a) for a in args)
+        return " | ".join(json.dumps(a) for a in args)  # cell() escapes the pipes, once
     if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
-        return " \\| ".join(type_name(a) for a in args)
+        return " | ".join(type_name(a) for a in args)
     if origin is not None:
         name = getattr(origin, "__name__", str(origin))
         return f"{name}[{', '.join(type_name(a) for a in args)}]" if args else name
@@ -268,18 +271,17 @@ def method_table(prefix: str = "") -> str:
 
 def components_page() -> str:
     from scoredistill import roles
-    from scoredistill.config import COMPONENT_SECTIONS, LOSS_SECTION
+    from scoredistill.registry import ROLE_TABLE
 
     reg = project().registry
-    section_of = {role: f"`{section}`" for section, role in COMPONENT_SECTIONS.items()}
-    section_of["generator_loss"] = f"`{LOSS_SECTION}.<term>`"
+    section_of = {r.name: f"`{r.section}`" for r in ROLE_TABLE}
     out = [
         "# Components",
         "",
         "Every component registered by the plugins that ship with scoredistill, by role. "
         "A config section selects one with `component: NAME`; the other keys of the section are "
         "its settings, checked against the table below (unknown keys are an error). "
-        "Generated from the registry at build time; `scoredistill list` prints the same names "
+        "Generated from the registry by `python docs/_hooks/reference.py`; `scoredistill list` prints the same names "
         "for whatever plugins are installed.",
         "",
         "| role | config section | components |",
@@ -289,12 +291,10 @@ def components_page() -> str:
         links = ", ".join(f"[{code(n)}](#{anchor(role, n)})" for n in sorted(table)) or "—"
         out.append(f"| [{role}](#role-{role.replace('_', '-')}) | {section_of.get(role, '—')} | {links} |")
     out.append("")
-    base_class = {
-        "teacher": roles.Teacher, "generator": roles.Generator, "fake_score": roles.FakeScore,
-        "generator_loss": roles.GeneratorLoss, "fake_score_loss": roles.FakeScoreLoss, "pair_source": roles.PairSource,
-    }
+    base_class = {r.name: getattr(roles, r.base) for r in ROLE_TABLE}
+    role_doc = {r.name: r.summary for r in ROLE_TABLE}
     for role, table in reg.components.items():
-        out += [f"## Role `{role}` {{ #role-{role.replace('_', '-')} }}", "", ROLE_DOC.get(role, ""), ""]
+        out += [f"## Role `{role}` {{ #role-{role.replace('_', '-')} }}", "", role_doc.get(role, ""), ""]
         base = base_class.get(role)
         if base is not None:
             out += [f"Base class: [`{base.__name__}`][{base.__module__}.{base.__name__}]. Config section: {section_of.get(role, '—')}.", ""]
@@ -303,7 +303,7 @@ def components_page() -> str:
         for name in sorted(table):
             info = table[name]
             cls = info.cls
-            section = "losses.<term>" if role == "generator_loss" else next((s for s, r in COMPONENT_SECTIONS.items() if r == role), role)
+            section = next((r.section for r in ROLE_TABLE if r.name == role), role)
             example = {"component": name}
             if role == "generator_loss":
                 example["weight"] = 1.0
@@ -336,7 +336,7 @@ def methods_page() -> str:
         "plus the ablations it allows (`--ablate NAME`, each a swap or removal of a component). "
         "The table shows every method and ablation as component choices; "
         "\"preset's\" means the method leaves that role to the preset, \"unused\" that nothing trains or calls it. "
-        "Generated from the registry at build time.",
+        "Generated from the registry by `python docs/_hooks/reference.py`.",
         "",
         method_table(),
     ]
@@ -385,7 +385,7 @@ def presets_page() -> str:
         "`--preset NAME`. The method's config is merged over it (the method's role choices and "
         "training settings win), then the preset retunes the loss terms the method has (for example "
         "the regression distance) but never adds one. "
-        "Generated from the registry at build time.",
+        "Generated from the registry by `python docs/_hooks/reference.py`.",
         "",
         "| preset | summary | plugin |",
         "|---|---|---|",
@@ -407,7 +407,7 @@ def config_page() -> str:
         "# Run config",
         "",
         "Every run is described by one resolved config, validated by pydantic and written to the "
-        "run folder as `config.yaml`. Generated from `scoredistill.config` at build time.",
+        "run folder as `config.yaml`. Generated from `scoredistill.config` by `python docs/_hooks/reference.py`.",
         "",
         "## How it is assembled",
         "",
@@ -498,7 +498,7 @@ def cli_page() -> str:
         "",
         sphinx_roles.convert(inspect.getdoc(cli) or "", context="scoredistill.cli").split("\n\n", 1)[0],
         "",
-        "Generated from `scoredistill.cli.make_parser()` at build time.",
+        "Generated from `scoredistill.cli.make_parser()` by `python docs/_hooks/reference.py`.",
         "",
         "```text",
         _usage(parser),
@@ -523,9 +523,15 @@ def cli_page() -> str:
     out += [
         "## Exit status",
         "",
-        "`0` on success; `2` for a user mistake (unknown method, bad `--set` key, a run folder that "
-        "already exists, ...), printed as one line `scoredistill: error: ...` without a traceback; "
-        "`130` when interrupted.",
+        "`0` on success; `2` for a user mistake (unknown method, bad `--set` key or value, a run folder that "
+        "already exists, ...) or a fault of the file system that the user fixes (a full disk, a read-only "
+        "`--out`), printed as one line `scoredistill: error: ...` without a traceback, before anything is "
+        "written; `1` for a run stopped by a non-finite loss; `130` / `143` when interrupted by SIGINT / SIGTERM "
+        "(after saving a checkpoint). Under torchrun, rank 0 prints the line.",
+        "",
+        "Results (the `done:` line, `compare`'s table, `sample`'s and `export`'s summaries) go to stdout; "
+        "progress, warnings and errors to stderr. When stderr is not a terminal, progress is a plain line "
+        "at most every ten seconds.",
         "",
     ]
     return "\n".join(out)
@@ -545,24 +551,24 @@ def hook_table() -> str:
         if name.startswith("scoredistill_add_"):
             kind = "registration"
         elif opts.get("firstresult"):
-            kind = "role (first result)"
+            kind = "role (first result)" if name.startswith("scoredistill_make_") else "picture (first result)"
         else:
             kind = "lifecycle" if name != "scoredistill_configure" else "configuration"
         args = ", ".join(code(a) for a in inspect.signature(fn).parameters)
         impls = ", ".join(sorted({i.plugin_name for i in caller.get_hookimpls()})) or "—"
         summary = (inspect.getdoc(fn) or "").split("\n\n")[0]
         rows.append(f"| [{code(name)}][scoredistill.hookspecs.{name}] | {kind} | {args or '—'} | {impls} | {cell(sphinx_roles.convert(summary, 'scoredistill.hookspecs'))} |")
-    order = {"registration": 0, "configuration": 1, "role (first result)": 2, "lifecycle": 3}
+    order = {"registration": 0, "configuration": 1, "role (first result)": 2, "lifecycle": 3, "picture (first result)": 4}
     head, body = rows[:2], rows[2:]
     body.sort(key=lambda r: order.get(r.split("|")[2].strip(), 9))
     return "\n".join(head + body) + "\n"
 
 
 def run_files() -> str:
-    """The run folder's file names, as the trainer defines them."""
-    from scoredistill import trainer
+    """The run folder's file names, as the run folder's module defines them."""
+    from scoredistill import run_dir
 
-    names = {k: v for k, v in vars(trainer).items() if k.endswith("_FILE") and isinstance(v, str)}
+    names = {k: v for k, v in vars(run_dir).items() if k.endswith("_FILE") and isinstance(v, str)}
     return ", ".join(code(v) for v in names.values()) + "\n"
 
 
@@ -574,18 +580,20 @@ GENERATED: dict[str, Callable[[], str]] = {
     "reference/cli.md": cli_page,
 }
 
-MARKERS: dict[str, Callable[[Any], str]] = {
+MARKERS: dict[str, Callable[[str], str]] = {
     "method-table": lambda page: method_table(prefix=_prefix(page)),
     "hook-table": lambda page: hook_table(),
     "run-files": lambda page: run_files(),
 }
-MARKER = re.compile(r"^<!-- generated: (?P<name>[\w-]+) -->$", flags=re.MULTILINE)
+#: ``<!-- generated: NAME -->`` then the generated text then ``<!-- end generated -->`` (the end is added if missing)
+MARKER = re.compile(r"^<!-- generated: (?P<name>[\w-]+) -->$(?:(?:(?!<!-- generated:).)*?^<!-- end generated -->$)?",
+                    flags=re.MULTILINE | re.DOTALL)
 
 
-def _prefix(page: Any) -> str:
-    """Relative path from ``page`` to the reference folder."""
-    depth = page.file.src_uri.count("/")
-    here = page.file.src_uri.rsplit("/", 1)[0] if depth else ""
+def _prefix(src_uri: str) -> str:
+    """Relative path from the page ``src_uri`` (e.g. ``reference/hooks.md``) to the reference folder."""
+    depth = src_uri.count("/")
+    here = src_uri.rsplit("/", 1)[0] if depth else ""
     return "" if here == "reference" else "../" * depth + "reference/"
 
 
@@ -606,18 +614,97 @@ def on_config(config: Any) -> Any:
 
 
 def on_files(files: Files, config: Any) -> Files:
-    for path, make in GENERATED.items():
-        if files.get_file_from_path(path) is not None:
-            raise SystemExit(f"docs/{path} is generated at build time; delete the file of that name")
-        files.append(File.generated(config, path, content=make()))
+    for path in GENERATED:
+        if files.get_file_from_path(path) is None:
+            raise SystemExit(f"docs/{path} is missing; write it with: {REFRESH}")
     return files
 
 
-def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str:
-    def replace(match: re.Match) -> str:
+# --------------------------------------------------------------------------- committed copies
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs"
+REFRESH = "python docs/_hooks/reference.py"
+#: pages with ``<!-- include ... -->`` regions
+INCLUDED = ("tutorial.md", "results.md")
+HEADER = "<!-- Generated from the code by {refresh}: do not edit; run it again after changing the code. -->\n\n"
+INCLUDE = re.compile(r"^(?P<indent>[ ]*)<!-- include(?: (?P<lang>\w+))?: (?P<refs>[^>]+?) -->\n.*?^(?P=indent)<!-- end include -->$",
+                     flags=re.MULTILINE | re.DOTALL)
+
+
+def snippet(ref: str) -> str:
+    """The text ``ref`` names: ``FILE``, ``FILE:SECTION`` (between ``--8<-- [start:SECTION]`` and ``[end:SECTION]``),
+    or ``FILE:N:`` / ``FILE:N:M`` (lines N to M, from 1); the ``--8<--`` marker lines left out."""
+    path, _, rest = ref.strip().partition(":")
+    lines = (ROOT / path).read_text(encoding="utf-8").splitlines()
+    if rest and re.fullmatch(r"\d+:\d*", rest):
+        start, end = rest.split(":")
+        lines = lines[int(start) - 1: int(end) if end else None]
+    elif rest:
+        marks = [i for i, line in enumerate(lines) if f"--8<-- [start:{rest}]" in line or f"--8<-- [end:{rest}]" in line]
+        if len(marks) != 2:
+            raise SystemExit(f"{path} has no section '{rest}' (--8<-- [start:{rest}] ... [end:{rest}])")
+        lines = lines[marks[0] + 1: marks[1]]
+    return "\n".join(line for line in lines if "--8<-- [" not in line).strip("\n")
+
+
+def with_includes(markdown: str) -> str:
+    """``markdown`` with every include region filled from the files it names."""
+
+    def fill(m: re.Match) -> str:
+        indent, lang, refs = m["indent"], m["lang"], m["refs"]
+        body = "\n\n".join(snippet(r) for r in refs.split(","))
+        if lang:
+            body = f"```{lang}\n{body}\n```"
+        body = "\n".join(indent + line if line.strip() else "" for line in body.splitlines())
+        head = f"{indent}<!-- include{' ' + lang if lang else ''}: {refs} -->"
+        return f"{head}\n\n{body}\n\n{indent}<!-- end include -->"  # blank lines: an HTML comment ends at one
+
+    return INCLUDE.sub(fill, markdown)
+
+
+def with_generated(markdown: str, src_uri: str) -> str:
+    """``markdown`` (the page ``src_uri``) with every ``<!-- generated: NAME -->`` region filled."""
+
+    def fill(match: re.Match) -> str:
         name = match["name"]
         if name not in MARKERS:
-            raise SystemExit(f"{page.file.src_uri}: unknown generated marker '{name}'; known: {', '.join(MARKERS)}")
-        return MARKERS[name](page)
+            raise SystemExit(f"docs/{src_uri}: unknown generated marker '{name}'; known: {', '.join(MARKERS)}")
+        return f"<!-- generated: {name} -->\n\n{MARKERS[name](src_uri).strip()}\n\n<!-- end generated -->"
 
-    return MARKER.sub(replace, markdown)
+    return MARKER.sub(fill, markdown)
+
+
+def committed_copies() -> dict[Path, str]:
+    """What every generated or included file must hold, by path."""
+    out = {DOCS / path: HEADER.format(refresh=REFRESH) + make().rstrip("\n") + "\n" for path, make in GENERATED.items()}
+    for name in INCLUDED:
+        out[DOCS / name] = with_includes((DOCS / name).read_text(encoding="utf-8"))
+    for path in sorted(DOCS.rglob("*.md")):
+        rel = path.relative_to(DOCS).as_posix()
+        if rel.split("/")[0] in ("_hooks", "examples", "results") or rel in GENERATED:
+            continue
+        text = out.get(path) or path.read_text(encoding="utf-8")
+        if MARKER.search(text):
+            out[path] = with_generated(text, rel)
+    return out
+
+
+def stale() -> list[str]:
+    """The committed copies that differ from what the code gives now."""
+    return [str(path.relative_to(ROOT)) for path, text in committed_copies().items()
+            if not path.is_file() or path.read_text(encoding="utf-8") != text]
+
+
+def refresh() -> list[str]:
+    """Write every committed copy that is stale; returns their paths."""
+    changed = stale()
+    for path, text in committed_copies().items():
+        if str(path.relative_to(ROOT)) in changed:
+            path.write_text(text, encoding="utf-8")
+    return changed
+
+
+if __name__ == "__main__":
+    changed = refresh()
+    print("\n".join(f"wrote {c}" for c in changed) or "the reference pages and the included code are current")

@@ -22,65 +22,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor, nn
+from torch import Tensor
 
+from scoredistill.distill import attach_gan_head, denoising_loss, discriminator_logits
 from scoredistill.errors import UserError
 from scoredistill.registry import component
-from scoredistill.roles import (
-    BuildContext,
-    FakeScore,
-    FakeScoreLoss,
-    GeneratorBatch,
-    GeneratorLoss,
-    Models,
-    Teacher,
-    append_dims,
-)
-from scoredistill_dmd.losses import FakeScoreDenoise, timestep_sigmas
-
-HEAD_NAME = "gan_head"
-
-
-# --------------------------------------------------------------------------- head
-
-
-class GANHead(nn.Module):
-    """The discriminator branch: an MLP from fake-score features to one realism logit (DMD2 Sec. 4.3)."""
-
-    def __init__(self, in_features: int, width: int, max_timestep_ratio: float) -> None:
-        super().__init__()
-        self.max_timestep_ratio = max_timestep_ratio
-        self.net = nn.Sequential(nn.Linear(in_features, width), nn.SiLU(), nn.Linear(width, 1))
-
-    def forward(self, features: Tensor) -> Tensor:
-        return self.net(features).squeeze(-1)
-
-
-def attach_gan_head(fake: FakeScore, teacher: Teacher, width: int, max_timestep_ratio: float) -> GANHead:
-    """Add a :class:`GANHead` to ``fake`` as ``fake.gan_head`` (once), sized to its features."""
-    head = getattr(fake, HEAD_NAME, None)
-    if isinstance(head, GANHead):
-        return head
-    with torch.no_grad():
-        probe = torch.zeros((2, *teacher.data_shape), device=teacher.sigmas.device)
-        width_in = fake.features(probe, teacher.sigmas[-1:].expand(2)).shape[-1]
-    head = GANHead(width_in, width, max_timestep_ratio).to(teacher.sigmas.device)
-    fake.add_module(HEAD_NAME, head)
-    return head
-
-
-def discriminator_logits(models: Models, x: Tensor, cond: Optional[Tensor] = None) -> Tensor:
-    """``D(x)``: noise ``x`` at ``t ~ U{0..max_ratio T}`` (DMD2's diffusion GAN), fake-score features, head."""
-    head = getattr(models.fake_score, HEAD_NAME, None)
-    if not isinstance(head, GANHead):
-        raise UserError(
-            "the gan_generator term needs the discriminator head that fake_score_loss 'fake_score_denoise_gan' "
-            "adds to the fake score; use that fake-score loss"
-        )
-    sigma = timestep_sigmas(models.teacher, len(x), 0.0, head.max_timestep_ratio)
-    x_noisy = x + append_dims(sigma, x.ndim) * torch.randn_like(x)
-    return head(models.fake_score.features(x_noisy, sigma, cond))
-
+from scoredistill.roles import BuildContext, FakeScoreLoss, GeneratorBatch, GeneratorLoss, Models
 
 # --------------------------------------------------------------------------- components
 
@@ -116,8 +63,8 @@ class FakeScoreDenoiseGAN(FakeScoreLoss):
 
     ``L = L_denoise + gan_weight * mean(softplus(D(sg(x))) + softplus(-D(x_real)))``:
     the non-saturating (binary cross-entropy) loss with generator samples as fake and
-    the teacher's real data as real. ``L_denoise`` is DMD's ``fake_score_denoise``
-    (the same object, reused). Paper weight: ``gan_weight = 1e-2``.
+    the teacher's real data as real. ``L_denoise`` is DMD's fake-score loss
+    (:func:`scoredistill.distill.denoising_loss`, what ``fake_score_denoise`` computes). Paper weight: ``gan_weight = 1e-2``.
     """
 
     class Config(BaseModel):
@@ -131,7 +78,6 @@ class FakeScoreDenoiseGAN(FakeScoreLoss):
     def __init__(self, config: "FakeScoreDenoiseGAN.Config", ctx: BuildContext) -> None:
         super().__init__()
         self.config = config
-        self.denoise = FakeScoreDenoise(FakeScoreDenoise.Config(), ctx)
         ctx.teacher.real_samples(1)  # a teacher without real data fails here, before training
         attach_gan_head(ctx.fake_score, ctx.teacher, config.head_width, config.max_timestep_ratio)
 
@@ -145,7 +91,7 @@ class FakeScoreDenoiseGAN(FakeScoreLoss):
         return (F.softplus(fake_logits) + F.softplus(-real_logits)).mean()
 
     def forward(self, x: Tensor, cond: Optional[Tensor], models: Models) -> Tensor:
-        loss = self.denoise(x, cond, models)
+        loss = denoising_loss(x, cond, models)
         if self.config.gan_weight:
             loss = loss + self.config.gan_weight * self.discriminator_loss(x, cond, models)
         return loss

@@ -3,7 +3,7 @@
 Both are written, like DMD's ``kl_gradient``, as a per-sample direction ``grad``
 fed to DMD's surrogate ``0.5 * mean((x - sg(x - grad))**2)`` (whose gradient in
 ``x`` is ``grad / numel``); they differ from DMD only in *which* scores enter
-and *how each noise level is weighted*. Sigma form throughout (DESIGN.md):
+and *how each noise level is weighted*. Sigma form throughout (Karras et al. 2022):
 ``x_s = x + s * eps``, ``D(x_s, s) ~ E[x | x_s]``, score ``(D - x_s) / s**2``,
 and the noise prediction ``eps_hat = (x_s - D) / s``.
 
@@ -21,9 +21,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from scoredistill.distill import TimestepRange, distribution_matching_loss, query_denoisers
 from scoredistill.registry import component
 from scoredistill.roles import BuildContext, GeneratorBatch, GeneratorLoss, Models, append_dims
-from scoredistill_dmd.losses import TimestepRange, distribution_matching_loss
 
 
 def sds_direction(x: Tensor, real: Tensor, sigma: Tensor, weighting: str = "dreamfusion") -> Tensor:
@@ -94,8 +94,7 @@ class SDSGradient(GeneratorLoss):
         x, c = batch.x, self.config
         with torch.no_grad():
             sigma = c.sigmas(models.teacher, len(x))
-            x_noisy = x + append_dims(sigma, x.ndim) * torch.randn_like(x)
-            real = models.teacher(x_noisy, sigma, batch.cond)
+            _, real, _ = query_denoisers(models, x, sigma, batch.cond, fake=False)
             grad = sds_direction(x, real, sigma, c.weighting)
         return distribution_matching_loss(x, grad)
 
@@ -140,8 +139,6 @@ class IKLGradient(GeneratorLoss):
             r = self.config.timestep_range
             sigma = models.teacher.training_sigmas(len(x)) if r is None else TimestepRange(
                 min_timestep_ratio=r[0], max_timestep_ratio=r[1]).sigmas(models.teacher, len(x))
-            x_noisy = x + append_dims(sigma, x.ndim) * torch.randn_like(x)
-            real = models.teacher(x_noisy, sigma, batch.cond)
-            fake = models.fake_score(x_noisy, sigma, batch.cond, x_clean=x)
+            _, real, fake = query_denoisers(models, x, sigma, batch.cond)
             grad = ikl_direction(real, fake, sigma, self.config.weighting)
         return distribution_matching_loss(x, grad)

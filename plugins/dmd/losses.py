@@ -1,7 +1,8 @@
 """DMD's losses: the distribution-matching (KL) gradient, the fake-score loss, regression.
 
 Yin et al., "One-step Diffusion with Distribution Matching Distillation", CVPR 2024
-(arXiv 2311.18828). Equation numbers refer to that paper.
+(arXiv 2311.18828). Equation numbers refer to that paper. The maths other methods share
+(noising, the KL gradient, the surrogate loss, the denoising loss) is in :mod:`scoredistill.distill`.
 """
 
 from __future__ import annotations
@@ -9,59 +10,13 @@ from __future__ import annotations
 from typing import Literal, Optional
 
 import torch
-import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from scoredistill.distill import (TimestepRange, denoising_loss, distribution_matching_loss, dmd_gradient, per_sample_mean,
+                                  query_denoisers)
 from scoredistill.registry import component
-from scoredistill.roles import BuildContext, FakeScoreLoss, GeneratorBatch, GeneratorLoss, Models, Teacher, append_dims
-
-
-def _per_sample_mean(t: Tensor) -> Tensor:
-    return t.flatten(1).mean(dim=1)
-
-
-def dmd_gradient(x: Tensor, real: Tensor, fake: Tensor, normalize: bool = True) -> Tensor:
-    """The per-sample KL gradient of eq. 7 with the normalisation of eq. 8.
-
-    ``grad = (D_fake(x_s) - D_real(x_s)) * w`` with ``w = 1 / mean_{C,H,W} |x - D_real(x_s)|``.
-    Since ``s_fake - s_real = (D_fake - D_real) / s**2``, this is the score difference
-    up to a positive per-sample factor. Non-finite entries are zeroed.
-    """
-    diff = fake - real
-    if normalize:
-        diff = diff / append_dims(_per_sample_mean((x - real).abs()), x.ndim)
-    return torch.nan_to_num(diff)
-
-
-def distribution_matching_loss(x: Tensor, grad: Tensor) -> Tensor:
-    """``0.5 * mean((x - sg(x - grad))**2)``: a surrogate whose gradient in ``x`` is ``grad / numel``."""
-    return 0.5 * F.mse_loss(x, (x - grad).detach(), reduction="mean")
-
-
-def timestep_sigmas(teacher: Teacher, n: int, min_ratio: float, max_ratio: float) -> Tensor:
-    """``t ~ U{floor(min_ratio T), ..., floor(max_ratio T)}`` on the teacher's discrete schedule."""
-    T = teacher.num_timesteps
-    lo, hi = int(min_ratio * T), min(int(max_ratio * T), T - 1)
-    t = torch.randint(lo, hi + 1, (n,), device=teacher.sigmas.device)
-    return teacher.sigmas[t]
-
-
-class TimestepRange(BaseModel):
-    """``t ~ U{min_ratio T, ..., max_ratio T}`` on the teacher's schedule (DMD and DreamFusion: 0.02-0.98)."""
-
-    model_config = ConfigDict(extra="forbid")
-    min_timestep_ratio: float = Field(0.02, ge=0, le=1, description="t >= min_ratio * T (paper: 0.02)")
-    max_timestep_ratio: float = Field(0.98, ge=0, le=1, description="t <= max_ratio * T (paper: 0.98)")
-
-    @model_validator(mode="after")
-    def _ordered(self):
-        if self.min_timestep_ratio > self.max_timestep_ratio:
-            raise ValueError("min_timestep_ratio must be <= max_timestep_ratio")
-        return self
-
-    def sigmas(self, teacher: Teacher, n: int) -> Tensor:
-        return timestep_sigmas(teacher, n, self.min_timestep_ratio, self.max_timestep_ratio)
+from scoredistill.roles import BuildContext, FakeScoreLoss, GeneratorBatch, GeneratorLoss, Models
 
 
 @component("kl_gradient", role="generator_loss", paper="Yin et al. 2024 (DMD), eq. 7-8 and Algorithm 2")
@@ -79,10 +34,7 @@ class KLGradient(GeneratorLoss):
         x = batch.x
         c = self.config
         with torch.no_grad():
-            sigma = c.sigmas(models.teacher, len(x))
-            x_noisy = x + append_dims(sigma, x.ndim) * torch.randn_like(x)
-            real = models.teacher(x_noisy, sigma, batch.cond)
-            fake = models.fake_score(x_noisy, sigma, batch.cond, x_clean=x)
+            _, real, fake = query_denoisers(models, x, c.sigmas(models.teacher, len(x)), batch.cond)
             grad = dmd_gradient(x, real, fake, c.normalize)
         return distribution_matching_loss(x, grad)
 
@@ -98,7 +50,7 @@ class FakeScoreDenoise(FakeScoreLoss):
     for a teacher trained uniformly over its timesteps (DDPM-style). They differ for an EDM
     teacher: its log-normal ``ln s ~ N(-1.2, 1.2^2)`` puts 4% of the updates above
     ``s = 2.5``, where half of the KL gradient's queries are, so there ``D_fake`` lags the
-    generator (digits measurements: benchmarks/README.md, "run-to-run spread").
+    generator (digits measurements: benchmarks/README.md, "Digits FID over seeds").
     """
 
     class Config(BaseModel):
@@ -112,14 +64,7 @@ class FakeScoreDenoise(FakeScoreLoss):
         self.noise_levels = config.noise_levels
 
     def forward(self, x: Tensor, cond: Optional[Tensor], models: Models) -> Tensor:
-        teacher = models.teacher
-        if self.noise_levels == "timesteps":
-            sigma = timestep_sigmas(teacher, len(x), 0.0, 1.0)
-        else:
-            sigma = teacher.training_sigmas(len(x))
-        x_noisy = x + append_dims(sigma, x.ndim) * torch.randn_like(x)
-        pred = models.fake_score(x_noisy, sigma, cond, x_clean=x)
-        return (teacher.loss_weight(sigma) * _per_sample_mean((pred - x) ** 2)).mean()
+        return denoising_loss(x, cond, models, self.noise_levels)
 
 
 class PairRegression(GeneratorLoss):
@@ -147,7 +92,7 @@ class L2Regression(PairRegression):
         super().__init__()
 
     def distance(self, pred: Tensor, target: Tensor) -> Tensor:
-        return _per_sample_mean((pred - target) ** 2)
+        return per_sample_mean((pred - target) ** 2)
 
 
 @component("pseudo_huber_regression", role="generator_loss", paper="Song & Dhariwal 2023 (iCT), Sec. 3.3: pseudo-Huber")

@@ -7,7 +7,6 @@ from pathlib import Path
 from scoredistill import hookimpl
 from scoredistill.registry import Method
 
-from scoredistill_dmd.fake_scores import SampleItself
 from scoredistill_dmd.losses import FakeScoreDenoise, KLGradient, L2Regression, PseudoHuberRegression
 from scoredistill_dmd.lpips_regression import LPIPSRegression
 
@@ -16,7 +15,7 @@ METHOD_DIR = Path(__file__).parent / "methods"
 
 @hookimpl
 def scoredistill_add_components() -> list[type]:
-    return [KLGradient, FakeScoreDenoise, L2Regression, PseudoHuberRegression, LPIPSRegression, SampleItself]
+    return [KLGradient, FakeScoreDenoise, L2Regression, PseudoHuberRegression, LPIPSRegression]
 
 
 @hookimpl

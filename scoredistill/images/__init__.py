@@ -3,7 +3,7 @@
 The plugin (:mod:`scoredistill.images.plugin`, registered as the core plugin ``images``)
 provides:
 
-* teachers in the sigma convention of DESIGN.md: any diffusers ``UNet2DModel`` or
+* teachers in the sigma convention (Karras et al. 2022, ``x_s = x + s * eps``, ``D(x_s, s) ~ E[x | x_s]``): any diffusers ``UNet2DModel`` or
   ``UNet2DConditionModel`` with its scheduler config (DDPM / DDIM / Euler and other
   discrete VP schedules with ``epsilon``, ``v_prediction`` or ``sample`` prediction;
   EDM schedulers for a natively EDM-preconditioned network), with classifier-free

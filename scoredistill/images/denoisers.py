@@ -59,7 +59,9 @@ import torch
 from torch import Tensor, nn
 
 from scoredistill.errors import UserError
-from scoredistill.roles import append_dims
+from scoredistill.hashing import sha256_digest
+from scoredistill.roles import append_dims, edm_preconditioning
+from scoredistill.sampling import karras_schedule
 from scoredistill.images.backbones import BACKBONES, Backbone, FluxBackbone, UNetBackbone, make_backbone
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -364,13 +366,11 @@ class EDMDenoiser(NetworkDenoiser):
         self.prediction_type = prediction_type
 
     def precondition(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
-        c_in = 1 / (sigma**2 + self.sigma_data**2).sqrt()
-        return x * append_dims(c_in, x.ndim), sigma.log() / 4
+        _, _, c_in, c_noise = edm_preconditioning(sigma, self.sigma_data)
+        return x * append_dims(c_in, x.ndim), c_noise
 
     def output(self, x: Tensor, sigma: Tensor, out: Tensor) -> Tensor:
-        sd2 = self.sigma_data**2
-        c_skip = sd2 / (sigma**2 + sd2)
-        c_out = sigma * self.sigma_data / (sigma**2 + sd2).sqrt()
+        c_skip, c_out, _, _ = edm_preconditioning(sigma, self.sigma_data)
         if self.prediction_type == "v_prediction":
             c_out = -c_out
         return append_dims(c_skip, x.ndim) * x + append_dims(c_out, x.ndim) * out
@@ -410,13 +410,6 @@ class FlowDenoiser(NetworkDenoiser):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "num_train_timesteps": self.num_train_timesteps}
-
-
-def karras_schedule(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
-    """``n`` noise levels, ascending, spaced as EDM eq. 5 (a teacher's discrete schedule)."""
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
-    inv = 1.0 / rho
-    return ((sigma_min**inv + ramp * (sigma_max**inv - sigma_min**inv)) ** rho).float()
 
 
 def exponential_schedule(n: int, sigma_min: float, sigma_max: float) -> Tensor:
@@ -634,18 +627,16 @@ def load_denoiser(path: str, *, guidance_scale: float = 1.0, null_class: Optiona
 
 def weights_digest(module: nn.Module, max_elements: int = 100_000_000) -> str:
     """A hash of a module's weights (all bytes up to ``max_elements``; otherwise shapes and a strided sample)."""
-    import hashlib
+    state = module.state_dict()
+    total = sum(t.numel() for t in state.values())
 
-    h = hashlib.sha256()
-    total = sum(t.numel() for t in module.state_dict().values())
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        flat = t.detach().cpu().contiguous().reshape(-1)
-        if total > max_elements:
-            flat = flat[:: max(1, flat.numel() // 1024)]
-        h.update(flat.float().numpy().tobytes())
-    return h.hexdigest()[:16]
+    def chunks():
+        for name, t in sorted(state.items()):
+            flat = t.detach().cpu().contiguous().reshape(-1)
+            yield from (name.encode(), str(tuple(t.shape)).encode(),
+                        (flat[:: max(1, flat.numel() // 1024)] if total > max_elements else flat).float())
+
+    return sha256_digest(chunks())
 
 
 def env_flag(name: str) -> bool:

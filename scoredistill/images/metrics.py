@@ -106,7 +106,7 @@ def inception_extractor(device: torch.device) -> Callable[[Tensor], Tensor]:
 
 def teacher_samples(teacher, n: int, seed: int, cache_dir: Optional[Path] = None, batch_size: int = 500) -> Tensor:
     """The teacher's multi-step samples from the evaluation noise (cached on disk by teacher, n, seed, steps);
-    a conditional teacher's with :func:`~scoredistill.roles.seeded_conditions`, as ``trainer.generate`` gives the generator."""
+    a conditional teacher's with :func:`~scoredistill.roles.seeded_conditions`, as ``samples.generate`` gives the generator."""
     cond = seeded_conditions(teacher, n, seed)
     key = stable_hash(teacher.fingerprint(), n, seed, teacher.sampler_steps, *(["conditions", cond] if cond is not None else []))
     path = Path(cache_dir or default_cache_dir()) / "teacher_samples" / f"{key}.safetensors"

@@ -21,9 +21,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from scoredistill.io import load_tensors, save_tensors
+from scoredistill.progress import progress
 from scoredistill.pairs import ODEPairs
 from scoredistill.roles import BuildContext, PairSource, seeded_conditions, stable_hash
 
@@ -43,8 +43,7 @@ class ShardedODEPairs(PairSource):
         starts = list(range(0, c.num_pairs, c.batch_size))
         ys: list[torch.Tensor] = []
         device = teacher.sigmas.device
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TimeRemainingColumn(), transient=True, disable=not ctx.extra.get("progress", True)) as bar:
+        with progress(ctx.extra.get("progress", True), transient=True) as bar:
             task = bar.add_task(f"ODE pairs (Heun {c.steps} steps)", total=c.num_pairs)
             for i, start in enumerate(starts):
                 zb = z[start : start + c.batch_size]

@@ -170,7 +170,7 @@ def scoredistill_add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _teacher_config(hooks, preset: str, overrides: list[str]) -> DigitsTeacher.Config:
-    from scoredistill.config import parse_overrides
+    from scoredistill.config import check_strict_numbers, parse_overrides
 
     section = dict(hooks.registry.preset(preset).config.get("teacher") or {})
     if section.get("component") != "digits_unet":
@@ -182,6 +182,7 @@ def _teacher_config(hooks, preset: str, overrides: list[str]) -> DigitsTeacher.C
         raise UserError(f"'teacher train' takes teacher.KEY=VALUE overrides only (got '{unknown[0]}')")
     merged = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(section), OmegaConf.create(extra.get("teacher") or {})))
     merged.pop("component")
+    check_strict_numbers(DigitsTeacher.Config, merged, "teacher")
     try:
         return DigitsTeacher.Config.model_validate(merged)
     except ValidationError as err:
@@ -194,8 +195,15 @@ def cmd_teacher_train(args, hooks) -> int:
 
     from scoredistill.images.training import is_complete, train_digits_teacher
 
+    from scoredistill.cli import check_out
+
+    if args.threads is not None and not 1 <= args.threads <= 4096:
+        raise UserError(f"--threads must be a positive integer (got {args.threads})")
     config = _teacher_config(hooks, args.preset, args.overrides)
     folder = args.out or DigitsTeacher.folder(config)
+    check_out(folder)
+    if args.out is not None and folder.is_dir() and any(folder.iterdir()) and not is_complete(folder):
+        raise UserError(f"--out '{folder}' is a folder that holds something else than a trained teacher; give a new folder")
     if args.threads:
         torch.set_num_threads(args.threads)
     if is_complete(folder):
@@ -208,14 +216,18 @@ def cmd_teacher_train(args, hooks) -> int:
 
 
 def cmd_eval(args, hooks) -> int:
-    from rich.console import Console
-
     from scoredistill.io import write_json
     from scoredistill.images.metrics import EVAL_OPTIONS
     from scoredistill.trainer import generate, load_run
 
-    if args.num is not None and args.num < 2:
-        raise UserError(f"--num must be at least 2 (got {args.num})")
+    from scoredistill.cli import MAX_SAMPLES, check_out, check_seed
+
+    if args.num is not None and not 2 <= args.num <= MAX_SAMPLES:
+        raise UserError(f"--num must be an integer from 2 to {MAX_SAMPLES:,} (got {args.num})")
+    if args.seed is not None:
+        check_seed(args.seed)
+    if args.out is not None:
+        check_out(args.out, folder=False)
     run = load_run(args.run_dir, hooks)
     if not makes_images(run.models.teacher):
         raise UserError(f"'scoredistill eval' evaluates image runs; the teacher of '{args.run_dir}' is "
@@ -237,6 +249,6 @@ def cmd_eval(args, hooks) -> int:
     keys = ("fid", "fid_train", "fid_inception", "class_coverage", "classes_present")
     line = "  ".join(f"{k}={metrics[k]}" for k in keys if k in metrics and metrics[k] is not None)
     tline = "  ".join(f"{k}={tm[k]}" for k in keys if k in tm and tm[k] is not None)
-    Console(stderr=True).print(f"[green]evaluated[/green] {args.run_dir} -> {out} (pictures: {out.stem}_*.png)\n  generator (1 NFE): {line}\n"
-                               f"  teacher ({tm.get('sampler', '?')}): {tline}")
+    print(f"evaluated {args.run_dir} -> {out} (pictures: {out.stem}_*.png)\n  generator (1 NFE): {line}\n"
+          f"  teacher ({tm.get('sampler', '?')}): {tline}")  # the result, on stdout
     return 0

@@ -32,10 +32,10 @@ from typing import Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from scoredistill.errors import UserError
 from scoredistill.io import atomic_write, environment_versions, write_json
+from scoredistill.progress import progress as progress_display
 from scoredistill.roles import default_cache_dir, stable_hash
 
 from scoredistill.images.data import DIGITS_SHAPE, DIGITS_SPLIT_SEED, DIGITS_TEST_SIZE, digits
@@ -97,9 +97,8 @@ def make_unet(s: DigitsTeacherSettings):
                        norm_num_groups=s.norm_num_groups, attention_head_dim=8)
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled)
+def _progress(enabled: bool):
+    return progress_display(enabled, "info")
 
 
 def edm_loss(den: EDMDenoiser, x: torch.Tensor, s: DigitsTeacherSettings, gen: torch.Generator) -> torch.Tensor:
@@ -132,7 +131,8 @@ def train_digits_teacher(s: DigitsTeacherSettings, folder: Path, *, progress: bo
     state_path = partial / STATE_FILE
     if state_path.is_file():
         try:
-            state = torch.load(state_path, map_location="cpu", weights_only=False)
+            # weights_only: tensors, numbers, strings and containers, never code (a shared cache may be writable by others)
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
             unet.load_state_dict(state["unet"])
             ema.load_state_dict(state["ema"])
             opt.load_state_dict(state["opt"])

@@ -19,15 +19,11 @@ from scoredistill import trainer
 from scoredistill.cli import main
 from scoredistill.config import resolve
 from scoredistill.errors import UserError
-from scoredistill.gaussian_mixture import GaussianMixtureTeacher
+from scoredistill.toy2d.gaussian_mixture import GaussianMixtureTeacher
 from scoredistill.plugins import Hooks, make_plugin_manager
 from scoredistill.roles import FakeScore, GeneratorBatch, Models, Teacher
-from scoredistill_baselines.gan import (
-    FakeScoreDenoiseGAN,
-    GANGenerator,
-    GANHead,
-    discriminator_logits,
-)
+from scoredistill.distill import GANHead, discriminator_logits
+from scoredistill_baselines.gan import FakeScoreDenoiseGAN, GANGenerator
 from scoredistill_baselines.losses import IKLGradient, SDSGradient, ikl_direction, sds_direction
 from scoredistill_dmd.losses import KLGradient
 

@@ -13,16 +13,9 @@ import torch
 
 from scoredistill.roles import FakeScore, GeneratorBatch, Models
 from scoredistill.testing import mixture
-from scoredistill_dmd.fake_scores import SampleItself
-from scoredistill_dmd.losses import (
-    FakeScoreDenoise,
-    KLGradient,
-    L2Regression,
-    PseudoHuberRegression,
-    distribution_matching_loss,
-    dmd_gradient,
-    timestep_sigmas,
-)
+from scoredistill.fake_scores import SampleItself
+from scoredistill.distill import distribution_matching_loss, dmd_gradient, timestep_sigmas
+from scoredistill_dmd.losses import FakeScoreDenoise, KLGradient, L2Regression, PseudoHuberRegression
 
 S0 = 0.5
 M_REAL = [1.0, -1.0]

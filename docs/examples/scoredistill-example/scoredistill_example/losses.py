@@ -47,9 +47,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
+from scoredistill.distill import timestep_sigmas
 from scoredistill.registry import component
 from scoredistill.roles import BuildContext, GeneratorBatch, GeneratorLoss, Models, append_dims
-from scoredistill_dmd.losses import timestep_sigmas
 # --8<-- [end:imports]
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from scoredistill.gaussian_mixture import GaussianMixtureTeacher
+from scoredistill.toy2d.gaussian_mixture import GaussianMixtureTeacher
 
 ENERGY_SAMPLES = 2000
 

@@ -1,4 +1,4 @@
-"""Pictures a person would rather see than numbers: scatter over density, loss curves, panels."""
+"""Scatter pictures of 2-D samples over a Gaussian mixture's density: one panel, or several side by side."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from scoredistill.gaussian_mixture import GaussianMixtureTeacher  # noqa: E402
+from scoredistill.toy2d.gaussian_mixture import GaussianMixtureTeacher  # noqa: E402
 from scoredistill.io import finish_figure  # noqa: E402
 
 
@@ -42,20 +42,6 @@ def scatter_over_density(teacher: GaussianMixtureTeacher, samples: torch.Tensor,
     fig, ax = plt.subplots(figsize=(5, 5))
     draw_scatter(ax, teacher, samples, title)
     finish_figure(fig, path)  # the title is the axes'
-
-
-def loss_curves(history: Sequence[dict], path: Path, title: str = "") -> None:
-    """One panel per logged loss, against the generator step."""
-    keys = [k for k in (history[0] if history else {}) if k not in ("step", "time")]
-    fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(3.2 * max(len(keys), 1), 2.8), squeeze=False)
-    steps = [h["step"] for h in history]
-    for ax, key in zip(axes[0], keys):
-        ax.plot(steps, [h[key] for h in history], lw=1)
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel("step")
-        if all(h[key] > 0 for h in history):
-            ax.set_yscale("log")
-    finish_figure(fig, path, title)
 
 
 def scatter_panels(teacher: GaussianMixtureTeacher, panels: Sequence[tuple[str, torch.Tensor]], path: Path, title: Optional[str] = None) -> None:

@@ -1,4 +1,4 @@
-"""Fake-score components of the DMD plugin."""
+"""Fake scores that several methods share: ``sample_itself``, the "no fake score" of DMD's ablation and of SDS."""
 
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from scoredistill.registry import component
 from scoredistill.roles import BuildContext, Teacher, stable_hash
+from scoredistill.sampling import karras_schedule
 
 
 @component("gaussian_mixture", role="teacher", paper="exact E[x | x + s*eps] of an isotropic Gaussian mixture (Bayes' rule)")
@@ -63,10 +64,7 @@ class GaussianMixtureTeacher(Teacher):
         # per-call constants, computed once (not in the state dict)
         self.register_buffer("_log_weights", self.weights.log()[None], persistent=False)  # (1, K)
         self.register_buffer("_vars", self.stds[None, :] ** 2, persistent=False)  # (1, K)
-        ramp = torch.linspace(0, 1, config.num_timesteps, dtype=torch.float64)
-        inv = 1.0 / config.rho
-        sig = (config.sigma_min**inv + ramp * (config.sigma_max**inv - config.sigma_min**inv)) ** config.rho
-        self.register_buffer("sigmas", sig.float())
+        self.register_buffer("sigmas", karras_schedule(config.num_timesteps, config.sigma_min, config.sigma_max, config.rho))
         self.data_shape = (self.means.shape[1],)
         self.sigma_data = float(self.data_variance().mean().sqrt())
 
