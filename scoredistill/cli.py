@@ -47,16 +47,22 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", default=None, metavar="FOLDER_OR_HUB_ID",
                    help=f"distil this diffusers model or pipeline (the adapter is picked from the folder); preset "
                         f"default '{TEACHER_PRESET}'; --set still overrides anything")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="prompts for a text-to-image --teacher pipeline: .txt (one a line), .jsonl / .csv / .parquet "
+                        "('prompt' field or column); embedded once by the pipeline's text encoders and cached")
 
 
 def _teacher_option(args) -> tuple[Optional[str], list[str]]:
     """``(preset, overrides)`` with ``--teacher``: the generic teacher preset unless one is named, and the teacher
     component with its path ahead of the user's ``--set`` (which still override them)."""
+    prompts = [] if getattr(args, "prompts", None) is None else [f"teacher.prompts={args.prompts}"]
     if args.teacher is None:
-        return args.preset, list(args.overrides)
+        if prompts and not any(o.replace(" ", "").startswith("teacher.component=diffusers") for o in args.overrides):
+            raise UserError("--prompts needs a text-to-image pipeline teacher: add --teacher PIPELINE_FOLDER")
+        return args.preset, prompts + list(args.overrides)
     if not args.teacher.strip():
         raise UserError("--teacher needs a diffusers model or pipeline folder, or a Hugging Face hub id")
-    return args.preset or TEACHER_PRESET, [f"teacher.component=diffusers", f"teacher.path={args.teacher}", *args.overrides]
+    return args.preset or TEACHER_PRESET, [f"teacher.component=diffusers", f"teacher.path={args.teacher}", *prompts, *args.overrides]
 
 
 def _plugin_option(parser: argparse.ArgumentParser) -> None:
@@ -147,6 +153,8 @@ def cmd_run(args, hooks) -> int:
     from scoredistill.runner import execute
     from scoredistill.trainer import RunInterrupted
 
+    if args.resume is not None and args.prompts is not None:
+        raise UserError("--prompts cannot be used with --resume: a resumed run keeps its prompts")
     if args.resume is not None and args.teacher is not None:
         raise UserError("--teacher cannot be used with --resume: a resumed run keeps its teacher")
     preset, overrides = _teacher_option(args)

@@ -45,6 +45,8 @@ class ImageTeacher(Teacher):
     """A frozen image denoiser with its schedule, sampler and (optionally) its real data."""
 
     data_space = "pixels"  # "latents" for a network in a pipeline with a VAE
+    #: the prompt strings of a run given --prompts (prompt index k is prompts[k]); None otherwise
+    prompts: Optional[list[str]] = None
 
     def __init__(self, loaded: LoadedTeacher, data: Optional[str] = None, sampler_steps: int = 18, source: str = "") -> None:
         super().__init__()
@@ -63,9 +65,8 @@ class ImageTeacher(Teacher):
         self.source = source
         train = (loaded.metadata or {}).get("training_sigmas") or {}
         self.p_mean, self.p_std = float(train.get("p_mean", EDM_P_MEAN)), float(train.get("p_std", EDM_P_STD))
-        prompts = [self.denoiser.prompt_embeddings] if self.denoiser.prompt_embeddings is not None else []  # others keep their keys
-        if self.denoiser.prompt_pooled is not None:
-            prompts.append(self.denoiser.prompt_pooled)
+        prompts = [t if isinstance(t, Tensor) else t.fingerprint  # a tensor table by its bytes, a cached one by its key
+                   for t in (self.denoiser.prompt_embeddings, self.denoiser.prompt_pooled) if t is not None]
         self._digest = stable_hash(loaded.kind, loaded.unet_config, loaded.scheduler_config, self.denoiser.prediction_type,
                                    self.denoiser.guidance_scale, self.denoiser.null_class, weights_digest(self.denoiser.unet), *prompts)
         self.register_buffer("class_labels", _class_labels(self.denoiser), persistent=False)
@@ -210,6 +211,13 @@ class DiffusersTeacher(ImageTeacher):
         null_class: Optional[int] = Field(None, description="class label meaning 'no class' (unconditional branch of a "
                                           "class-conditional network; a DiT's is its class count)")
         dtype: Literal["fp32", "bf16", "fp16"] = _dtype_field()
+        prompts: Optional[str] = Field(None, description="prompts for a text-to-image pipeline folder (--prompts): .txt (one a "
+                                       "line), .jsonl, .csv or .parquet (column teacher.prompt_column); embedded once by the "
+                                       "pipeline's own text encoders into a cache, drawn uniformly for each batch")
+        prompt_column: str = Field("prompt", description="the prompts' field (.jsonl) or column (.csv, .parquet)")
+        negative_prompt: str = Field("", description="the unconditional branch of guidance: this prompt's embedding (as the "
+                                     "pipelines' negative_prompt; default the empty prompt)")
+        text_batch_size: int = Field(64, ge=1, description="prompts per batch of the text encoders when filling the cache")
         embeddings: Optional[str] = Field(None, description="prompt embeddings for a text-conditional network: a .safetensors "
                                           "file with 'embeddings' (prompts, tokens, dim), drawn uniformly for each batch, "
                                           "'pooled' (prompts, pooled dim) for SD3 / Flux, and optionally 'null' / "
@@ -226,21 +234,54 @@ class DiffusersTeacher(ImageTeacher):
                                sample_size=config.sample_size, flux_guidance=config.flux_guidance)
         den = loaded.denoiser
         name = type(den.unet).__name__
-        if config.embeddings:
+        prompts = None
+        if config.prompts:
+            if config.embeddings:
+                raise UserError("give teacher.prompts (--prompts) or teacher.embeddings, not both")
+            prompts = attach_prompt_cache(den, config, ctx)
+        elif config.embeddings:
             den.set_prompts(*read_prompt_embeddings(config.embeddings))
         elif den.conditioning == "text":
-            raise UserError(f"the teacher {name} is text-conditional: give its precomputed prompt embeddings with "
-                            "teacher.embeddings=FILE.safetensors ('embeddings' (prompts, tokens, dim)"
-                            + (", 'pooled' (prompts, pooled dim)" if den.backbone.text_dims[1] else "") + ")")
+            raise UserError(f"the teacher {name} is text-conditional: give prompts with --prompts FILE (a pipeline folder with "
+                            "its text encoders), or precomputed prompt embeddings with teacher.embeddings=FILE.safetensors "
+                            "('embeddings' (prompts, tokens, dim)" + (", 'pooled' (prompts, pooled dim)" if den.backbone.text_dims[1] else "") + ")")
         if den.class_conditional and den.null_class is None:
             raise UserError(f"the teacher {name} is class-conditional ({den.backbone.num_classes} labels): set "
                             "teacher.null_class to the label it was trained with for 'no class'")
         super().__init__(loaded, config.data, config.sampler_steps, source=config.path)
+        self.prompts = prompts
 
 
 @component("diffusers_unet", role="teacher", paper="diffusers UNets and DiT / SD3 / Flux transformers in the sigma form (Karras et al. 2022, Sec. 2)")
 class DiffusersUNetTeacher(DiffusersTeacher):
     """The ``diffusers`` teacher under its earlier name (same config, same behaviour)."""
+
+
+def attach_prompt_cache(den: NetworkDenoiser, config: "DiffusersTeacher.Config", ctx: Optional[BuildContext]) -> list[str]:
+    """Read ``teacher.prompts``, embed them with the pipeline's own encoders into the prompt cache (once), and condition
+    ``den`` on the cache's lazy tables. Returns the prompts."""
+    from scoredistill.images.denoisers import resolve_model_folder
+    from scoredistill.images.prompts import print_log, prompt_tables, read_prompts
+    from scoredistill.images.text_encoders import prompt_encoder
+    from scoredistill.roles import default_cache_dir
+
+    if den.conditioning != "text":
+        raise UserError(f"--prompts (teacher.prompts) was given but the teacher {type(den.unet).__name__} is not text-conditional "
+                        f"(conditioning: {den.conditioning}); drop --prompts")
+    prompts = read_prompts(config.prompts, config.prompt_column)
+    folder = resolve_model_folder(config.path)
+    encoder = prompt_encoder(folder)
+    if encoder is None:
+        raise UserError(f"--prompts needs the pipeline's text encoders, but '{config.path}' is not a pipeline folder with them "
+                        "(model_index.json, tokenizer/, text_encoder/); give teacher.embeddings=FILE.safetensors instead")
+    device = ctx.device if ctx is not None else torch.device("cpu")
+    cache_root = (ctx.cache_dir if ctx is not None else default_cache_dir()) / "prompt_embeddings"
+    progress = ctx.extra.get("progress", True) if ctx is not None else True
+    tables = prompt_tables(cache_root, prompts, config.negative_prompt, encoder.fingerprint() + config.dtype,
+                           lambda: encoder.load(TEACHER_DTYPES[config.dtype], device), batch_size=config.text_batch_size,
+                           progress=progress, log=print_log)
+    den.set_prompt_table(tables["embeddings"], tables.get("pooled"))
+    return prompts
 
 
 def read_prompt_embeddings(path: str) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:

@@ -39,3 +39,54 @@ def tiny_diffusers_teacher_folder(folder: Path, num_class_embeds: Optional[int] 
                           norm_num_groups=4, num_class_embeds=num_class_embeds).save_pretrained(folder / "unet")
     diffusers.EDMEulerScheduler(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5).save_pretrained(folder / "scheduler")
     return folder
+
+
+def clip_tokenizer_files(folder: Path) -> Path:
+    """A tiny CLIP BPE tokenizer written by hand (``vocab.json`` + ``merges.txt``): the 256 byte symbols and their
+    ``</w>`` forms, a few merges, the start / end tokens; loadable with ``CLIPTokenizer.from_pretrained``."""
+    import json
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    shifted = iter(range(256, 512))  # byte-level BPE: bytes that are not printable get the next free code points
+    symbols = [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
+    merges = ["t h", "th e</w>", "c a", "ca t</w>", "d o", "do g</w>", "r e", "re d</w>"]
+    vocab = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(dict.fromkeys(vocab))}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return folder
+
+
+def tiny_sd_pipeline_folder(folder: Path, *, sample_size: int = 8, latent_channels: int = 4, text_dim: int = 16,
+                            max_length: int = 8, scheduler: str = "DDIMScheduler") -> Path:
+    """A tiny random-weight SD1.5-shaped pipeline (``UNet2DConditionModel``, ``AutoencoderKL``, ``CLIPTextModel`` +
+    ``CLIPTokenizer``, a VP scheduler) saved with ``save_pretrained`` into ``folder``, as a user's would be."""
+    import diffusers
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=sample_size, in_channels=latent_channels, out_channels=latent_channels, block_out_channels=(8, 16),
+        layers_per_block=1, norm_num_groups=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=text_dim, attention_head_dim=2)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(8, 8),
+                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  layers_per_block=1, norm_num_groups=4, sample_size=sample_size * 2, scaling_factor=0.18215)
+    tok_dir = clip_tokenizer_files(folder / ".tokenizer_files")
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=max_length)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=2 * text_dim,
+                                        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=max_length,
+                                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                        pad_token_id=tokenizer.pad_token_id))
+    sched = getattr(diffusers, scheduler)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text.eval(), tokenizer=tokenizer, unet=unet, scheduler=sched,
+                                             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(folder))
+    import shutil
+
+    shutil.rmtree(tok_dir)
+    return folder
