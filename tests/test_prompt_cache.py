@@ -1,0 +1,199 @@
+"""Prompt sets: reading prompts files, the sharded prompt-embedding cache (lazy, resumable, reused), and a text-to-image
+pipeline folder (SD1.5-shaped, tiny random weights) conditioned through it with its own CLIP encoder.
+
+The pipeline's own ``encode_prompt`` and classifier-free guidance (``uncond + g * (cond - uncond)`` on its noise
+prediction, turned into ``x_0`` by its scheduler's ``step``) are the independent computation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from scoredistill.cli import main
+from scoredistill.errors import UserError
+from scoredistill.images.prompts import PromptTable, prompt_tables, read_prompts
+
+PROMPTS = ["a cat", "the red dog", "a dog", "the cat", "red", "a red cat", "dog"]
+
+
+# --------------------------------------------------------------------------- prompts files
+
+
+def test_prompts_files_of_each_type(tmp_path):
+    (tmp_path / "p.txt").write_text("a cat\n\nthe red dog\n")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a cat", "n": 1}\n\n{"prompt": "the red dog"}\n')
+    (tmp_path / "p.csv").write_text('id,caption\n1,a cat\n2,"the red dog"\n')
+    assert read_prompts(str(tmp_path / "p.txt")) == ["a cat", "the red dog"]  # blank lines are no prompts
+    assert read_prompts(str(tmp_path / "p.jsonl")) == ["a cat", "the red dog"]
+    assert read_prompts(str(tmp_path / "p.csv"), "caption") == ["a cat", "the red dog"]
+
+
+@pytest.mark.parametrize("name, content, column, message", [
+    ("empty.txt", "\n \n", "prompt", "holds no prompt"),
+    ("missing.txt", None, "prompt", "does not exist"),
+    ("bad.txt", b"\xff\xfe\xfa", "prompt", "cannot read the prompts file"),
+    ("p.csv", "id,text\n1,a cat\n", "prompt", "has no column 'prompt' (columns: id, text)"),
+    ("p.jsonl", '{"text": "a cat"}\n', "prompt", "line 1: no text field 'prompt'"),
+    ("p.json", "[]", "prompt", "unknown type '.json'"),
+])
+def test_bad_prompts_files_are_one_line_errors(tmp_path, name, content, column, message):
+    file = tmp_path / name
+    if isinstance(content, bytes):
+        file.write_bytes(content)
+    elif content is not None:
+        file.write_text(content)
+    with pytest.raises(UserError) as err:
+        read_prompts(str(file), column)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+# --------------------------------------------------------------------------- the cache
+
+
+def _toy_encoder(calls: list, fail_after: int = -1):
+    """A deterministic text encoder (a function of each prompt's bytes); records its batches; raises (an
+    interruption) once ``fail_after`` prompts are done."""
+
+    def load():
+        calls.append("load")
+
+        def encode(batch: list[str]) -> dict[str, torch.Tensor]:
+            if 0 <= fail_after <= sum(len(c) for c in calls if isinstance(c, list)):
+                raise KeyboardInterrupt
+            calls.append(list(batch))
+            rows = [torch.tensor([float(b) for b in (p.encode() + bytes(6))[:6]]).reshape(3, 2) + len(p) for p in batch]
+            return {"embeddings": torch.stack(rows), "pooled": torch.stack([r.sum(0) for r in rows])}
+
+        return encode
+
+    return load
+
+
+def test_the_cache_is_lazy_resumable_and_reused(tmp_path):
+    expected = _toy_encoder([])()(PROMPTS)
+    null = _toy_encoder([])()(["none"])
+    calls: list = []
+    with pytest.raises(KeyboardInterrupt):  # stopped during the second shard: the first is kept
+        prompt_tables(tmp_path, PROMPTS, "none", "enc", _toy_encoder(calls, fail_after=4), batch_size=2, shard_size=3, progress=False)
+    calls.clear()
+    tables = prompt_tables(tmp_path, PROMPTS, "none", "enc", _toy_encoder(calls), batch_size=2, shard_size=3, progress=False)
+    encoded = [p for c in calls if isinstance(c, list) for p in c]
+    assert encoded == ["none", *PROMPTS[3:]]  # the null prompt, then only what the interrupted run had not written
+    emb, pooled = tables["embeddings"], tables["pooled"]
+    assert isinstance(emb, PromptTable) and emb.shape == (len(PROMPTS) + 1, 3, 2) and len(pooled) == len(PROMPTS) + 1
+    idx = torch.tensor([[6, 0], [7, 3]])  # 7 = P: the negative prompt
+    want = torch.cat([expected["embeddings"], null["embeddings"]])[idx]
+    assert torch.equal(emb[idx], want) and emb[idx].shape == (2, 2, 3, 2)
+    assert torch.equal(pooled[torch.tensor([2, 7])], torch.stack([expected["pooled"][2], null["pooled"][0]]))
+    calls.clear()
+    again = prompt_tables(tmp_path, PROMPTS, "none", "enc", _toy_encoder(calls), batch_size=2, shard_size=3, progress=False)
+    assert calls == [] and again["embeddings"].fingerprint == emb.fingerprint  # complete: the encoders are not even loaded
+    other = prompt_tables(tmp_path, PROMPTS[:-1], "none", "enc", _toy_encoder(calls), progress=False)
+    assert other["embeddings"].fingerprint != emb.fingerprint and calls[0] == "load"  # other prompts: another cache
+
+
+# --------------------------------------------------------------------------- an SD1.5-shaped pipeline
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> Path:
+    from scoredistill.images.testing import tiny_sd_pipeline_folder
+
+    root = tmp_path_factory.mktemp("sd")
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    return tiny_sd_pipeline_folder(root / "pipe")
+
+
+def _teacher(hooks, pipeline: Path, cache: Path, *sets: str):
+    from scoredistill.config import resolve
+    from scoredistill.roles import BuildContext
+
+    config = resolve(hooks.registry, "dmd", "teacher", [], [
+        "teacher.component=diffusers", f"teacher.path={pipeline}", f"teacher.prompts={pipeline.parent / 'prompts.txt'}", *sets])
+    return hooks.make_teacher(spec=config.teacher, ctx=BuildContext(hooks=hooks, cache_dir=cache, extra={"progress": False}))
+
+
+def test_the_dmd_gradient_with_text_guidance_is_the_pipelines_own_cfg(hooks, pipeline, tmp_path):
+    """Embeddings are the pipeline's encode_prompt; D_real is its guided noise prediction made x_0 by its scheduler's
+    step; DMD's gradient (eq. 7 with eq. 8's normalisation) is then written out from those."""
+    import diffusers
+
+    from scoredistill.distill import dmd_gradient
+
+    g = 4.5
+    teacher = _teacher(hooks, pipeline, tmp_path, f"teacher.guidance_scale={g}", "teacher.negative_prompt=the cat")
+    assert teacher.conditioning == "text" and teacher.data_space == "latents" and teacher.prompts == PROMPTS
+    fake = teacher.trainable_copy().eval()
+    with torch.no_grad():
+        for p in fake.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(pipeline), safety_checker=None)
+    idx = torch.tensor([1, 5, 0])
+    cond, uncond = pipe.encode_prompt([PROMPTS[i] for i in idx], "cpu", 1, True, negative_prompt=["the cat"] * 3)
+    assert torch.allclose(teacher.denoiser.prompt_embeddings[idx], cond, atol=1e-6)
+
+    sched = diffusers.DDPMScheduler.from_config(pipe.scheduler.config)
+    t = 600
+    abar = sched.alphas_cumprod[t]
+    sigma = ((1 - abar) / abar).sqrt().float()
+    torch.manual_seed(3)
+    x = torch.randn(3, *teacher.data_shape)
+    x_s = x + sigma * torch.randn_like(x)
+    x_vp = x_s * abar.sqrt().float()  # = x_s / sqrt(1 + sigma^2), what the network saw at t
+    with torch.no_grad():
+        real = teacher(x_s, sigma.expand(3), idx)
+        fake_d = fake(x_s, sigma.expand(3), idx)
+        ours = dmd_gradient(x, real, fake_d)
+
+        eps = pipe.unet(torch.cat([x_vp, x_vp]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+        eps_g = eps[:3] + g * (eps[3:] - eps[:3])
+        x0_real = sched.step(eps_g, t, x_vp).pred_original_sample
+        x0_fake = sched.step(fake.unet(x_vp, t, encoder_hidden_states=cond).sample, t, x_vp).pred_original_sample
+    want = (x0_fake - x0_real) / (x - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True)
+    assert torch.allclose(real, x0_real, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(ours, want, atol=1e-4, rtol=1e-3)
+    assert not torch.allclose(real, teacher.denoiser.denoise(x_s, sigma.expand(3), idx), atol=1e-3)  # guidance acts
+
+
+def test_a_text_to_image_run_end_to_end_reuses_its_cache(pipeline, tmp_path, monkeypatch):
+    """Two runs on one prompts file: the first fills the cache, the second reads it (not one file rewritten)."""
+    monkeypatch.setenv("SCOREDISTILL_CACHE", str(tmp_path / "cache"))
+    sets = ["teacher.sampler_steps=2", "teacher.guidance_scale=2", "pairs.num_pairs=4", "pairs.steps=2", "pairs.batch_size=4",
+            "train.batch_size=2", "train.pair_batch_size=2", "train.steps=2", "eval.num_samples=4"]
+    args = ["run", "dmd", "--teacher", str(pipeline), "--prompts", str(pipeline.parent / "prompts.txt"), "--quiet",
+            *[a for s in sets for a in ("--set", s)]]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["non_finite"] == 0
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "prompt_embeddings").rglob("*") if p.is_file()}
+    assert len([p for p in files if p.name.startswith("shard-")]) == 1 and any(p.name == "index.json" for p in files)
+    assert main([*args, "--set", "train.steps=1", "--out", str(tmp_path / "b")]) == 0
+    assert {p: p.stat().st_mtime_ns for p in files} == files
+
+
+@pytest.mark.parametrize("case, message", [
+    ("not_text", "is not text-conditional"), ("no_encoder", "lacks text_encoder/"), ("empty", "holds no prompt"),
+    ("no_teacher", "add --teacher PIPELINE_FOLDER"), ("both", "not both")])
+def test_bad_text_input_is_one_line_before_training(pipeline, tmp_path, capsys, case, message):
+    import shutil
+
+    from scoredistill.images.testing import tiny_diffusers_teacher_folder
+
+    teacher, prompts, extra = pipeline, pipeline.parent / "prompts.txt", []
+    if case == "not_text":
+        teacher = tiny_diffusers_teacher_folder(tmp_path / "plain")
+    elif case == "no_encoder":
+        teacher = tmp_path / "pipe"
+        shutil.copytree(pipeline, teacher)
+        shutil.rmtree(teacher / "text_encoder")
+    elif case == "empty":
+        prompts = tmp_path / "empty.txt"
+        prompts.write_text("\n")
+    elif case == "both":
+        extra = ["--set", f"teacher.embeddings={prompts}"]
+    args = ["run", "dmd", "--prompts", str(prompts), "--out", str(tmp_path / "run"), "--quiet", *extra]
+    assert main(args + ([] if case == "no_teacher" else ["--teacher", str(teacher)])) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and not (tmp_path / "run" / "metrics.json").exists()
