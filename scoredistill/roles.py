@@ -99,6 +99,11 @@ class Teacher(Role):
     def sampler_nfe(self) -> int:
         return 2 * self.sampler_steps - 1
 
+    def decode(self, x: Tensor) -> Tensor:
+        """What a sample looks like: images in [-1, 1] from the teacher's data (a latent teacher's VAE decoder), with
+        gradient. Teachers of images implement it; others have nothing to show."""
+        raise UserError(f"teacher '{type(self).__name__}' has no decoder: its samples ({self.data_space}) are not images")
+
     def forward(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 

@@ -107,12 +107,13 @@ def pipeline(tmp_path_factory) -> Path:
     return tiny_sd_pipeline_folder(root / "pipe")
 
 
-def _teacher(hooks, pipeline: Path, cache: Path, *sets: str):
+def _teacher(hooks, pipeline: Path, cache: Path, *sets: str, prompts: Path = None):
     from scoredistill.config import resolve
     from scoredistill.roles import BuildContext
 
+    prompts = prompts or pipeline.parent / "prompts.txt"
     config = resolve(hooks.registry, "dmd", "teacher", [], [
-        "teacher.component=diffusers", f"teacher.path={pipeline}", f"teacher.prompts={pipeline.parent / 'prompts.txt'}", *sets])
+        "teacher.component=diffusers", f"teacher.path={pipeline}", f"teacher.prompts={prompts}", *sets])
     return hooks.make_teacher(spec=config.teacher, ctx=BuildContext(hooks=hooks, cache_dir=cache, extra={"progress": False}))
 
 
@@ -169,13 +170,15 @@ def test_a_text_to_image_run_end_to_end_reuses_its_cache(pipeline, tmp_path, mon
     assert json.loads((tmp_path / "a" / "metrics.json").read_text())["non_finite"] == 0
     files = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "prompt_embeddings").rglob("*") if p.is_file()}
     assert len([p for p in files if p.name.startswith("shard-")]) == 1 and any(p.name == "index.json" for p in files)
-    assert main([*args, "--set", "train.steps=1", "--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "a" / "samples.png").is_file()  # decoded by the VAE, captioned with the prompts
+    lpips = ["losses.regression.component=lpips_regression", "losses.regression.backbone=random", "losses.regression.resize=null"]
+    assert main([*args, *[a for s in ["train.steps=1", *lpips] for a in ("--set", s)], "--out", str(tmp_path / "b")]) == 0
     assert {p: p.stat().st_mtime_ns for p in files} == files
 
 
 @pytest.mark.parametrize("case, message", [
     ("not_text", "is not text-conditional"), ("no_encoder", "lacks text_encoder/"), ("empty", "holds no prompt"),
-    ("no_teacher", "add --teacher PIPELINE_FOLDER"), ("both", "not both")])
+    ("no_teacher", "add --teacher PIPELINE_FOLDER"), ("both", "not both"), ("no_vae", "lacks vae/")])
 def test_bad_text_input_is_one_line_before_training(pipeline, tmp_path, capsys, case, message):
     import shutil
 
@@ -184,10 +187,10 @@ def test_bad_text_input_is_one_line_before_training(pipeline, tmp_path, capsys, 
     teacher, prompts, extra = pipeline, pipeline.parent / "prompts.txt", []
     if case == "not_text":
         teacher = tiny_diffusers_teacher_folder(tmp_path / "plain")
-    elif case == "no_encoder":
+    elif case in ("no_encoder", "no_vae"):
         teacher = tmp_path / "pipe"
         shutil.copytree(pipeline, teacher)
-        shutil.rmtree(teacher / "text_encoder")
+        shutil.rmtree(teacher / ("text_encoder" if case == "no_encoder" else "vae"))
     elif case == "empty":
         prompts = tmp_path / "empty.txt"
         prompts.write_text("\n")
@@ -197,3 +200,28 @@ def test_bad_text_input_is_one_line_before_training(pipeline, tmp_path, capsys, 
     assert main(args + ([] if case == "no_teacher" else ["--teacher", str(teacher)])) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_latents_decode_through_the_pipelines_vae_with_gradient(hooks, pipeline, tmp_path):
+    """``decode(x) = vae.decode(x / scaling_factor + shift_factor)``, as the pipelines unscale their latents."""
+    import shutil
+
+    import diffusers
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(pipeline, folder)
+    cfg = json.loads((folder / "vae" / "config.json").read_text())
+    (folder / "vae" / "config.json").write_text(json.dumps({**cfg, "shift_factor": 0.3}))
+    teacher = _teacher(hooks, folder, tmp_path, prompts=pipeline.parent / "prompts.txt")
+    vae = diffusers.AutoencoderKL.from_pretrained(str(folder / "vae"))
+    x = torch.randn(2, *teacher.data_shape, requires_grad=True)
+    images = teacher.decode(x)
+    with torch.no_grad():
+        want = vae.decode(x / 0.18215 + 0.3).sample
+    assert images.shape == (2, 3, 16, 16) and torch.allclose(images, want, atol=1e-5)
+    images.square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0  # LPIPS on decoded images trains the generator through it
+    from scoredistill.testing import mixture
+
+    with pytest.raises(UserError, match="has no decoder"):
+        mixture([[1.0, 0.0]], [0.3], [1.0]).decode(x)

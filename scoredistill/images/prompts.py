@@ -211,5 +211,32 @@ def prompt_tables(folder: Path, prompts: list[str], negative: str, fingerprint: 
     return {name: PromptTable(cache, name) for name in names}
 
 
+def attach_prompt_cache(den, config, dtype: torch.dtype, ctx=None) -> list[str]:
+    """Read ``teacher.prompts`` (``config``: the ``diffusers`` teacher's), embed them with the pipeline's own encoders in
+    ``dtype`` into the prompt cache (once), and condition the denoiser ``den`` on the cache's lazy tables. Returns the
+    prompts."""
+    from scoredistill.images.denoisers import resolve_model_folder
+    from scoredistill.images.text_encoders import prompt_encoder
+    from scoredistill.roles import default_cache_dir
+
+    if den.conditioning != "text":
+        raise UserError(f"--prompts (teacher.prompts) was given but the teacher {type(den.unet).__name__} is not text-conditional "
+                        f"(conditioning: {den.conditioning}); drop --prompts")
+    prompts = read_prompts(config.prompts, config.prompt_column)
+    folder = resolve_model_folder(config.path)
+    encoder = prompt_encoder(folder)
+    if encoder is None:
+        raise UserError(f"--prompts needs the pipeline's text encoders, but '{config.path}' is not a pipeline folder with them "
+                        "(model_index.json, tokenizer/, text_encoder/); give teacher.embeddings=FILE.safetensors instead")
+    device = ctx.device if ctx is not None else torch.device("cpu")
+    cache_root = (ctx.cache_dir if ctx is not None else default_cache_dir()) / "prompt_embeddings"
+    progress = ctx.extra.get("progress", True) if ctx is not None else True
+    tables = prompt_tables(cache_root, prompts, config.negative_prompt, encoder.fingerprint() + config.dtype,
+                           lambda: encoder.load(dtype, device), batch_size=config.text_batch_size,
+                           progress=progress, log=print_log)
+    den.set_prompt_table(tables["embeddings"], tables.get("pooled"))
+    return prompts
+
+
 def print_log(msg: str) -> None:
     print(f"scoredistill: {msg}", file=sys.stderr)

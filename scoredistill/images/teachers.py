@@ -11,6 +11,7 @@ parameterisation, data space, conditioning, and trainable copies of its network.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Literal, Optional
@@ -57,6 +58,7 @@ class ImageTeacher(Teacher):
         self.flow_mu = loaded.flow_mu
         self.conditioning = "text" if self.denoiser.num_prompts is not None else self.denoiser.conditioning
         self.data_space = "latents" if self.data_shape_is_latent(loaded) else "pixels"
+        self.vae_dir = loaded.unet_dir.parent / "vae" if self.data_space == "latents" else None
         self.scheduler_config = dict(loaded.scheduler_config)  # exports ship it next to the network
         self.data_shape = tuple(self.denoiser.data_shape)
         self.sigma_data = float(getattr(self.denoiser, "sigma_data", 0.5))
@@ -75,9 +77,54 @@ class ImageTeacher(Teacher):
 
     @staticmethod
     def data_shape_is_latent(loaded: LoadedTeacher) -> bool:
-        """A network in a pipeline with a VAE works on its latents."""
+        """A network in a pipeline with a VAE works on its latents; a pipeline whose ``model_index.json`` names a part
+        that is not in the folder is refused (one line)."""
         folder = loaded.unet_dir.parent
-        return loaded.unet_dir.name in ("unet", "transformer") and (folder / "vae").is_dir()
+        if loaded.unet_dir.name not in ("unet", "transformer"):
+            return False
+        index = folder / "model_index.json"
+        if index.is_file():
+            try:
+                parts = [k for k, v in json.loads(index.read_text()).items() if isinstance(v, list) and v and v[0] is not None]
+            except ValueError:
+                raise UserError(f"cannot read {index}: not JSON") from None
+            missing = [k for k in parts if not (folder / k).is_dir()]
+            if missing:
+                raise UserError(f"pipeline folder '{folder}' lacks {', '.join(m + '/' for m in missing)} (its model_index.json "
+                                "names them): save the whole pipeline with save_pretrained, or copy the missing parts")
+        return (folder / "vae").is_dir()
+
+    # -- what samples look like
+    def decode(self, x: Tensor) -> Tensor:
+        """Images in [-1, 1]: pixels as they are; latents through the pipeline's VAE, ``vae.decode(x / scaling_factor +
+        shift_factor)`` (the pipelines' own unscaling; LDM, Rombach et al. 2022, Sec. 3), with gradient to ``x``."""
+        if self.data_space != "latents":
+            return x
+        vae = self.vae()
+        cfg = vae.config
+        z = x / float(cfg.scaling_factor) + float(getattr(cfg, "shift_factor", None) or 0.0)
+        return vae.decode(z.to(vae.dtype), return_dict=False)[0].to(x.dtype)
+
+    def vae(self) -> nn.Module:
+        """The pipeline's VAE (loaded on first use, frozen, in the teacher network's dtype, on the teacher's device;
+        not part of the teacher's state)."""
+        vae = self.__dict__.get("_vae")
+        if vae is None:
+            import diffusers
+
+            cfg = self.vae_dir / "config.json"
+            name = json.loads(cfg.read_text()).get("_class_name", "AutoencoderKL") if cfg.is_file() else "AutoencoderKL"
+            cls = getattr(diffusers, name, None) or diffusers.AutoencoderKL
+            try:
+                vae = cls.from_pretrained(str(self.vae_dir), local_files_only=True, torch_dtype=self.denoiser.unet_dtype())
+            except Exception as exc:
+                raise UserError(f"cannot load the pipeline's VAE from '{self.vae_dir}': {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+            if self.vae_tiling and hasattr(vae, "enable_tiling"):
+                vae.enable_tiling()
+            vae = self.__dict__["_vae"] = vae.eval().requires_grad_(False)
+        return vae.to(self.sigmas.device)
+
+    vae_tiling = False
 
     # -- the teacher protocol
     def forward(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
@@ -227,6 +274,8 @@ class DiffusersTeacher(ImageTeacher):
         flux_guidance: float = Field(3.5, description="the guidance embedding's value for a guidance-distilled Flux model")
         data: Optional[str] = Field(None, description="real images: 'digits' or a folder (for FID and real-data losses)")
         sampler_steps: int = Field(18, ge=2, description="steps of the teacher's multi-step Heun sampler (2*steps-1 NFE)")
+        vae_tiling: bool = Field(False, description="decode latents tile by tile (the VAE's enable_tiling): less memory for "
+                                 "large images")
 
     def __init__(self, config: "DiffusersTeacher.Config", ctx: Optional[BuildContext] = None) -> None:
         loaded = load_denoiser(config.path, guidance_scale=config.guidance_scale, null_class=config.null_class,
@@ -234,11 +283,14 @@ class DiffusersTeacher(ImageTeacher):
                                sample_size=config.sample_size, flux_guidance=config.flux_guidance)
         den = loaded.denoiser
         name = type(den.unet).__name__
+        self.data_shape_is_latent(loaded)  # a pipeline missing a part: refused before any prompt is encoded
         prompts = None
         if config.prompts:
             if config.embeddings:
                 raise UserError("give teacher.prompts (--prompts) or teacher.embeddings, not both")
-            prompts = attach_prompt_cache(den, config, ctx)
+            from scoredistill.images.prompts import attach_prompt_cache
+
+            prompts = attach_prompt_cache(den, config, TEACHER_DTYPES[config.dtype], ctx)
         elif config.embeddings:
             den.set_prompts(*read_prompt_embeddings(config.embeddings))
         elif den.conditioning == "text":
@@ -249,39 +301,12 @@ class DiffusersTeacher(ImageTeacher):
             raise UserError(f"the teacher {name} is class-conditional ({den.backbone.num_classes} labels): set "
                             "teacher.null_class to the label it was trained with for 'no class'")
         super().__init__(loaded, config.data, config.sampler_steps, source=config.path)
-        self.prompts = prompts
+        self.prompts, self.vae_tiling = prompts, config.vae_tiling
 
 
 @component("diffusers_unet", role="teacher", paper="diffusers UNets and DiT / SD3 / Flux transformers in the sigma form (Karras et al. 2022, Sec. 2)")
 class DiffusersUNetTeacher(DiffusersTeacher):
     """The ``diffusers`` teacher under its earlier name (same config, same behaviour)."""
-
-
-def attach_prompt_cache(den: NetworkDenoiser, config: "DiffusersTeacher.Config", ctx: Optional[BuildContext]) -> list[str]:
-    """Read ``teacher.prompts``, embed them with the pipeline's own encoders into the prompt cache (once), and condition
-    ``den`` on the cache's lazy tables. Returns the prompts."""
-    from scoredistill.images.denoisers import resolve_model_folder
-    from scoredistill.images.prompts import print_log, prompt_tables, read_prompts
-    from scoredistill.images.text_encoders import prompt_encoder
-    from scoredistill.roles import default_cache_dir
-
-    if den.conditioning != "text":
-        raise UserError(f"--prompts (teacher.prompts) was given but the teacher {type(den.unet).__name__} is not text-conditional "
-                        f"(conditioning: {den.conditioning}); drop --prompts")
-    prompts = read_prompts(config.prompts, config.prompt_column)
-    folder = resolve_model_folder(config.path)
-    encoder = prompt_encoder(folder)
-    if encoder is None:
-        raise UserError(f"--prompts needs the pipeline's text encoders, but '{config.path}' is not a pipeline folder with them "
-                        "(model_index.json, tokenizer/, text_encoder/); give teacher.embeddings=FILE.safetensors instead")
-    device = ctx.device if ctx is not None else torch.device("cpu")
-    cache_root = (ctx.cache_dir if ctx is not None else default_cache_dir()) / "prompt_embeddings"
-    progress = ctx.extra.get("progress", True) if ctx is not None else True
-    tables = prompt_tables(cache_root, prompts, config.negative_prompt, encoder.fingerprint() + config.dtype,
-                           lambda: encoder.load(TEACHER_DTYPES[config.dtype], device), batch_size=config.text_batch_size,
-                           progress=progress, log=print_log)
-    den.set_prompt_table(tables["embeddings"], tables.get("pooled"))
-    return prompts
 
 
 def read_prompt_embeddings(path: str) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:

@@ -72,11 +72,18 @@ class PromptEncoder:
 
 
 def _load(cls, folder: Path, **kw):
+    from transformers.utils import logging
+
+    bar = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()  # our own progress is the cache's; a bar per part would only clutter stderr
     try:
         return cls.from_pretrained(str(folder), local_files_only=True, **kw)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot load {cls.__name__} from '{folder}' (missing or corrupt files?): {first}") from None
+    finally:
+        if bar:
+            logging.enable_progress_bar()
 
 
 class ClipPromptEncoder(PromptEncoder):
