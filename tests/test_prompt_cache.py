@@ -117,27 +117,52 @@ def _teacher(hooks, pipeline: Path, cache: Path, *sets: str, prompts: Path = Non
     return hooks.make_teacher(spec=config.teacher, ctx=BuildContext(hooks=hooks, cache_dir=cache, extra={"progress": False}))
 
 
-def test_the_dmd_gradient_with_text_guidance_is_the_pipelines_own_cfg(hooks, pipeline, tmp_path):
-    """Embeddings are the pipeline's encode_prompt; D_real is its guided noise prediction made x_0 by its scheduler's
-    step; DMD's gradient (eq. 7 with eq. 8's normalisation) is then written out from those."""
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory) -> Path:
+    from scoredistill.images.testing import tiny_sdxl_pipeline_folder
+
+    root = tmp_path_factory.mktemp("sdxl")
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    return tiny_sdxl_pipeline_folder(root / "pipe")
+
+
+def _pipeline_eps(pipe, kind: str, x_vp, t, idx, negative: str):
+    """The pipeline's own guidance inputs and noise predictions ``(cond embeddings, eps_uncond, eps_cond)``, written
+    as its ``__call__`` computes them (``encode_prompt``; SDXL's ``_get_add_time_ids`` for the default sizes)."""
+    n = len(idx)
+    prompts = [PROMPTS[i] for i in idx]
+    if kind == "sd":
+        cond, uncond = pipe.encode_prompt(prompts, "cpu", 1, True, negative_prompt=[negative] * n)
+        eps = pipe.unet(torch.cat([x_vp, x_vp]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+        return cond, eps[:n], eps[n:]
+    cond, uncond, pooled, u_pooled = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=True,
+                                                        negative_prompt=[negative] * n if negative else None)
+    size = tuple(d * pipe.vae_scale_factor for d in x_vp.shape[-2:])
+    ids = pipe._get_add_time_ids(size, (0, 0), size, cond.dtype, pipe.text_encoder_2.config.projection_dim).repeat(2 * n, 1)
+    eps = pipe.unet(torch.cat([x_vp, x_vp]), t, encoder_hidden_states=torch.cat([uncond, cond]),
+                    added_cond_kwargs={"text_embeds": torch.cat([u_pooled, pooled]), "time_ids": ids}).sample
+    return cond, eps[:n], eps[n:]
+
+
+@pytest.mark.parametrize("kind, negative", [("sd", "the cat"), ("sdxl", "")])
+def test_the_dmd_gradient_with_text_guidance_is_the_pipelines_own_cfg(hooks, pipeline, sdxl, tmp_path, kind, negative):
+    """Embeddings are the pipeline's encode_prompt (SDXL: two encoders, pooled, size conditions, the empty negative
+    prompt as zeros); D_real is its guided noise prediction made x_0 by its scheduler's step; DMD's gradient (eq. 7 with
+    eq. 8's normalisation) is then written out from those."""
     import diffusers
 
     from scoredistill.distill import dmd_gradient
 
-    g = 4.5
-    teacher = _teacher(hooks, pipeline, tmp_path, f"teacher.guidance_scale={g}", "teacher.negative_prompt=the cat")
+    g, folder = 4.5, pipeline if kind == "sd" else sdxl
+    teacher = _teacher(hooks, folder, tmp_path, f"teacher.guidance_scale={g}", *([f"teacher.negative_prompt={negative}"] if negative else []))
     assert teacher.conditioning == "text" and teacher.data_space == "latents" and teacher.prompts == PROMPTS
     fake = teacher.trainable_copy().eval()
     with torch.no_grad():
         for p in fake.unet.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(pipeline), safety_checker=None)
-    idx = torch.tensor([1, 5, 0])
-    cond, uncond = pipe.encode_prompt([PROMPTS[i] for i in idx], "cpu", 1, True, negative_prompt=["the cat"] * 3)
-    assert torch.allclose(teacher.denoiser.prompt_embeddings[idx], cond, atol=1e-6)
-
-    sched = diffusers.DDPMScheduler.from_config(pipe.scheduler.config)
-    t = 600
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder))
+    sched = diffusers.DDPMScheduler.from_config(pipe.scheduler.config, clip_sample=False)  # (x_0 as it is)
+    t, idx = 600, torch.tensor([1, 5, 0])
     abar = sched.alphas_cumprod[t]
     sigma = ((1 - abar) / abar).sqrt().float()
     torch.manual_seed(3)
@@ -146,13 +171,13 @@ def test_the_dmd_gradient_with_text_guidance_is_the_pipelines_own_cfg(hooks, pip
     x_vp = x_s * abar.sqrt().float()  # = x_s / sqrt(1 + sigma^2), what the network saw at t
     with torch.no_grad():
         real = teacher(x_s, sigma.expand(3), idx)
-        fake_d = fake(x_s, sigma.expand(3), idx)
-        ours = dmd_gradient(x, real, fake_d)
-
-        eps = pipe.unet(torch.cat([x_vp, x_vp]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
-        eps_g = eps[:3] + g * (eps[3:] - eps[:3])
-        x0_real = sched.step(eps_g, t, x_vp).pred_original_sample
-        x0_fake = sched.step(fake.unet(x_vp, t, encoder_hidden_states=cond).sample, t, x_vp).pred_original_sample
+        ours = dmd_gradient(x, real, fake(x_s, sigma.expand(3), idx))
+        cond, eps_u, eps_c = _pipeline_eps(pipe, kind, x_vp, t, idx, negative)
+        x0_real = sched.step(eps_u + g * (eps_c - eps_u), t, x_vp).pred_original_sample
+        pipe.unet = fake.unet
+        _, _, eps_fake = _pipeline_eps(pipe, kind, x_vp, t, idx, negative)
+        x0_fake = sched.step(eps_fake, t, x_vp).pred_original_sample
+    assert torch.allclose(teacher.denoiser.prompt_embeddings[idx], cond, atol=1e-6)
     want = (x0_fake - x0_real) / (x - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True)
     assert torch.allclose(real, x0_real, atol=1e-4, rtol=1e-4)
     assert torch.allclose(ours, want, atol=1e-4, rtol=1e-3)

@@ -41,7 +41,7 @@ class LPIPSRegression(PairRegression):
         teacher = ctx.teacher if ctx is not None else None
         shape = tuple(teacher.data_shape) if teacher is not None else None
         #: latents are compared as the images they decode to (the teacher's VAE, with gradient): DMD's LPIPS in pixels
-        self.latents = teacher is not None and teacher.data_space == "latents"
+        self.latents = getattr(teacher, "data_space", None) == "latents"
         if not self.latents and shape is not None and (len(shape) != 3 or shape[0] not in (1, 3)):
             raise UserError(
                 f"lpips_regression needs images of shape (1 or 3, H, W); the teacher's data shape is {shape}: "

@@ -168,23 +168,25 @@ def _shard_complete(path: Path, rows: int) -> bool:
 
 def prompt_tables(folder: Path, prompts: list[str], negative: str, fingerprint: str,
                   encoder: Callable[[], Callable[[list[str]], dict[str, Tensor]]], *, batch_size: int = 64,
-                  shard_size: int = 1024, progress: bool = True, log: Callable[[str], None] = lambda m: None) -> dict[str, PromptTable]:
+                  shard_size: int = 1024, progress: bool = True, log: Callable[[str], None] = lambda m: None,
+                  zero_null: bool = False) -> dict[str, PromptTable]:
     """The cached embeddings of ``prompts`` (``{"embeddings": table, "pooled": table, ...}`` as the encoder gives them).
 
     ``folder`` is the cache root; the cache lives in a subfolder named by ``fingerprint`` (the encoders'), the
     prompts and ``negative``. ``encoder()`` loads the encoders and returns ``encode(list of prompts) -> {name:
-    (B, ...)}``; it is called only when some shard is missing, and dropped when all are written.
+    (B, ...)}``; it is called only when some shard is missing, and dropped when all are written. ``zero_null``: the
+    unconditional branch is zeros shaped like ``negative``'s embedding (SDXL's ``force_zeros_for_empty_prompt``).
     """
     from scoredistill.io import save_tensors, write_json
 
-    key = stable_hash("prompt-cache-v1", fingerprint, prompts_digest(prompts), negative, shard_size)
+    key = stable_hash("prompt-cache-v1", fingerprint, prompts_digest(prompts), negative, zero_null, shard_size)
     cache = Path(folder) / key
     if not (cache / INDEX_FILE).is_file():
         cache.mkdir(parents=True, exist_ok=True)
         shards = (len(prompts) + shard_size - 1) // shard_size
         todo = [k for k in range(shards) if not _shard_complete(cache / shard_name(k), min(shard_size, len(prompts) - k * shard_size))]
         encode = encoder()
-        null = {name: t[0] for name, t in encode([negative]).items()}
+        null = {name: torch.zeros_like(t[0]) if zero_null else t[0] for name, t in encode([negative]).items()}
         save_tensors(cache / NULL_FILE, null)
         done = len(prompts) - sum(min(shard_size, len(prompts) - k * shard_size) for k in todo)
         if done:
@@ -233,7 +235,7 @@ def attach_prompt_cache(den, config, dtype: torch.dtype, ctx=None) -> list[str]:
     progress = ctx.extra.get("progress", True) if ctx is not None else True
     tables = prompt_tables(cache_root, prompts, config.negative_prompt, encoder.fingerprint() + config.dtype,
                            lambda: encoder.load(dtype, device), batch_size=config.text_batch_size,
-                           progress=progress, log=print_log)
+                           progress=progress, log=print_log, zero_null=encoder.zero_null(config.negative_prompt))
     den.set_prompt_table(tables["embeddings"], tables.get("pooled"))
     return prompts
 

@@ -59,6 +59,9 @@ class ImageTeacher(Teacher):
         self.conditioning = "text" if self.denoiser.num_prompts is not None else self.denoiser.conditioning
         self.data_space = "latents" if self.data_shape_is_latent(loaded) else "pixels"
         self.vae_dir = loaded.unet_dir.parent / "vae" if self.data_space == "latents" else None
+        if self.vae_dir is not None and (self.vae_dir / "config.json").is_file():  # pixels per latent (SDXL's size conditions)
+            blocks = json.loads((self.vae_dir / "config.json").read_text()).get("block_out_channels") or [0] * 4
+            self.denoiser.backbone.vae_scale = 2 ** (len(blocks) - 1)
         self.scheduler_config = dict(loaded.scheduler_config)  # exports ship it next to the network
         self.data_shape = tuple(self.denoiser.data_shape)
         self.sigma_data = float(getattr(self.denoiser, "sigma_data", 0.5))
@@ -274,6 +277,9 @@ class DiffusersTeacher(ImageTeacher):
         flux_guidance: float = Field(3.5, description="the guidance embedding's value for a guidance-distilled Flux model")
         data: Optional[str] = Field(None, description="real images: 'digits' or a folder (for FID and real-data losses)")
         sampler_steps: int = Field(18, ge=2, description="steps of the teacher's multi-step Heun sampler (2*steps-1 NFE)")
+        sdxl_time_ids: Optional[list[float]] = Field(None, min_length=6, max_length=6, description="an SDXL UNet's size "
+                                                    "conditions (original H, W, crop top, left, target H, W) in pixels; "
+                                                    "default the image's own size, uncropped")
         vae_tiling: bool = Field(False, description="decode latents tile by tile (the VAE's enable_tiling): less memory for "
                                  "large images")
 
@@ -284,6 +290,10 @@ class DiffusersTeacher(ImageTeacher):
         den = loaded.denoiser
         name = type(den.unet).__name__
         self.data_shape_is_latent(loaded)  # a pipeline missing a part: refused before any prompt is encoded
+        if config.sdxl_time_ids is not None:
+            if not getattr(den.backbone, "text_time", False):
+                raise UserError(f"teacher.sdxl_time_ids applies to an SDXL UNet (addition_embed_type 'text_time'), not to this {name}")
+            den.backbone.time_ids = tuple(config.sdxl_time_ids)
         prompts = None
         if config.prompts:
             if config.embeddings:

@@ -90,3 +90,42 @@ def tiny_sd_pipeline_folder(folder: Path, *, sample_size: int = 8, latent_channe
 
     shutil.rmtree(tok_dir)
     return folder
+
+
+def tiny_sdxl_pipeline_folder(folder: Path, *, sample_size: int = 8, latent_channels: int = 4, dims: tuple[int, int] = (8, 12),
+                              projection_dim: int = 6, max_length: int = 8) -> Path:
+    """A tiny random-weight SDXL-shaped pipeline (two CLIP encoders, the second with projection; a ``text_time`` UNet)."""
+    import shutil
+
+    import diffusers
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(0)
+    time_dim = 4
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=sample_size, in_channels=latent_channels, out_channels=latent_channels, block_out_channels=(8, 16),
+        layers_per_block=1, norm_num_groups=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=sum(dims), attention_head_dim=2,
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=projection_dim + 6 * time_dim)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(8, 8),
+                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  layers_per_block=1, norm_num_groups=4, sample_size=sample_size * 2, scaling_factor=0.13025)
+    tok_dir = clip_tokenizer_files(folder / ".tokenizer_files")
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=max_length)
+
+    def config(dim: int, **kw) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=2,
+                              num_attention_heads=2, max_position_embeddings=max_length, bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **kw)
+
+    text = CLIPTextModel(config(dims[0])).eval()
+    text_2 = CLIPTextModelWithProjection(config(dims[1], projection_dim=projection_dim)).eval()
+    sched = diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
+    pipe = diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tokenizer,
+                                               tokenizer_2=tokenizer, unet=unet, scheduler=sched)
+    pipe.save_pretrained(str(folder))
+    shutil.rmtree(tok_dir)
+    return folder

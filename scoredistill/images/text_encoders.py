@@ -9,6 +9,9 @@ loaded with transformers' ``from_pretrained``, offline, in the teacher's dtype.
 * ``clip`` (Stable Diffusion 1.x / 2.x): ``tokenizer`` + ``text_encoder`` (``CLIPTextModel``); the
   last hidden state of the prompt padded to the tokenizer's ``model_max_length``, as
   ``StableDiffusionPipeline.encode_prompt`` computes it (no clip skip).
+* ``sdxl``: ``text_encoder`` (``CLIPTextModel``) and ``text_encoder_2``
+  (``CLIPTextModelWithProjection``): penultimate hidden states concatenated, the second's pooled
+  projection; the empty negative prompt as zeros (``force_zeros_for_empty_prompt``).
 
 The fingerprint (:meth:`PromptEncoder.fingerprint`) is read from the files without loading
 them: configs and tokenizer files whole, weight files by size, header and a sample of bytes.
@@ -66,6 +69,10 @@ class PromptEncoder:
     def fingerprint(self) -> str:
         return sha256_digest([self.name.encode(), *(file_fingerprint(self.folder / p).encode() for p in self.parts)])
 
+    def zero_null(self, negative: str) -> bool:
+        """Whether the pipeline's unconditional branch for ``negative`` is zeros rather than its embedding."""
+        return False
+
     def load(self, dtype: torch.dtype, device: torch.device) -> Callable[[list[str]], dict[str, Tensor]]:  # pragma: no cover
         """Load the parts and return ``encode(prompts) -> {name: (B, ...)}``."""
         raise NotImplementedError
@@ -108,9 +115,46 @@ class ClipPromptEncoder(PromptEncoder):
         return encode
 
 
+class SDXLPromptEncoder(PromptEncoder):
+    """SDXL: two CLIP encoders' penultimate hidden states side by side, and the second's projected pooled embedding
+    (``StableDiffusionXLPipeline.encode_prompt``); the empty negative prompt is zeros where the pipeline's
+    ``force_zeros_for_empty_prompt`` says so."""
+
+    name = "sdxl"
+    parts = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
+
+    def zero_null(self, negative: str) -> bool:
+        index = json.loads((self.folder / "model_index.json").read_text())
+        return negative == "" and bool(index.get("force_zeros_for_empty_prompt", True))
+
+    def load(self, dtype: torch.dtype, device: torch.device) -> Callable[[list[str]], dict[str, Tensor]]:
+        import transformers
+
+        pairs = []
+        for tok, enc in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
+            cls = transformers.CLIPTextModel if enc == "text_encoder" else transformers.CLIPTextModelWithProjection
+            pairs.append((_load(transformers.AutoTokenizer, self.folder / tok),
+                          _load(cls, self.folder / enc, torch_dtype=dtype).to(device).eval()))
+
+        @torch.no_grad()
+        def encode(prompts: list[str]) -> dict[str, Tensor]:
+            hidden, pooled = [], None
+            for tokenizer, encoder in pairs:
+                ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                                return_tensors="pt").input_ids.to(device)
+                out = encoder(ids, output_hidden_states=True)
+                if pooled is None and out[0].ndim == 2:
+                    pooled = out[0]  # the projected pooled embedding (the encoder with projection)
+                hidden.append(out.hidden_states[-2])
+            return {"embeddings": torch.cat(hidden, dim=-1), "pooled": pooled}
+
+        return encode
+
+
 #: pipeline shapes by the ``model_index.json`` entries that tell them apart (first match)
 PROMPT_ENCODERS: list[tuple[Callable[[dict], bool], type[PromptEncoder]]] = [
     (lambda index: "text_encoder" in index and "text_encoder_2" not in index, ClipPromptEncoder),
+    (lambda index: "text_encoder_2" in index and "text_encoder_3" not in index and "transformer" not in index, SDXLPromptEncoder),
 ]
 
 
