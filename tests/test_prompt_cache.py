@@ -250,3 +250,32 @@ def test_latents_decode_through_the_pipelines_vae_with_gradient(hooks, pipeline,
 
     with pytest.raises(UserError, match="has no decoder"):
         mixture([[1.0, 0.0]], [0.3], [1.0]).decode(x)
+
+
+@pytest.mark.parametrize("kind, t5", [("sd3", True), ("sd3", False), ("flux", True)])
+def test_sd3_and_flux_prompts_are_their_pipelines_own(hooks, tmp_path, kind, t5):
+    """The cached embeddings (and the null prompt's) are what SD3's / Flux's encode_prompt gives: CLIP-L + CLIP-G padded
+    before T5's tokens (zeros without T5) and both pooled projections; Flux: T5's tokens and CLIP's pooled output."""
+    import diffusers
+
+    from scoredistill.images.testing import tiny_flow_pipeline_folder
+
+    folder = tiny_flow_pipeline_folder(tmp_path / "pipe", kind, t5=t5)
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    sets = ["teacher.max_sequence_length=8", "teacher.guidance_scale=2"] + (["teacher.sample_size=4"] if kind == "flux" else [])
+    teacher = _teacher(hooks, folder, tmp_path, *sets)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), **({} if t5 else {"text_encoder_3": None, "tokenizer_3": None}))
+    idx = torch.tensor([4, 0, 2])
+    prompts = [PROMPTS[i] for i in idx]
+    den = teacher.denoiser
+    if kind == "sd3":
+        e, ne, p, npool = pipe.encode_prompt(prompts, None, None, device="cpu", do_classifier_free_guidance=True, max_sequence_length=8)
+        null = torch.full((3,), len(PROMPTS))
+        assert torch.allclose(den.prompt_embeddings[null], ne, atol=1e-6) and torch.allclose(den.prompt_pooled[null], npool, atol=1e-6)
+    else:
+        e, p, _ = pipe.encode_prompt(prompts, None, device="cpu", max_sequence_length=8)
+    assert den.prompt_embeddings[idx].shape == e.shape and torch.allclose(den.prompt_embeddings[idx], e, atol=1e-6)
+    assert torch.allclose(den.prompt_pooled[idx], p, atol=1e-6)
+    x = torch.randn(3, *teacher.data_shape)
+    with torch.no_grad():
+        assert torch.isfinite(teacher(x, torch.full((3,), 2.0), idx)).all()

@@ -230,6 +230,10 @@ def attach_prompt_cache(den, config, dtype: torch.dtype, ctx=None) -> list[str]:
     if encoder is None:
         raise UserError(f"--prompts needs the pipeline's text encoders, but '{config.path}' is not a pipeline folder with them "
                         "(model_index.json, tokenizer/, text_encoder/); give teacher.embeddings=FILE.safetensors instead")
+    if config.max_sequence_length is not None:
+        if not hasattr(encoder, "max_sequence_length"):
+            raise UserError(f"teacher.max_sequence_length is T5's token count (SD3, Flux); this pipeline's prompts are encoded by {encoder.name}")
+        encoder.max_sequence_length = config.max_sequence_length
     device = ctx.device if ctx is not None else torch.device("cpu")
     cache_root = (ctx.cache_dir if ctx is not None else default_cache_dir()) / "prompt_embeddings"
     progress = ctx.extra.get("progress", True) if ctx is not None else True

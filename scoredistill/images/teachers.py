@@ -267,6 +267,8 @@ class DiffusersTeacher(ImageTeacher):
         prompt_column: str = Field("prompt", description="the prompts' field (.jsonl) or column (.csv, .parquet)")
         negative_prompt: str = Field("", description="the unconditional branch of guidance: this prompt's embedding (as the "
                                      "pipelines' negative_prompt; default the empty prompt)")
+        max_sequence_length: Optional[int] = Field(None, ge=1, description="T5's token count for SD3 / Flux prompts (the "
+                                                   "pipelines' max_sequence_length; default theirs: 256 / 512)")
         text_batch_size: int = Field(64, ge=1, description="prompts per batch of the text encoders when filling the cache")
         embeddings: Optional[str] = Field(None, description="prompt embeddings for a text-conditional network: a .safetensors "
                                           "file with 'embeddings' (prompts, tokens, dim), drawn uniformly for each batch, "

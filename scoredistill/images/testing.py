@@ -129,3 +129,63 @@ def tiny_sdxl_pipeline_folder(folder: Path, *, sample_size: int = 8, latent_chan
     pipe.save_pretrained(str(folder))
     shutil.rmtree(tok_dir)
     return folder
+
+
+def t5_tokenizer(max_length: int = 8):
+    """A tiny ``T5TokenizerFast`` from a hand-made tokenizers ``Unigram`` model (letters, space marker, specials)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -2.0) for c in "\u2581abcdefghijklmnopqrstuvwxyz"]
+    vocab += [("\u2581the", -1.0), ("\u2581cat", -1.0), ("\u2581dog", -1.0), ("\u2581red", -1.0)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0,
+                           model_max_length=max_length)
+
+
+def tiny_flow_pipeline_folder(folder: Path, kind: str = "sd3", *, t5: bool = True, max_length: int = 8) -> Path:
+    """A tiny random-weight SD3-shaped (CLIP-L, CLIP-G, optional T5) or Flux-shaped (CLIP, T5) pipeline folder."""
+    import shutil
+
+    import diffusers
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+
+    folder = Path(folder)
+    torch.manual_seed(0)
+    tok_dir = clip_tokenizer_files(folder / ".tokenizer_files")
+    clip_tok = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=max_length)
+
+    def clip_config(dim: int, **kw) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=len(clip_tok), hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=2,
+                              num_attention_heads=2, max_position_embeddings=max_length, bos_token_id=clip_tok.bos_token_id,
+                              eos_token_id=clip_tok.eos_token_id, pad_token_id=clip_tok.pad_token_id, **kw)
+
+    t5_tok = t5_tokenizer(max_length)
+    t5_model = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=16, d_kv=4, d_ff=16, num_layers=1, num_heads=2,
+                                       decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval()
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4 if kind == "sd3" else 2,
+                                  block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
+                                  scaling_factor=1.5305, shift_factor=0.0609)
+    if kind == "sd3":
+        net = diffusers.SD3Transformer2DModel(sample_size=4, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=4,
+                                              num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=8,
+                                              pooled_projection_dim=6 + 6, out_channels=4, pos_embed_max_size=4)
+        pipe = diffusers.StableDiffusion3Pipeline(
+            transformer=net, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+            text_encoder=CLIPTextModelWithProjection(clip_config(8, projection_dim=6)).eval(), tokenizer=clip_tok,
+            text_encoder_2=CLIPTextModelWithProjection(clip_config(12, projection_dim=6)).eval(), tokenizer_2=clip_tok,
+            text_encoder_3=t5_model if t5 else None, tokenizer_3=t5_tok if t5 else None)
+    else:
+        net = diffusers.FluxTransformer2DModel(in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                               num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
+                                               guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+        sched = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=4, max_image_seq_len=64)
+        pipe = diffusers.FluxPipeline(transformer=net, scheduler=sched, vae=vae, text_encoder=CLIPTextModel(clip_config(8)).eval(),
+                                      tokenizer=clip_tok, text_encoder_2=t5_model, tokenizer_2=t5_tok)
+    pipe.save_pretrained(str(folder))
+    shutil.rmtree(tok_dir)
+    return folder

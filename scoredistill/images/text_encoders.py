@@ -12,6 +12,9 @@ loaded with transformers' ``from_pretrained``, offline, in the teacher's dtype.
 * ``sdxl``: ``text_encoder`` (``CLIPTextModel``) and ``text_encoder_2``
   (``CLIPTextModelWithProjection``): penultimate hidden states concatenated, the second's pooled
   projection; the empty negative prompt as zeros (``force_zeros_for_empty_prompt``).
+* ``sd3``: CLIP-L and CLIP-G (both with projection) and T5 (optional: zeros without it), the
+  CLIP states padded to T5's width and put before T5's tokens; pooled: both projections.
+* ``flux``: T5's tokens and CLIP's pooled output.
 
 The fingerprint (:meth:`PromptEncoder.fingerprint`) is read from the files without loading
 them: configs and tokenizer files whole, weight files by size, header and a sample of bytes.
@@ -151,10 +154,110 @@ class SDXLPromptEncoder(PromptEncoder):
         return encode
 
 
+def _clip_pairs(folder: Path, names: list[tuple[str, str]], dtype: torch.dtype, device: torch.device) -> list:
+    import transformers
+
+    def model(enc: str):
+        cls = getattr(transformers, cls_name(folder, enc), None) or transformers.CLIPTextModelWithProjection
+        return _load(cls, folder / enc, torch_dtype=dtype).to(device).eval()
+
+    return [(_load(transformers.AutoTokenizer, folder / tok), model(enc)) for tok, enc in names]
+
+
+def cls_name(folder: Path, part: str) -> str:
+    index = json.loads((folder / "model_index.json").read_text())
+    entry = index.get(part) or [None, None]
+    return str(entry[1])
+
+
+def _t5(folder: Path, tok: str, enc: str, dtype: torch.dtype, device: torch.device, max_length: int) -> Callable[[list[str]], Tensor]:
+    import transformers
+
+    tokenizer = _load(transformers.AutoTokenizer, folder / tok)
+    encoder = _load(transformers.T5EncoderModel, folder / enc, torch_dtype=dtype).to(device).eval()
+
+    def encode(prompts: list[str]) -> Tensor:
+        ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True,
+                        return_tensors="pt").input_ids.to(device)
+        return encoder(ids)[0]
+
+    return encode
+
+
+def _clip_ids(tokenizer, prompts: list[str], device: torch.device) -> Tensor:
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids.to(device)
+
+
+class SD3PromptEncoder(PromptEncoder):
+    """SD3: CLIP-L and CLIP-G penultimate states side by side, zero-padded to T5's width, then T5's tokens
+    (``max_sequence_length``, default 256), or zeros where the pipeline has no T5; pooled: both CLIPs' projections
+    (``StableDiffusion3Pipeline.encode_prompt``)."""
+
+    name = "sd3"
+    parts = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
+    max_sequence_length = 256
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder)
+        self.has_t5 = (self.folder / "text_encoder_3").is_dir()
+        if self.has_t5:
+            self.parts = (*self.parts, "tokenizer_3", "text_encoder_3")
+            super().__init__(folder)  # T5's parts checked too
+
+    def fingerprint(self) -> str:
+        return sha256_digest([super().fingerprint().encode(), str(self.max_sequence_length).encode()])
+
+    def load(self, dtype: torch.dtype, device: torch.device) -> Callable[[list[str]], dict[str, Tensor]]:
+        pairs = _clip_pairs(self.folder, [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")], dtype, device)
+        t5 = _t5(self.folder, "tokenizer_3", "text_encoder_3", dtype, device, self.max_sequence_length) if self.has_t5 else None
+        width = int(json.loads((self.folder / "transformer" / "config.json").read_text())["joint_attention_dim"])
+
+        @torch.no_grad()
+        def encode(prompts: list[str]) -> dict[str, Tensor]:
+            outs = [encoder(_clip_ids(tok, prompts, device), output_hidden_states=True) for tok, encoder in pairs]
+            clip = torch.cat([o.hidden_states[-2] for o in outs], dim=-1)
+            tokens = t5(prompts) if t5 is not None else clip.new_zeros((len(prompts), self.max_sequence_length, width))
+            clip = torch.nn.functional.pad(clip, (0, tokens.shape[-1] - clip.shape[-1]))
+            return {"embeddings": torch.cat([clip, tokens.to(clip.dtype)], dim=-2), "pooled": torch.cat([o[0] for o in outs], dim=-1)}
+
+        return encode
+
+
+class FluxPromptEncoder(PromptEncoder):
+    """Flux: T5's tokens (``max_sequence_length``, default 512) and CLIP's pooled output (``FluxPipeline.encode_prompt``)."""
+
+    name = "flux"
+    parts = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
+    max_sequence_length = 512
+
+    def fingerprint(self) -> str:
+        return sha256_digest([super().fingerprint().encode(), str(self.max_sequence_length).encode()])
+
+    def load(self, dtype: torch.dtype, device: torch.device) -> Callable[[list[str]], dict[str, Tensor]]:
+        import transformers
+
+        tokenizer = _load(transformers.AutoTokenizer, self.folder / "tokenizer")
+        clip = _load(transformers.CLIPTextModel, self.folder / "text_encoder", torch_dtype=dtype).to(device).eval()
+        t5 = _t5(self.folder, "tokenizer_2", "text_encoder_2", dtype, device, self.max_sequence_length)
+
+        @torch.no_grad()
+        def encode(prompts: list[str]) -> dict[str, Tensor]:
+            return {"embeddings": t5(prompts), "pooled": clip(_clip_ids(tokenizer, prompts, device), output_hidden_states=False).pooler_output}
+
+        return encode
+
+
+def _transformer(index: dict) -> str:
+    return str((index.get("transformer") or [None, None])[1])
+
+
 #: pipeline shapes by the ``model_index.json`` entries that tell them apart (first match)
 PROMPT_ENCODERS: list[tuple[Callable[[dict], bool], type[PromptEncoder]]] = [
-    (lambda index: "text_encoder" in index and "text_encoder_2" not in index, ClipPromptEncoder),
-    (lambda index: "text_encoder_2" in index and "text_encoder_3" not in index and "transformer" not in index, SDXLPromptEncoder),
+    (lambda index: "text_encoder" in index and "text_encoder_2" not in index and "transformer" not in index, ClipPromptEncoder),
+    (lambda index: "text_encoder_2" in index and "transformer" not in index, SDXLPromptEncoder),
+    (lambda index: _transformer(index) == "SD3Transformer2DModel", SD3PromptEncoder),
+    (lambda index: _transformer(index) == "FluxTransformer2DModel", FluxPromptEncoder),
 ]
 
 
@@ -173,6 +276,6 @@ def prompt_encoder(folder: Path) -> Optional[PromptEncoder]:
             return cls(folder)
     if any(k.startswith("text_encoder") for k in index):
         raise UserError(f"pipeline folder '{folder}' has text encoders ({', '.join(k for k in index if k.startswith('text_encoder'))}) "
-                        "in a layout scoredistill does not encode yet (supported: Stable Diffusion 1.x / 2.x); give "
+                        "in a layout scoredistill does not encode (supported: Stable Diffusion 1.x / 2.x, SDXL, SD3, Flux); give "
                         "teacher.embeddings=FILE.safetensors instead")
     return None
