@@ -153,6 +153,10 @@ class Teacher(Role):
         """``n`` samples of the data the teacher models (for losses that need real data, e.g. a GAN)."""
         raise UserError(f"teacher '{type(self).__name__}' provides no real data; choose a method without a real-data term")
 
+    def real_labelled_samples(self, n: int) -> tuple[Tensor, Tensor]:
+        """``n`` real samples with their class labels (a class-conditional discriminator's real half)."""
+        raise UserError(f"teacher '{type(self).__name__}' provides no labelled real data; a class-conditional real-data term needs it")
+
     def sample_conditions(self, n: int, generator: Optional[torch.Generator] = None) -> Optional[Tensor]:
         """Conditions ``c`` for ``n`` samples, distributed as a run distils them; ``None``: unconditional.
 

@@ -279,3 +279,11 @@ def test_sd3_and_flux_prompts_are_their_pipelines_own(hooks, tmp_path, kind, t5)
     x = torch.randn(3, *teacher.data_shape)
     with torch.no_grad():
         assert torch.isfinite(teacher(x, torch.full((3,), 2.0), idx)).all()
+
+
+def test_dmd2_on_a_text_to_image_teacher_is_one_line(pipeline, tmp_path, capsys):
+    args = ["run", "dmd2", "--teacher", str(pipeline), "--prompts", str(pipeline.parent / "prompts.txt"), "--quiet",
+            "--out", str(tmp_path / "run")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "conditioning is 'text'" in err and len(err.splitlines()) == 1

@@ -186,6 +186,19 @@ class ImageTeacher(Teacher):
             cached = self.__dict__["_real_train"] = self.real_data("train").to(device)
         return cached[torch.randint(0, len(cached), (n,), device=device)]
 
+    def real_labelled_samples(self, n: int) -> tuple[Tensor, Tensor]:
+        """``n`` real images with their class labels, drawn with replacement (``teacher.data=digits``: the digit)."""
+        if self.data != "digits":
+            raise UserError(f"a class-conditional dmd2 run needs real images with class labels: teacher.data=digits has them, "
+                            f"a folder of images ('{self.data}') has none")
+        device = self.sigmas.device
+        cached = self.__dict__.get("_real_labelled")
+        if cached is None or cached[0].device != device:
+            x, y = digits("train")
+            cached = self.__dict__["_real_labelled"] = (x.to(device), y.long().to(device))
+        pick = torch.randint(0, len(cached[0]), (n,), device=device)
+        return cached[0][pick], cached[1][pick]
+
     # -- sampling
     def sampling_sigmas(self, steps: int, rho: float = 7.0) -> Tensor:
         """The sampler's noise levels, descending, ending at 0: a flow teacher's own scheduler grid (its shift, or its
