@@ -184,6 +184,25 @@ def test_the_dmd_gradient_with_text_guidance_is_the_pipelines_own_cfg(hooks, pip
     assert not torch.allclose(real, teacher.denoiser.denoise(x_s, sigma.expand(3), idx), atol=1e-3)  # guidance acts
 
 
+def _export_reproduces_sample(run: Path, tmp_path: Path) -> None:
+    """``scoredistill export`` writes a diffusers pipeline whose one step, given the same noise and prompts, is
+    ``scoredistill sample``'s output (diffusers alone)."""
+    import diffusers
+    import numpy as np
+
+    assert main(["export", str(run), str(tmp_path / "export")]) == 0
+    assert main(["sample", str(run), "--num", "3", "--seed", "5", "--out", str(tmp_path / "s.npy")]) == 0
+    x, labels = torch.from_numpy(np.load(tmp_path / "s.npy")), np.load(tmp_path / "s_labels.npy")
+    readme = (tmp_path / "export" / "README.md").read_text()
+    assert "num_inference_steps=1" in readme and "data_space: `latents`" in readme and "preset: `teacher`" in readme
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(tmp_path / "export"))
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = pipe([PROMPTS[i] for i in labels], latents=z, num_inference_steps=1, guidance_scale=1.0, output_type="latent").images
+    assert type(pipe).__name__ == "StableDiffusionPipeline" and float((out - x).abs().max()) < 1e-3
+    assert pipe([PROMPTS[0]], num_inference_steps=1, guidance_scale=1.0, output_type="np").images.shape == (1, 16, 16, 3)
+
+
 def test_a_text_to_image_run_end_to_end_reuses_its_cache(pipeline, tmp_path, monkeypatch):
     """Two runs on one prompts file: the first fills the cache, the second reads it (not one file rewritten)."""
     monkeypatch.setenv("SCOREDISTILL_CACHE", str(tmp_path / "cache"))
@@ -196,6 +215,7 @@ def test_a_text_to_image_run_end_to_end_reuses_its_cache(pipeline, tmp_path, mon
     files = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "prompt_embeddings").rglob("*") if p.is_file()}
     assert len([p for p in files if p.name.startswith("shard-")]) == 1 and any(p.name == "index.json" for p in files)
     assert (tmp_path / "a" / "samples.png").is_file()  # decoded by the VAE, captioned with the prompts
+    _export_reproduces_sample(tmp_path / "a", tmp_path)
     lpips = ["losses.regression.component=lpips_regression", "losses.regression.backbone=random", "losses.regression.resize=null"]
     assert main([*args, *[a for s in ["train.steps=1", *lpips] for a in ("--set", s)], "--out", str(tmp_path / "b")]) == 0
     assert {p: p.stat().st_mtime_ns for p in files} == files
