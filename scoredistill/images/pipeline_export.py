@@ -46,7 +46,9 @@ z = torch.randn((N, {shape}), generator=torch.Generator().manual_seed(S))
 latents = pipe(prompts, latents=z, num_inference_steps=1, guidance_scale=1.0, output_type="latent").images
 ```
 
-gives `scoredistill sample`'s latents (its `.npy`), and `output_type="pil"` their decoded images.
+gives `scoredistill sample`'s latents (its `.npy`), and `output_type="pil"` their decoded images. A run that set
+`teacher.max_sequence_length` (SD3, Flux) encoded its prompts with that many T5 tokens: pass the same
+`max_sequence_length=` to the pipeline.
 """
 
 
