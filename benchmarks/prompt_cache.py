@@ -41,6 +41,15 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def rss_mb(field: str = "VmRSS") -> float:
+    """The resident memory now (Linux ``VmRSS``; ``RssAnon``: the process's own, ``RssFile``: mapped file pages, such
+    as the cache's shards read through mmap, which the kernel drops under memory pressure)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def measure(count: int, pipeline: Path, cache: Path, batches: int, batch_size: int) -> dict:
     """One process's measurement (see the module docstring)."""
     import torch
@@ -50,12 +59,12 @@ def measure(count: int, pipeline: Path, cache: Path, batches: int, batch_size: i
 
     torch.set_num_threads(1)
     encoder = prompt_encoder(pipeline)
-    start_mb = peak_mb()
+    start_mb, start_rss, start_anon = peak_mb(), rss_mb(), rss_mb("RssAnon")
     t0 = time.perf_counter()
     tables = prompt_tables(cache, prompts(count), "", encoder.fingerprint(), lambda: encoder.load(torch.float32, torch.device("cpu")),
                            batch_size=256, progress=False)
     fill_s = time.perf_counter() - t0
-    fill_mb = peak_mb()
+    fill_mb, fill_rss = peak_mb(), rss_mb()
     table = tables["embeddings"]
     g = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
@@ -64,6 +73,10 @@ def measure(count: int, pipeline: Path, cache: Path, batches: int, batch_size: i
     read_ms = (time.perf_counter() - t0) / batches * 1e3
     disk = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
     return {"prompts": count, "row_shape": list(table.row_shape), "fill_seconds": round(fill_s, 2),
+            "table_mb_if_held": round(count * table.row_shape[0] * table.row_shape[1] * 4 / 2**20, 1),
+            "rss_mb_before_fill": round(start_rss, 1), "rss_mb_after_fill": round(fill_rss, 1), "rss_mb_after_reads": round(rss_mb(), 1),
+            "anon_rss_mb_before_fill": round(start_anon, 1), "anon_rss_mb_after_reads": round(rss_mb("RssAnon"), 1),
+            "file_rss_mb_after_reads": round(rss_mb("RssFile"), 1),
             "peak_rss_mb_before_fill": round(start_mb, 1), "peak_rss_mb_after_fill": round(fill_mb, 1),
             "peak_rss_mb_after_reads": round(peak_mb(), 1), "read_ms_per_batch": round(read_ms, 3),
             "batch_size": batch_size, "batch_shape": list(rows.shape), "cache_mb_on_disk": round(disk / 2**20, 1)}
@@ -86,7 +99,7 @@ def main(argv=None) -> int:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        pipeline = tiny_sd_pipeline_folder(Path(tmp) / "pipe")
+        pipeline = tiny_sd_pipeline_folder(Path(tmp) / "pipe", text_dim=64, max_length=16)  # 4 KiB a prompt
         for count in args.counts:
             cmd = [sys.executable, __file__, "--one", str(count), "--pipeline", str(pipeline), "--batches", str(args.batches),
                    "--batch-size", str(args.batch_size)]
@@ -96,8 +109,10 @@ def main(argv=None) -> int:
                 return proc.returncode
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             r = rows[-1]
-            print(f"{count:>8} prompts  fill {r['fill_seconds']:>7.1f} s  peak RSS {r['peak_rss_mb_after_fill']:>7.1f} MB after fill, "
-                  f"{r['peak_rss_mb_after_reads']:>7.1f} MB after reads  read {r['read_ms_per_batch']:.2f} ms/batch  "
+            print(f"{count:>8} prompts ({r['table_mb_if_held']} MB as a table)  fill {r['fill_seconds']:>6.1f} s  RSS "
+                  f"{r['rss_mb_before_fill']:.0f} -> {r['rss_mb_after_fill']:.0f} -> {r['rss_mb_after_reads']:.0f} MB (before fill, "
+                  f"after, after reads; anonymous {r['anon_rss_mb_before_fill']:.0f} -> {r['anon_rss_mb_after_reads']:.0f} MB, "
+                  f"mapped files {r['file_rss_mb_after_reads']:.0f} MB), peak {r['peak_rss_mb_after_reads']:.0f} MB  read {r['read_ms_per_batch']:.2f} ms/batch  "
                   f"disk {r['cache_mb_on_disk']} MB", flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

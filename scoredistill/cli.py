@@ -94,7 +94,8 @@ def make_parser(hooks=None) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the noise z (default: 0)")
     p.add_argument("--online", action="store_true", help="use the online weights of a run trained with EMA")
 
-    p = sub.add_parser("export", help="write a run's one-step generator as a diffusers model folder with a README")
+    p = sub.add_parser("export", help="write a run's one-step generator as a diffusers model folder (a whole "
+                       "pipeline for a text-to-image teacher) with a README")
     p.set_defaults(func=cmd_export)
     p.add_argument("run_dir", type=Path, help="a finished run folder (from 'scoredistill run')")
     p.add_argument("out", type=Path, help="new folder for the model (must not exist, or be empty)")
@@ -254,7 +255,8 @@ def cmd_export(args, hooks) -> int:
 
     check_out(args.out, option="OUT")
     info = export_run(args.run_dir, args.out, hooks, online=args.online)
-    print(f"wrote {args.out}: {info['generator']} ({info['weights']} weights) as a diffusers model; see {args.out / 'README.md'}")
+    what = "pipeline" if (Path(args.out) / "model_index.json").is_file() else "model"
+    print(f"wrote {args.out}: {info['generator']} ({info['weights']} weights) as a diffusers {what}; see {args.out / 'README.md'}")
     return 0
 
 
