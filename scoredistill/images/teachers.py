@@ -72,6 +72,8 @@ class ImageTeacher(Teacher):
         self.p_mean, self.p_std = float(train.get("p_mean", EDM_P_MEAN)), float(train.get("p_std", EDM_P_STD))
         prompts = [t if isinstance(t, Tensor) else t.fingerprint  # a tensor table by its bytes, a cached one by its key
                    for t in (self.denoiser.prompt_embeddings, self.denoiser.prompt_pooled) if t is not None]
+        if getattr(self.denoiser.backbone, "time_ids", None) is not None:
+            prompts.append(("sdxl_time_ids", self.denoiser.backbone.time_ids))  # SDXL's size conditions change D
         self._digest = stable_hash(loaded.kind, loaded.unet_config, loaded.scheduler_config, self.denoiser.prediction_type,
                                    self.denoiser.guidance_scale, self.denoiser.null_class, weights_digest(self.denoiser.unet), *prompts)
         self.register_buffer("class_labels", _class_labels(self.denoiser), persistent=False)
