@@ -307,3 +307,26 @@ def test_dmd2_on_a_text_to_image_teacher_is_one_line(pipeline, tmp_path, capsys)
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "conditioning is 'text'" in err and len(err.splitlines()) == 1
+
+
+def test_sdxl_size_conditions_are_the_pipelines_add_time_ids(hooks, sdxl, tmp_path):
+    """teacher.sdxl_time_ids reach the UNet as the pipeline's add_time_ids (original size, crop, target size), and
+    change the teacher's fingerprint (its caches)."""
+    import diffusers
+
+    ids = [32, 24, 4, 2, 16, 16]
+    teacher = _teacher(hooks, sdxl, tmp_path, "teacher.sdxl_time_ids=[32,24,4,2,16,16]")
+    plain = _teacher(hooks, sdxl, tmp_path)
+    assert teacher.fingerprint() != plain.fingerprint()
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(sdxl))
+    idx, t = torch.tensor([2, 6]), 400
+    cond, _, pooled, _ = pipe.encode_prompt([PROMPTS[i] for i in idx], device="cpu", do_classifier_free_guidance=False)
+    time_ids = pipe._get_add_time_ids(tuple(ids[:2]), tuple(ids[2:4]), tuple(ids[4:]), cond.dtype,
+                                      pipe.text_encoder_2.config.projection_dim).repeat(2, 1)
+    x = torch.randn(2, *teacher.data_shape)
+    with torch.no_grad():
+        eps = pipe.unet(x, t, encoder_hidden_states=cond, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        ours = teacher.denoiser.backbone.forward(teacher.denoiser.unet, x, torch.full((2,), float(t)),
+                                                 {"encoder_hidden_states": teacher.denoiser.prompt_embeddings[idx],
+                                                  "pooled_projections": teacher.denoiser.prompt_pooled[idx]})
+    assert torch.allclose(ours, eps, atol=1e-5)
