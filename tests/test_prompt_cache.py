@@ -330,3 +330,29 @@ def test_sdxl_size_conditions_are_the_pipelines_add_time_ids(hooks, sdxl, tmp_pa
                                                  {"encoder_hidden_states": teacher.denoiser.prompt_embeddings[idx],
                                                   "pooled_projections": teacher.denoiser.prompt_pooled[idx]})
     assert torch.allclose(ours, eps, atol=1e-5)
+
+
+def test_real_images_of_a_latent_teacher_are_encoded_by_its_vae(hooks, pipeline, tmp_path):
+    """teacher.data of a pipeline: images at the VAE's size; real samples are their scaled latents
+    ((E(x) - shift_factor) * scaling_factor, E the encoder's posterior mean); a wrong size is one line."""
+    import diffusers
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for k, size in enumerate([16, 16, 16, 12]):
+        folder = tmp_path / ("images" if size == 16 else "wrong")
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+    teacher = _teacher(hooks, pipeline, tmp_path, f"teacher.data={tmp_path / 'images'}")
+    real = teacher.real_data("train")
+    assert teacher.image_shape == (3, 16, 16) and real.shape == (3, 3, 16, 16)
+    vae = diffusers.AutoencoderKL.from_pretrained(str(pipeline / "vae"))
+    with torch.no_grad():
+        want = vae.encode(real).latent_dist.mean * vae.config.scaling_factor
+    torch.manual_seed(0)
+    latents = teacher.real_samples(64)
+    assert latents.shape == (64, *teacher.data_shape)
+    assert all(any(torch.allclose(row, w, atol=1e-5) for w in want) for row in latents)  # each is one image's latents
+    with pytest.raises(UserError, match="is 12x12 but the teacher makes 16x16 images"):
+        _teacher(hooks, pipeline, tmp_path, f"teacher.data={tmp_path / 'wrong'}")

@@ -59,9 +59,13 @@ class ImageTeacher(Teacher):
         self.conditioning = "text" if self.denoiser.num_prompts is not None else self.denoiser.conditioning
         self.data_space = "latents" if self.data_shape_is_latent(loaded) else "pixels"
         self.vae_dir = loaded.unet_dir.parent / "vae" if self.data_space == "latents" else None
+        #: what a sample looks like decoded: the data's shape, or a latent teacher's images (its VAE's channels and scale)
+        self.image_shape = tuple(self.denoiser.data_shape)
         if self.vae_dir is not None and (self.vae_dir / "config.json").is_file():  # pixels per latent (SDXL's size conditions)
-            blocks = json.loads((self.vae_dir / "config.json").read_text()).get("block_out_channels") or [0] * 4
-            self.denoiser.backbone.vae_scale = 2 ** (len(blocks) - 1)
+            vae_cfg = json.loads((self.vae_dir / "config.json").read_text())
+            scale = self.denoiser.backbone.vae_scale = 2 ** (len(vae_cfg.get("block_out_channels") or [0] * 4) - 1)
+            _, h, w = self.image_shape
+            self.image_shape = (int(vae_cfg.get("out_channels", 3)), h * scale, w * scale)
         self.scheduler_config = dict(loaded.scheduler_config)  # exports ship it next to the network
         self.data_shape = tuple(self.denoiser.data_shape)
         self.sigma_data = float(getattr(self.denoiser, "sigma_data", 0.5))
@@ -109,6 +113,17 @@ class ImageTeacher(Teacher):
         cfg = vae.config
         z = x / float(cfg.scaling_factor) + float(getattr(cfg, "shift_factor", None) or 0.0)
         return vae.decode(z.to(vae.dtype), return_dict=False)[0].to(x.dtype)
+
+    @torch.no_grad()
+    def encode(self, images: Tensor, batch_size: int = 64) -> Tensor:
+        """The data of images in [-1, 1]: pixels as they are; a latent teacher's scaled latents, ``(E(x) - shift_factor) *
+        scaling_factor`` with ``E(x)`` the mean of the VAE encoder's posterior (the inverse of :meth:`decode`)."""
+        if self.data_space != "latents":
+            return images
+        vae = self.vae()
+        sf, shift = float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
+        parts = [vae.encode(images[i : i + batch_size].to(vae.dtype)).latent_dist.mean for i in range(0, len(images), batch_size)]
+        return ((torch.cat(parts).float() - shift) * sf).to(images.dtype)
 
     def vae(self) -> nn.Module:
         """The pipeline's VAE (loaded on first use, frozen, in the teacher network's dtype, on the teacher's device;
@@ -178,14 +193,14 @@ class ImageTeacher(Teacher):
         """The real images the teacher models (``digits``: the fixed ``train`` / ``test`` split)."""
         if self.data is None:
             raise UserError("the teacher has no real data: set teacher.data to 'digits' or a folder of images")
-        return _real_data(self.data, split, self.data_shape)
+        return _real_data(self.data, split, self.image_shape)
 
     def real_samples(self, n: int) -> Tensor:
         """``n`` images drawn with replacement from the real training data."""
         device = self.sigmas.device
         cached = self.__dict__.get("_real_train")  # drawn on the device: no host copy per step (a CUDA graph can replay it)
         if cached is None or cached.device != device:
-            cached = self.__dict__["_real_train"] = self.real_data("train").to(device)
+            cached = self.__dict__["_real_train"] = self.encode(self.real_data("train").to(device))
         return cached[torch.randint(0, len(cached), (n,), device=device)]
 
     def real_labelled_samples(self, n: int) -> tuple[Tensor, Tensor]:
