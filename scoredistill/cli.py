@@ -50,16 +50,22 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", default=None, metavar="FOLDER_OR_HUB_ID",
                    help=f"distil this diffusers model or pipeline (the adapter is picked from the folder); preset "
                         f"default '{TEACHER_PRESET}'; --set still overrides anything")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="prompts for a text-to-image --teacher pipeline: .txt (one a line), .jsonl / .csv / .parquet "
+                        "('prompt' field or column); embedded once by the pipeline's text encoders and cached")
 
 
 def _teacher_option(args) -> tuple[Optional[str], list[str]]:
     """``(preset, overrides)`` with ``--teacher``: the generic teacher preset unless one is named, and the teacher
     component with its path ahead of the user's ``--set`` (which still override them)."""
+    prompts = [] if getattr(args, "prompts", None) is None else [f"teacher.prompts={args.prompts}"]
     if args.teacher is None:
-        return args.preset, list(args.overrides)
+        if prompts and not any(o.replace(" ", "").startswith("teacher.component=diffusers") for o in args.overrides):
+            raise UserError("--prompts needs a text-to-image pipeline teacher: add --teacher PIPELINE_FOLDER")
+        return args.preset, prompts + list(args.overrides)
     if not args.teacher.strip():
         raise UserError("--teacher needs a diffusers model or pipeline folder, or a Hugging Face hub id")
-    return args.preset or TEACHER_PRESET, [f"teacher.component=diffusers", f"teacher.path={args.teacher}", *args.overrides]
+    return args.preset or TEACHER_PRESET, [f"teacher.component=diffusers", f"teacher.path={args.teacher}", *prompts, *args.overrides]
 
 
 def _plugin_option(parser: argparse.ArgumentParser) -> None:
@@ -94,7 +100,8 @@ def make_parser(hooks=None) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None,
                    help="generator steps per sample (a few-step generator's chain; default: the run's own, 1 for one-step)")
 
-    p = sub.add_parser("export", help="write a run's one-step generator as a diffusers model folder with a README")
+    p = sub.add_parser("export", help="write a run's one-step generator as a diffusers model folder (a whole "
+                       "pipeline for a text-to-image teacher) with a README")
     p.set_defaults(func=cmd_export)
     p.add_argument("run_dir", type=Path, help="a finished run folder (from 'scoredistill run')")
     p.add_argument("out", type=Path, help="new folder for the model (must not exist, or be empty)")
@@ -154,6 +161,8 @@ def cmd_run(args, hooks) -> int:
     from scoredistill.run_dir import run_dir_lock
     from scoredistill.runner import execute
 
+    if args.resume is not None and args.prompts is not None:
+        raise UserError("--prompts cannot be used with --resume: a resumed run keeps its prompts")
     if args.resume is not None and args.teacher is not None:
         raise UserError("--teacher cannot be used with --resume: a resumed run keeps its teacher")
     preset, overrides = _teacher_option(args)
@@ -271,7 +280,8 @@ def cmd_export(args, hooks) -> int:
 
     check_out(args.out, option="OUT")
     info = export_run(args.run_dir, args.out, hooks, online=args.online)
-    print(f"wrote {args.out}: {info['generator']} ({info['weights']} weights) as a diffusers model; see {args.out / 'README.md'}")
+    what = "pipeline" if (Path(args.out) / "model_index.json").is_file() else "model"
+    print(f"wrote {args.out}: {info['generator']} ({info['weights']} weights) as a diffusers {what}; see {args.out / 'README.md'}")
     return 0
 
 

@@ -120,7 +120,8 @@ def export_run(run_dir: Path, out: Path, hooks: Any, online: bool = False) -> di
     weights = "online" if online or config.train.ema_decay is None or not config.train.eval_with_ema else "ema"
     provenance = {"run": str(Path(run_dir).resolve()), "method": config.method, "preset": config.preset,
                   "ablations": list(config.ablations), "generator": config.generator.component,
-                  "weights": weights, "latent_shape": list(run.models.generator.latent_shape)}
+                  "weights": weights, "latent_shape": list(run.models.generator.latent_shape),
+                  "data_space": getattr(run.models.teacher, "data_space", "flat")}  # latents are labelled as latents
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:

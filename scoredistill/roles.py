@@ -105,6 +105,11 @@ class Teacher(Role):
     def sampler_nfe(self) -> int:
         return 2 * self.sampler_steps - 1
 
+    def decode(self, x: Tensor) -> Tensor:
+        """What a sample looks like: images in [-1, 1] from the teacher's data (a latent teacher's VAE decoder), with
+        gradient. Teachers of images implement it; others have nothing to show."""
+        raise UserError(f"teacher '{type(self).__name__}' has no decoder: its samples ({self.data_space}) are not images")
+
     def forward(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
@@ -157,6 +162,10 @@ class Teacher(Role):
     def real_samples(self, n: int) -> Tensor:
         """``n`` samples of the data the teacher models (for losses that need real data, e.g. a GAN)."""
         raise UserError(f"teacher '{type(self).__name__}' provides no real data; choose a method without a real-data term")
+
+    def real_labelled_samples(self, n: int) -> tuple[Tensor, Tensor]:
+        """``n`` real samples with their class labels (a class-conditional discriminator's real half)."""
+        raise UserError(f"teacher '{type(self).__name__}' provides no labelled real data; a class-conditional real-data term needs it")
 
     def sample_conditions(self, n: int, generator: Optional[torch.Generator] = None) -> Optional[Tensor]:
         """Conditions ``c`` for ``n`` samples, distributed as a run distils them; ``None``: unconditional.

@@ -38,8 +38,11 @@ class LPIPSRegression(PairRegression):
 
     def __init__(self, config: "LPIPSRegression.Config", ctx: Optional[BuildContext] = None) -> None:
         super().__init__()
-        shape = tuple(ctx.teacher.data_shape) if ctx is not None and ctx.teacher is not None else None
-        if shape is not None and (len(shape) != 3 or shape[0] not in (1, 3)):
+        teacher = ctx.teacher if ctx is not None else None
+        shape = tuple(teacher.data_shape) if teacher is not None else None
+        #: latents are compared as the images they decode to (the teacher's VAE, with gradient): DMD's LPIPS in pixels
+        self.latents = getattr(teacher, "data_space", None) == "latents"
+        if not self.latents and shape is not None and (len(shape) != 3 or shape[0] not in (1, 3)):
             raise UserError(
                 f"lpips_regression needs images of shape (1 or 3, H, W); the teacher's data shape is {shape}: "
                 "use losses.regression.component=l2_regression or pseudo_huber_regression"
@@ -55,6 +58,15 @@ class LPIPSRegression(PairRegression):
         self.resize = config.resize
         self.lpips = lpips.LPIPS(net=config.net, pretrained=True, pnet_rand=config.backbone == "random", verbose=False)
         self.lpips.eval().requires_grad_(False)
+
+    def forward(self, batch, models) -> Tensor:
+        """DMD eq. 9; a latent teacher's ``G(z_ref)`` and ``y_ref`` are decoded to images first (``teacher.decode``)."""
+        if not self.latents:
+            return super().forward(batch, models)
+        pred = batch.x_ref if batch.x_ref is not None else models.generator(batch.z_ref, batch.cond_ref)
+        with torch.no_grad():
+            target = models.teacher.decode(batch.y_ref)
+        return self.distance(models.teacher.decode(pred), target).mean()
 
     def distance(self, pred: Tensor, target: Tensor) -> Tensor:
         if pred.shape[1] == 1:

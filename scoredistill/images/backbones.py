@@ -102,13 +102,39 @@ class UNetBackbone(Backbone):
 
 
 class CrossAttentionUNetBackbone(UNetBackbone):
-    """``UNet2DConditionModel``: prompt embeddings as ``encoder_hidden_states``."""
+    """``UNet2DConditionModel``: prompt embeddings as ``encoder_hidden_states``. An SDXL-shaped UNet
+    (``addition_embed_type="text_time"``) also takes the pooled text embedding and the six size conditions
+    ``time_ids = (original H, W, crop top, left, target H, W)`` in pixels (SDXL, Podell et al. 2023, Sec. 2.2), by
+    default the image's own size (latent size times ``vae_scale``) uncropped, as the SDXL pipeline's defaults give."""
+
+    #: pixels per latent (2 ** (VAE blocks - 1); the teacher sets it from its VAE)
+    vae_scale: int = 8
+    #: ``time_ids`` given by the user (``teacher.sdxl_time_ids``), else the image's own size
+    time_ids: Optional[tuple[float, ...]] = None
 
     def __init__(self, net: nn.Module, sample_size: Optional[int] = None) -> None:
         super().__init__(net, sample_size)
         if not self.net_has_classes:
             self.conditioning = "text"
-        self.text_dims = (_first(net.config.cross_attention_dim), None)
+        cfg = net.config
+        self.text_time = getattr(cfg, "addition_embed_type", None) == "text_time"
+        pooled = None
+        if self.text_time:
+            pooled = int(cfg.projection_class_embeddings_input_dim) - 6 * int(cfg.addition_time_embed_dim)
+        elif getattr(cfg, "addition_embed_type", None) is not None:
+            raise UserError(f"the teacher's UNet2DConditionModel has addition_embed_type='{cfg.addition_embed_type}'; "
+                            "supported: none, or 'text_time' (SDXL)")
+        self.text_dims = (_first(cfg.cross_attention_dim), pooled)
+
+    def forward(self, net: nn.Module, x: Tensor, t: Tensor, kw: dict[str, Tensor]) -> Tensor:
+        if not self.text_time:
+            return super().forward(net, x, t, kw)
+        kw = dict(kw)
+        pooled = kw.pop("pooled_projections")
+        h, w = (int(d) * self.vae_scale for d in x.shape[-2:])
+        ids = self.time_ids or (h, w, 0, 0, h, w)
+        time_ids = torch.tensor([ids], dtype=x.dtype, device=x.device).expand(x.shape[0], 6)
+        return net(x, self.timestep(t), return_dict=False, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}, **kw)[0]
 
 
 class DiTBackbone(Backbone):

@@ -147,6 +147,23 @@ class NetworkDenoiser(nn.Module):
             raise UserError(f"teacher.embeddings: 'null_pooled' must have {pooled_dim} values; got {tuple(null_pooled.shape)}")
         self.prompt_pooled = torch.cat([pooled.float(), null_pooled.float()[None]]).to(device)
 
+    def set_prompt_table(self, embeddings: Any, pooled: Any = None) -> None:
+        """Condition on a lazily read prompt table (:class:`scoredistill.images.prompts.PromptTable`): ``P + 1``
+        rows, the last the null prompt's, gathered by index onto the index's device. Same conditions as
+        :meth:`set_prompts` (prompt indices ``0 .. P - 1``, ``P`` for guidance's unconditional branch), without the
+        whole table on the device."""
+        name = type(self.unet).__name__
+        if not self.cross_attention or self.class_conditional:
+            raise UserError(f"prompts were given but the teacher network ({name}) is not text-conditional "
+                            f"({self.conditioning}): --prompts needs a UNet2DConditionModel, SD3 or Flux pipeline")
+        dim, pooled_dim = self.backbone.text_dims
+        if embeddings.shape[-1] != dim or (pooled_dim is not None and (pooled is None or pooled.shape[-1] != pooled_dim)):
+            raise UserError(f"the pipeline's text encoders give embeddings of width {embeddings.shape[-1]} but its {name} "
+                            f"takes {dim}" + (f" (and pooled {pooled_dim})" if pooled_dim else ""))
+        for attr, table in (("prompt_embeddings", embeddings), ("prompt_pooled", pooled if pooled_dim is not None else None)):
+            self._buffers.pop(attr, None)  # a table on disk, not a buffer: .to(device) leaves it; lookups land on the device
+            setattr(self, attr, table)
+
     @property
     def num_prompts(self) -> Optional[int]:
         """``P`` with a prompt table, else ``None``."""
@@ -475,6 +492,7 @@ def _looks_like_hub_id(text: str) -> bool:
 
 
 HUB_PATTERNS = ["model_index.json", "unet/*", "transformer/*", "scheduler/*", "config.json", "scheduler_config.json",
+                "vae/*", "text_encoder*/*", "tokenizer*/*",
                 "diffusion_pytorch_model*", METADATA_FILE]
 
 

@@ -153,6 +153,10 @@ def evaluate_images(teacher, samples: Tensor, *, seed: int, cache_dir: Optional[
     if tuple(samples.shape[1:]) != tuple(teacher.data_shape):
         raise UserError(f"samples have shape {tuple(samples.shape[1:])} but the teacher makes {tuple(teacher.data_shape)}")
     t_samples = teacher_samples(teacher, n, seed, cache_dir)
+    if getattr(teacher, "data_space", "pixels") == "latents":  # metrics on the decoded images (the teacher's VAE)
+        from scoredistill.images.plugin import decoded
+
+        samples, t_samples = decoded(teacher, samples).clamp(-1, 1), decoded(teacher, t_samples).clamp(-1, 1)
     teacher_out: dict[str, Any] = {"sampler": f"heun-{teacher.sampler_steps}", "nfe": teacher.sampler_nfe}
     target_out: dict[str, Any] = {}
     is_digits = getattr(teacher, "data", None) == "digits" and tuple(teacher.data_shape) == DIGITS_SHAPE

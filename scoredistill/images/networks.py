@@ -53,6 +53,11 @@ class UNetGenerator(Generator):
         self.sigma = float(config.sigma or teacher.sigma_max)
         self.latent_shape = tuple(teacher.data_shape)
         self.scheduler_config = dict(getattr(teacher, "scheduler_config", None) or {})
+        from scoredistill.images.pipeline_export import pipeline_folder
+
+        # a text-to-image pipeline's generator exports as that pipeline, one step (where a scheduler reproduces G exactly)
+        self.pipeline = pipeline_folder(teacher) if self.sigma == float(teacher.sigma_max) else None
+        self.kind = getattr(teacher, "parameterisation", None)
 
     def forward(self, z: Tensor, cond: Optional[Tensor] = None) -> Tensor:
         sigma = torch.full((z.shape[0],), self.sigma, device=z.device, dtype=z.dtype)
@@ -72,6 +77,15 @@ class UNetGenerator(Generator):
         if not (hasattr(den, "describe") and hasattr(den, "save_network")):
             raise UserError(f"the teacher's trainable copy ({type(den).__name__}) has no describe() / save_network(): "
                             "it cannot be exported as a diffusers model")
+        if self.pipeline is not None:
+            from scoredistill.export import UNET_INFO
+            from scoredistill.images.pipeline_export import export_pipeline
+
+            export_pipeline(folder, self, self.pipeline, self.kind, self.scheduler_config,
+                            readme(f"{provenance['method']} one-step text-to-image pipeline ({provenance['preset']})", provenance, ""))
+            (folder / UNET_INFO).write_text(json.dumps({"generator": "G(z) = D(sigma_max * z, sigma_max)", "sigma_max": self.sigma,
+                                                        "network": den.backbone.subfolder, "preconditioning": den.describe()}, indent=2) + "\n")
+            return
         body = UNET_SAMPLING.format(shape=", ".join(map(str, self.latent_shape)), sigma=self.sigma)
         if getattr(den, "class_conditional", False):
             body += UNET_CLASS_LABELS.format(sigma=self.sigma, null=den.null_class)

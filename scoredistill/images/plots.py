@@ -43,6 +43,28 @@ def sample_grids(panels: Sequence[tuple[str, Tensor]], path: Path, title: Option
     finish_figure(fig, path, title)
 
 
+def captioned_grids(panels: Sequence[tuple[str, Tensor]], captions: Sequence[str], path: Path, title: Optional[str] = None,
+                    n: int = 8, width: int = 28) -> None:
+    """One row per panel (e.g. teacher, generator: same noise, same prompts), ``n`` images each, every column under
+    its prompt (cut to ``width`` characters a line, two lines)."""
+    import textwrap
+
+    n = min(n, min(len(images) for _, images in panels))
+    fig, axes = plt.subplots(len(panels), n, figsize=(1.9 * n, 2.2 * len(panels)), squeeze=False)
+    for r, (label, images) in enumerate(panels):
+        for k in range(n):
+            ax, img = axes[r][k], ((images[k].float().clamp(-1, 1) + 1) / 2).cpu()
+            img = img[:1] if img.shape[0] not in (1, 3) else img
+            ax.imshow(img.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title("\n".join(textwrap.wrap(captions[k], width)[:2]), fontsize=7)
+            if k == 0:
+                ax.set_ylabel(label, fontsize=8)
+    finish_figure(fig, path, title)
+
+
 def class_histogram(series: Sequence[tuple[str, Sequence[float]]], path: Path, title: Optional[str] = None) -> None:
     """Grouped bars: the share of each predicted class, one colour per series."""
     fig, ax = plt.subplots(figsize=(6.4, 3.0))

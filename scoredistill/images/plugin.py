@@ -121,6 +121,7 @@ def scoredistill_report(run, samples, metrics):
         return
     from scoredistill.images import plots
     from scoredistill.images.metrics import option, teacher_samples
+    from scoredistill.roles import seeded_conditions
 
     seed = option("seed", run.config.eval.seed)
     t_samples = teacher_samples(teacher, len(samples), seed)
@@ -132,8 +133,15 @@ def scoredistill_report(run, samples, metrics):
         return f", FID {m['fid']:.3g}" if isinstance(m.get("fid"), (int, float)) else ""
 
     title = run.config.method + (f" (ablate {', '.join(run.config.ablations)})" if run.config.ablations else "")
-    plots.sample_grids([(f"teacher: Heun, {teacher.sampler_nfe} NFE{fid(tm)}", t_samples),
-                        (f"generator: 1 NFE{fid(metrics)}", samples)], folder / f"{prefix}samples.png", f"{title} (same noise)")
+    panels = [(f"teacher: Heun, {teacher.sampler_nfe} NFE{fid(tm)}", t_samples), (f"generator: 1 NFE{fid(metrics)}", samples)]
+    if teacher.data_space == "latents":  # decoded by the pipeline's VAE: images, not latents
+        panels = [(label, decoded(teacher, x)) for label, x in panels]
+    prompts = getattr(teacher, "prompts", None)
+    if prompts:
+        cond = seeded_conditions(teacher, len(samples), seed)
+        plots.captioned_grids(panels, [prompts[int(i)] for i in cond], folder / f"{prefix}samples.png", f"{title} (same noise, same prompts)")
+    else:
+        plots.sample_grids(panels, folder / f"{prefix}samples.png", f"{title} (same noise)")
     if "class_histogram" in metrics:
         series = [("generator", metrics["class_histogram"])]
         if "class_histogram" in tm:
@@ -141,6 +149,15 @@ def scoredistill_report(run, samples, metrics):
         if "class_histogram" in (metrics.get("target") or {}):
             series.append(("real train split", metrics["target"]["class_histogram"]))
         plots.class_histogram(series, folder / f"{prefix}class_histogram.png", title)
+
+
+def decoded(teacher, x, batch_size: int = 16):
+    """``teacher.decode`` of samples ``x`` in batches, on the teacher's device, back on the CPU."""
+    import torch
+
+    device = teacher.sigmas.device
+    with torch.no_grad():
+        return torch.cat([teacher.decode(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
 
 
 # --------------------------------------------------------------------------- commands

@@ -11,6 +11,7 @@ parameterisation, data space, conditioning, and trainable copies of its network.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Literal, Optional
@@ -45,6 +46,8 @@ class ImageTeacher(Teacher):
     """A frozen image denoiser with its schedule, sampler and (optionally) its real data."""
 
     data_space = "pixels"  # "latents" for a network in a pipeline with a VAE
+    #: the prompt strings of a run given --prompts (prompt index k is prompts[k]); None otherwise
+    prompts: Optional[list[str]] = None
 
     def __init__(self, loaded: LoadedTeacher, data: Optional[str] = None, sampler_steps: int = 18, source: str = "") -> None:
         super().__init__()
@@ -55,6 +58,14 @@ class ImageTeacher(Teacher):
         self.flow_mu = loaded.flow_mu
         self.conditioning = "text" if self.denoiser.num_prompts is not None else self.denoiser.conditioning
         self.data_space = "latents" if self.data_shape_is_latent(loaded) else "pixels"
+        self.vae_dir = loaded.unet_dir.parent / "vae" if self.data_space == "latents" else None
+        #: what a sample looks like decoded: the data's shape, or a latent teacher's images (its VAE's channels and scale)
+        self.image_shape = tuple(self.denoiser.data_shape)
+        if self.vae_dir is not None and (self.vae_dir / "config.json").is_file():  # pixels per latent (SDXL's size conditions)
+            vae_cfg = json.loads((self.vae_dir / "config.json").read_text())
+            scale = self.denoiser.backbone.vae_scale = 2 ** (len(vae_cfg.get("block_out_channels") or [0] * 4) - 1)
+            _, h, w = self.image_shape
+            self.image_shape = (int(vae_cfg.get("out_channels", 3)), h * scale, w * scale)
         self.scheduler_config = dict(loaded.scheduler_config)  # exports ship it next to the network
         self.data_shape = tuple(self.denoiser.data_shape)
         self.sigma_data = float(getattr(self.denoiser, "sigma_data", 0.5))
@@ -63,9 +74,10 @@ class ImageTeacher(Teacher):
         self.source = source
         train = (loaded.metadata or {}).get("training_sigmas") or {}
         self.p_mean, self.p_std = float(train.get("p_mean", EDM_P_MEAN)), float(train.get("p_std", EDM_P_STD))
-        prompts = [self.denoiser.prompt_embeddings] if self.denoiser.prompt_embeddings is not None else []  # others keep their keys
-        if self.denoiser.prompt_pooled is not None:
-            prompts.append(self.denoiser.prompt_pooled)
+        prompts = [t if isinstance(t, Tensor) else t.fingerprint  # a tensor table by its bytes, a cached one by its key
+                   for t in (self.denoiser.prompt_embeddings, self.denoiser.prompt_pooled) if t is not None]
+        if getattr(self.denoiser.backbone, "time_ids", None) is not None:
+            prompts.append(("sdxl_time_ids", self.denoiser.backbone.time_ids))  # SDXL's size conditions change D
         self._digest = stable_hash(loaded.kind, loaded.unet_config, loaded.scheduler_config, self.denoiser.prediction_type,
                                    self.denoiser.guidance_scale, self.denoiser.null_class, weights_digest(self.denoiser.unet), *prompts)
         self.register_buffer("class_labels", _class_labels(self.denoiser), persistent=False)
@@ -74,9 +86,65 @@ class ImageTeacher(Teacher):
 
     @staticmethod
     def data_shape_is_latent(loaded: LoadedTeacher) -> bool:
-        """A network in a pipeline with a VAE works on its latents."""
+        """A network in a pipeline with a VAE works on its latents; a pipeline whose ``model_index.json`` names a part
+        that is not in the folder is refused (one line)."""
         folder = loaded.unet_dir.parent
-        return loaded.unet_dir.name in ("unet", "transformer") and (folder / "vae").is_dir()
+        if loaded.unet_dir.name not in ("unet", "transformer"):
+            return False
+        index = folder / "model_index.json"
+        if index.is_file():
+            try:
+                parts = [k for k, v in json.loads(index.read_text()).items() if isinstance(v, list) and v and v[0] is not None]
+            except ValueError:
+                raise UserError(f"cannot read {index}: not JSON") from None
+            missing = [k for k in parts if not (folder / k).is_dir()]
+            if missing:
+                raise UserError(f"pipeline folder '{folder}' lacks {', '.join(m + '/' for m in missing)} (its model_index.json "
+                                "names them): save the whole pipeline with save_pretrained, or copy the missing parts")
+        return (folder / "vae").is_dir()
+
+    # -- what samples look like
+    def decode(self, x: Tensor) -> Tensor:
+        """Images in [-1, 1]: pixels as they are; latents through the pipeline's VAE, ``vae.decode(x / scaling_factor +
+        shift_factor)`` (the pipelines' own unscaling; LDM, Rombach et al. 2022, Sec. 3), with gradient to ``x``."""
+        if self.data_space != "latents":
+            return x
+        vae = self.vae()
+        cfg = vae.config
+        z = x / float(cfg.scaling_factor) + float(getattr(cfg, "shift_factor", None) or 0.0)
+        return vae.decode(z.to(vae.dtype), return_dict=False)[0].to(x.dtype)
+
+    @torch.no_grad()
+    def encode(self, images: Tensor, batch_size: int = 64) -> Tensor:
+        """The data of images in [-1, 1]: pixels as they are; a latent teacher's scaled latents, ``(E(x) - shift_factor) *
+        scaling_factor`` with ``E(x)`` the mean of the VAE encoder's posterior (the inverse of :meth:`decode`)."""
+        if self.data_space != "latents":
+            return images
+        vae = self.vae()
+        sf, shift = float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
+        parts = [vae.encode(images[i : i + batch_size].to(vae.dtype)).latent_dist.mean for i in range(0, len(images), batch_size)]
+        return ((torch.cat(parts).float() - shift) * sf).to(images.dtype)
+
+    def vae(self) -> nn.Module:
+        """The pipeline's VAE (loaded on first use, frozen, in the teacher network's dtype, on the teacher's device;
+        not part of the teacher's state)."""
+        vae = self.__dict__.get("_vae")
+        if vae is None:
+            import diffusers
+
+            cfg = self.vae_dir / "config.json"
+            name = json.loads(cfg.read_text()).get("_class_name", "AutoencoderKL") if cfg.is_file() else "AutoencoderKL"
+            cls = getattr(diffusers, name, None) or diffusers.AutoencoderKL
+            try:
+                vae = cls.from_pretrained(str(self.vae_dir), local_files_only=True, torch_dtype=self.denoiser.unet_dtype())
+            except Exception as exc:
+                raise UserError(f"cannot load the pipeline's VAE from '{self.vae_dir}': {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+            if self.vae_tiling and hasattr(vae, "enable_tiling"):
+                vae.enable_tiling()
+            vae = self.__dict__["_vae"] = vae.eval().requires_grad_(False)
+        return vae.to(self.sigmas.device)
+
+    vae_tiling = False
 
     # -- the teacher protocol
     def forward(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
@@ -139,15 +207,28 @@ class ImageTeacher(Teacher):
         """The real images the teacher models (``digits``: the fixed ``train`` / ``test`` split)."""
         if self.data is None:
             raise UserError("the teacher has no real data: set teacher.data to 'digits' or a folder of images")
-        return _real_data(self.data, split, self.data_shape)
+        return _real_data(self.data, split, self.image_shape)
 
     def real_samples(self, n: int) -> Tensor:
         """``n`` images drawn with replacement from the real training data."""
         device = self.sigmas.device
         cached = self.__dict__.get("_real_train")  # drawn on the device: no host copy per step (a CUDA graph can replay it)
         if cached is None or cached.device != device:
-            cached = self.__dict__["_real_train"] = self.real_data("train").to(device)
+            cached = self.__dict__["_real_train"] = self.encode(self.real_data("train").to(device))
         return cached[torch.randint(0, len(cached), (n,), device=device)]
+
+    def real_labelled_samples(self, n: int) -> tuple[Tensor, Tensor]:
+        """``n`` real images with their class labels, drawn with replacement (``teacher.data=digits``: the digit)."""
+        if self.data != "digits":
+            raise UserError(f"a class-conditional dmd2 run needs real images with class labels: teacher.data=digits has them, "
+                            f"a folder of images ('{self.data}') has none")
+        device = self.sigmas.device
+        cached = self.__dict__.get("_real_labelled")
+        if cached is None or cached[0].device != device:
+            x, y = digits("train")
+            cached = self.__dict__["_real_labelled"] = (x.to(device), y.long().to(device))
+        pick = torch.randint(0, len(cached[0]), (n,), device=device)
+        return cached[0][pick], cached[1][pick]
 
     # -- sampling
     def sampling_sigmas(self, steps: int, rho: float = 7.0) -> Tensor:
@@ -229,6 +310,15 @@ class DiffusersTeacher(ImageTeacher):
         null_class: Optional[int] = Field(None, description="class label meaning 'no class' (unconditional branch of a "
                                           "class-conditional network; a DiT's is its class count)")
         dtype: Literal["fp32", "bf16", "fp16"] = _dtype_field()
+        prompts: Optional[str] = Field(None, description="prompts for a text-to-image pipeline folder (--prompts): .txt (one a "
+                                       "line), .jsonl, .csv or .parquet (column teacher.prompt_column); embedded once by the "
+                                       "pipeline's own text encoders into a cache, drawn uniformly for each batch")
+        prompt_column: str = Field("prompt", description="the prompts' field (.jsonl) or column (.csv, .parquet)")
+        negative_prompt: str = Field("", description="the unconditional branch of guidance: this prompt's embedding (as the "
+                                     "pipelines' negative_prompt; default the empty prompt)")
+        max_sequence_length: Optional[int] = Field(None, ge=1, description="T5's token count for SD3 / Flux prompts (the "
+                                                   "pipelines' max_sequence_length; default theirs: 256 / 512)")
+        text_batch_size: int = Field(64, ge=1, description="prompts per batch of the text encoders when filling the cache")
         embeddings: Optional[str] = Field(None, description="prompt embeddings for a text-conditional network: a .safetensors "
                                           "file with 'embeddings' (prompts, tokens, dim), drawn uniformly for each batch, "
                                           "'pooled' (prompts, pooled dim) for SD3 / Flux, and optionally 'null' / "
@@ -238,6 +328,11 @@ class DiffusersTeacher(ImageTeacher):
         flux_guidance: float = Field(3.5, description="the guidance embedding's value for a guidance-distilled Flux model")
         data: Optional[str] = Field(None, description="real images: 'digits' or a folder (for FID and real-data losses)")
         sampler_steps: int = Field(18, ge=2, description="steps of the teacher's multi-step Heun sampler (2*steps-1 NFE)")
+        sdxl_time_ids: Optional[list[float]] = Field(None, min_length=6, max_length=6, description="an SDXL UNet's size "
+                                                    "conditions (original H, W, crop top, left, target H, W) in pixels; "
+                                                    "default the image's own size, uncropped")
+        vae_tiling: bool = Field(False, description="decode latents tile by tile (the VAE's enable_tiling): less memory for "
+                                 "large images")
 
     def __init__(self, config: "DiffusersTeacher.Config", ctx: Optional[BuildContext] = None) -> None:
         if not config.path:
@@ -248,16 +343,29 @@ class DiffusersTeacher(ImageTeacher):
                                sample_size=config.sample_size, flux_guidance=config.flux_guidance)
         den = loaded.denoiser
         name = type(den.unet).__name__
-        if config.embeddings:
+        self.data_shape_is_latent(loaded)  # a pipeline missing a part: refused before any prompt is encoded
+        if config.sdxl_time_ids is not None:
+            if not getattr(den.backbone, "text_time", False):
+                raise UserError(f"teacher.sdxl_time_ids applies to an SDXL UNet (addition_embed_type 'text_time'), not to this {name}")
+            den.backbone.time_ids = tuple(config.sdxl_time_ids)
+        prompts = None
+        if config.prompts:
+            if config.embeddings:
+                raise UserError("give teacher.prompts (--prompts) or teacher.embeddings, not both")
+            from scoredistill.images.prompts import attach_prompt_cache
+
+            prompts = attach_prompt_cache(den, config, TEACHER_DTYPES[config.dtype], ctx)
+        elif config.embeddings:
             den.set_prompts(*read_prompt_embeddings(config.embeddings))
         elif den.conditioning == "text":
-            raise UserError(f"the teacher {name} is text-conditional: give its precomputed prompt embeddings with "
-                            "teacher.embeddings=FILE.safetensors ('embeddings' (prompts, tokens, dim)"
-                            + (", 'pooled' (prompts, pooled dim)" if den.backbone.text_dims[1] else "") + ")")
+            raise UserError(f"the teacher {name} is text-conditional: give prompts with --prompts FILE (a pipeline folder with "
+                            "its text encoders), or precomputed prompt embeddings with teacher.embeddings=FILE.safetensors "
+                            "('embeddings' (prompts, tokens, dim)" + (", 'pooled' (prompts, pooled dim)" if den.backbone.text_dims[1] else "") + ")")
         if den.class_conditional and den.null_class is None:
             raise UserError(f"the teacher {name} is class-conditional ({den.backbone.num_classes} labels): set "
                             "teacher.null_class to the label it was trained with for 'no class'")
         super().__init__(loaded, config.data, config.sampler_steps, source=config.path)
+        self.prompts, self.vae_tiling = prompts, config.vae_tiling
 
 
 @component("diffusers_unet", role="teacher", paper="diffusers UNets and DiT / SD3 / Flux transformers in the sigma form (Karras et al. 2022, Sec. 2)")
