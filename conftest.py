@@ -21,3 +21,11 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 def hooks() -> Hooks:
     return Hooks(make_plugin_manager())
 
+
+@pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory):
+    """A tiny digits teacher (a few training steps), trained once per test session: set it as the cached digits teacher
+    with :func:`scoredistill.images.testing.run_on_tiny_digits`."""
+    from scoredistill.images.testing import tiny_teacher_folder
+
+    return tiny_teacher_folder(tmp_path_factory.mktemp("teacher") / "digits")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -50,3 +52,20 @@ class WeightCasts(TorchDispatchMode):
         if func.overloadpacket is torch.ops.aten._to_copy and args and args[0].data_ptr() in self.ptrs:
             self.casts += 1
         return func(*args, **(kwargs or {}))
+
+
+def run_toy2d(method: str, out, sets=(), ablations=()) -> dict:
+    """``scoredistill run METHOD --preset toy2d --quiet`` in this process with ``--set`` overrides ``sets``; checks that
+    it succeeded with finite exact metrics and no non-finite update, and returns its ``metrics.json``."""
+    import json
+    import math
+
+    from scoredistill.cli import main
+
+    args = ["run", method, "--preset", "toy2d", "--out", str(out), "--quiet", *[a for ab in ablations for a in ("--ablate", ab)]]
+    assert main(args + [a for kv in sets for a in ("--set", kv)]) == 0
+    metrics = json.loads((Path(out) / "metrics.json").read_text())
+    for key in ("mode_coverage", "max_mass_error", "within_3std", "energy_distance"):
+        assert math.isfinite(metrics[key]), key
+    assert metrics["non_finite"] == 0
+    return metrics

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from scoredistill.errors import UserError
 from scoredistill.registry import component
+from scoredistill.sampling import karras_schedule
 from scoredistill.roles import BuildContext, Curriculum, TargetNetwork, Teacher
 
 
@@ -81,9 +82,7 @@ class KarrasGrid(_Skipping):
 
     def levels(self, teacher: Teacher) -> Tensor:
         c = self.config
-        i = torch.arange(c.num_scales, dtype=torch.float64) / (c.num_scales - 1)
-        lo, hi, inv = teacher.sigma_min, teacher.sigma_max, 1.0 / c.rho
-        return self.checked(((lo**inv + i * (hi**inv - lo**inv)) ** c.rho).float().to(teacher.sigmas.device))
+        return self.checked(karras_schedule(c.num_scales, teacher.sigma_min, teacher.sigma_max, c.rho).to(teacher.sigmas.device))
 
 
 @component("teacher_grid", role="curriculum", paper="Luo et al. 2023 (LCM), Sec. 4.3: the teacher's timesteps with a skipping step k")

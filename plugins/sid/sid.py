@@ -25,28 +25,21 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field
 from torch import Tensor
 
-from scoredistill.distill import add_noise, timestep_sigmas
+from scoredistill.distill import TimestepRange, add_noise, timestep_sigmas
 from scoredistill.registry import component
 from scoredistill.roles import BuildContext, GeneratorBatch, GeneratorLoss, Models
 
 from scoredistill_sid.common import dmd_weight, per_sample_sum
 
 
-class SiDRange(BaseModel):
+class SiDRange(TimestepRange):
     """Noise levels of the generator loss: ``t ~ U{min_ratio T, ..., max_ratio T}`` (SiD: ``tmax = 800`` of 1000)."""
 
-    model_config = ConfigDict(extra="forbid")
     min_timestep_ratio: float = Field(0.0, ge=0, le=1, description="t >= min_ratio * T on the teacher's schedule")
     max_timestep_ratio: float = Field(0.8, ge=0, le=1, description="t <= max_ratio * T (SiD: tmax = 800 of 1000)")
-
-    @model_validator(mode="after")
-    def _ordered(self):
-        if self.min_timestep_ratio > self.max_timestep_ratio:
-            raise ValueError("min_timestep_ratio must be <= max_timestep_ratio")
-        return self
 
 
 def sid_loss(x: Tensor, real: Tensor, fake: Tensor, alpha: float, normalize: bool = True) -> Tensor:

@@ -189,3 +189,24 @@ def tiny_flow_pipeline_folder(folder: Path, kind: str = "sd3", *, t5: bool = Tru
     pipe.save_pretrained(str(folder))
     shutil.rmtree(tok_dir)
     return folder
+
+
+def run_on_tiny_digits(method: str, teacher_folder: Path, out: Path, monkeypatch, extra=()) -> list[dict]:
+    """``scoredistill run METHOD --preset digits`` for two steps on the tiny cached teacher ``teacher_folder`` and a tiny
+    FID classifier (``monkeypatch``: pytest's); checks that it succeeded with finite losses, and returns its history."""
+    import json
+    import math
+
+    from scoredistill.cli import main
+    from scoredistill.images import metrics
+    from scoredistill.images.training import ENV_DIGITS_TEACHER
+
+    monkeypatch.setenv(ENV_DIGITS_TEACHER, str(teacher_folder))
+    monkeypatch.setattr(metrics, "CLASSIFIER_SETTINGS", tiny_classifier_settings())
+    monkeypatch.setattr(metrics, "inception_dir", lambda: None)
+    sets = TINY_TEACHER_OVERRIDES + ["train.steps=2", "train.batch_size=8", "train.fake_score_warmup_steps=1",
+                                     "eval.num_samples=40", "runtime.progress=false", "train.fake_updates_per_step=1", *extra]
+    assert main(["run", method, "--preset", "digits", "--out", str(out), "--quiet", *[a for s in sets for a in ("--set", s)]]) == 0
+    history = json.loads((Path(out) / "history.json").read_text())
+    assert history and all(math.isfinite(v) for v in history[-1].values())
+    return history

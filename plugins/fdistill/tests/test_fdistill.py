@@ -4,7 +4,6 @@ normalisation; reverse KL = DMD's gradient; bad inputs; CLI runs."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -14,7 +13,8 @@ from torch import nn
 from scoredistill.cli import main
 from scoredistill.config import resolve
 from scoredistill.toy2d.gaussian_mixture import GaussianMixtureTeacher
-from scoredistill.testing import gaussian
+from scoredistill.images.testing import run_on_tiny_digits
+from scoredistill.testing import run_toy2d, gaussian
 from scoredistill.roles import FakeScore, GeneratorBatch, Models
 from scoredistill_fdistill.divergences import WEIGHTINGS, weighting
 from scoredistill_fdistill.losses import FDivergenceGradient
@@ -146,38 +146,13 @@ def test_a_conditional_teacher_is_refused_before_training(hooks, tmp_path, capsy
 
 
 def test_fdistill_runs_end_to_end_on_toy2d_from_the_cli(tmp_path):
-    out = tmp_path / "run"
-    args = ["run", "fdistill", "--preset", "toy2d", "--out", str(out), "--quiet"]
-    assert main(args + [a for kv in TINY for a in ("--set", kv)]) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("mode_coverage", "max_mass_error", "within_3std", "energy_distance"):
-        assert math.isfinite(metrics[key]), key
-    assert metrics["non_finite"] == 0
+    run_toy2d("fdistill", tmp_path / "run", TINY)
 
 
 # --------------------------------------------------------------------------- image teachers
 
 
-@pytest.fixture(scope="module")
-def digits_teacher(tmp_path_factory):
-    from scoredistill.images.testing import tiny_teacher_folder
-
-    return tiny_teacher_folder(tmp_path_factory.mktemp("teacher") / "digits")
-
-
 @pytest.mark.parametrize("method, extra", [("fdistill", [])])
 def test_runs_on_a_tiny_digits_unet_teacher(digits_teacher, tmp_path, monkeypatch, method, extra):
     """The same components on an image teacher: UNet denoisers, their features, real digits."""
-    from scoredistill.images import metrics
-    from scoredistill.images.testing import TINY_TEACHER_OVERRIDES, tiny_classifier_settings
-    from scoredistill.images.training import ENV_DIGITS_TEACHER
-
-    monkeypatch.setenv(ENV_DIGITS_TEACHER, str(digits_teacher))
-    monkeypatch.setattr(metrics, "CLASSIFIER_SETTINGS", tiny_classifier_settings())
-    monkeypatch.setattr(metrics, "inception_dir", lambda: None)
-    sets = TINY_TEACHER_OVERRIDES + ["train.steps=2", "train.batch_size=8", "train.fake_score_warmup_steps=1",
-                                     "eval.num_samples=40", "runtime.progress=false", "train.fake_updates_per_step=1", *extra]
-    out = tmp_path / method
-    assert main(["run", method, "--preset", "digits", "--out", str(out), "--quiet", *[a for s in sets for a in ("--set", s)]]) == 0
-    history = json.loads((out / "history.json").read_text())
-    assert history and all(math.isfinite(v) for v in history[-1].values())
+    run_on_tiny_digits(method, digits_teacher, tmp_path / method, monkeypatch, extra)

@@ -4,7 +4,6 @@ gradient in closed form on a Gaussian, a discriminator that learns, bad inputs a
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -16,6 +15,8 @@ from scoredistill.cli import main
 from scoredistill.config import resolve
 from scoredistill.errors import UserError
 from scoredistill.toy2d.gaussian_mixture import GaussianMixtureTeacher
+from scoredistill.images.testing import run_on_tiny_digits
+from scoredistill.testing import run_toy2d
 from scoredistill.roles import GeneratorBatch, Models, Teacher
 from scoredistill_ladd.discriminator import HEAD_NAME, NoiseLevels, discriminator_loss, generator_loss, logits
 from scoredistill_ladd.losses import ADDDistillation, LADDAdversarial
@@ -182,38 +183,13 @@ def test_mismatched_games_and_a_missing_discriminator_are_one_line_errors(capsys
 
 @pytest.mark.parametrize("ablations", [(), ("distillation",), ("synthetic_data",)])
 def test_ladd_runs_end_to_end_on_toy2d_from_the_cli(tmp_path, ablations):
-    out = tmp_path / "run"
-    args = ["run", "ladd", "--preset", "toy2d", "--out", str(out), "--quiet"] + [a for ab in ablations for a in ("--ablate", ab)]
-    assert main(args + [a for kv in TINY for a in ("--set", kv)]) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("mode_coverage", "max_mass_error", "within_3std", "energy_distance"):
-        assert math.isfinite(metrics[key]), key
-    assert metrics["non_finite"] == 0
+    run_toy2d("ladd", tmp_path / "run", TINY, ablations)
 
 
 # --------------------------------------------------------------------------- image teachers
 
 
-@pytest.fixture(scope="module")
-def digits_teacher(tmp_path_factory):
-    from scoredistill.images.testing import tiny_teacher_folder
-
-    return tiny_teacher_folder(tmp_path_factory.mktemp("teacher") / "digits")
-
-
 @pytest.mark.parametrize("method, extra", [("ladd", ["fake_score_loss.teacher_samples=16", "fake_score_loss.teacher_steps=3"])])
 def test_runs_on_a_tiny_digits_unet_teacher(digits_teacher, tmp_path, monkeypatch, method, extra):
     """The same components on an image teacher: UNet denoisers, their features, real digits."""
-    from scoredistill.images import metrics
-    from scoredistill.images.testing import TINY_TEACHER_OVERRIDES, tiny_classifier_settings
-    from scoredistill.images.training import ENV_DIGITS_TEACHER
-
-    monkeypatch.setenv(ENV_DIGITS_TEACHER, str(digits_teacher))
-    monkeypatch.setattr(metrics, "CLASSIFIER_SETTINGS", tiny_classifier_settings())
-    monkeypatch.setattr(metrics, "inception_dir", lambda: None)
-    sets = TINY_TEACHER_OVERRIDES + ["train.steps=2", "train.batch_size=8", "train.fake_score_warmup_steps=1",
-                                     "eval.num_samples=40", "runtime.progress=false", "train.fake_updates_per_step=1", *extra]
-    out = tmp_path / method
-    assert main(["run", method, "--preset", "digits", "--out", str(out), "--quiet", *[a for s in sets for a in ("--set", s)]]) == 0
-    history = json.loads((out / "history.json").read_text())
-    assert history and all(math.isfinite(v) for v in history[-1].values())
+    run_on_tiny_digits(method, digits_teacher, tmp_path / method, monkeypatch, extra)
