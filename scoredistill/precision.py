@@ -3,7 +3,7 @@
 Under autocast (bf16 or fp16) every convolution and linear layer casts its float32 weight and
 bias to the low precision in every forward, and the backward casts their gradients back: two
 aten ops per tensor and call. On a GPU whose host sets the pace each costs the host about a
-kernel launch and more (session 7's H200 profile: 28 µs per cast, 42 µs per cast's backward
+kernel launch and more (an H200 profile: 28 µs per cast, 42 µs per cast's backward
 node). In a bf16 DMD iteration on the CIFAR UNet they are 1,352 of its 6,885 aten ops
 (``benchmarks/README.md``, "GPU throughput").
 
