@@ -23,12 +23,12 @@ if [ "${CHECK:-0}" = 1 ]; then
         | grep -v -e "Warning" -e "warn(" -e "^$" | tee "$OUT/gpu_cuda_graph_check.log"
 fi
 
-# 1. issue 7: the GPU table (fp32, tf32, bf16, bf16+channels_last, bf16 at 4x batch, then bf16+compile without and with
+# 1. the GPU table (fp32, tf32, bf16, bf16+channels_last, bf16 at 4x batch, then bf16+compile without and with
 #    CUDA graphs), CUDA's sync detector over two iterations, and a kernel profile. JSON after each setting. The
 #    compiled rows run in child processes that gpu_dmd.py stops at its --budget (a row still compiling then is
 #    recorded as stopped, and the rows done are kept); `timeout` is only a safety net.
-#    The unfiltered output goes to gpu_dmd_raw.log (session 7's CUDA-graphs row ended with no message in the filtered
-#    log), and faulthandler prints a crash's Python stack there.
+#    The unfiltered output goes to gpu_dmd_raw.log (a row that dies can leave no message in the filtered log), and
+#    faulthandler prints a crash's Python stack there.
 BUDGET=${GPU_BENCH_BUDGET:-540}
 timeout "$(( BUDGET + 20 ))" python3 -X faulthandler benchmarks/gpu_dmd.py --iters 20 --budget "$BUDGET" --out "$OUT/gpu_dmd_throughput.json" \
     --profile-out "$OUT/gpu_dmd_kernel_profile.txt" ${GPU_BENCH_ONLY:+--only $GPU_BENCH_ONLY} ${GPU_BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_dmd_raw.log" | grep -v -e "UserWarning" -e "warn_once" -e "^$" -e "This call originates" -e "File \"" -e "is_torch_version" -e "\^\^\^" \

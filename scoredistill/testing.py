@@ -69,3 +69,15 @@ def run_toy2d(method: str, out, sets=(), ablations=()) -> dict:
         assert math.isfinite(metrics[key]), key
     assert metrics["non_finite"] == 0
     return metrics
+
+
+@torch.no_grad()
+def central_differences(f, x0: torch.Tensor, h: float = 1e-6) -> torch.Tensor:
+    """The gradient of the scalar function ``f`` at ``x0`` by central differences, one element at a time:
+    ``(f(x0 + h e_k) - f(x0 - h e_k)) / 2h`` (use float64 ``x0``). An independent check of autograd's gradient."""
+    fd = torch.zeros_like(x0)
+    for k in range(x0.numel()):
+        e = torch.zeros_like(x0)
+        e.view(-1)[k] = h
+        fd.view(-1)[k] = (f(x0 + e) - f(x0 - e)) / (2 * h)
+    return fd

@@ -27,6 +27,15 @@ def tiny_classifier_settings() -> ClassifierSettings:
     return ClassifierSettings(channels=(8, 8, 8, 8), stem_width=8, input_size=16, epochs=1, batch_size=128)
 
 
+def tiny_clip_config(tokenizer, dim: int, max_length: int, layers: int = 2, **kw):
+    """A tiny random ``CLIPTextConfig`` that matches ``tokenizer`` (its vocabulary and special tokens)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=layers,
+                          num_attention_heads=2, max_position_embeddings=max_length, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **kw)
+
+
 def tiny_diffusers_teacher_folder(folder: Path, num_class_embeds: Optional[int] = None) -> Path:
     """A tiny random-weight 1x8x8 ``UNet2DModel`` with an EDM scheduler config, saved into ``folder`` as a user would;
     class-conditional with ``num_class_embeds`` labels."""
@@ -64,7 +73,7 @@ def tiny_sd_pipeline_folder(folder: Path, *, sample_size: int = 8, latent_channe
     ``CLIPTokenizer``, a VP scheduler) saved with ``save_pretrained`` into ``folder``, as a user's would be."""
     import diffusers
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)
     torch.manual_seed(0)
@@ -77,10 +86,7 @@ def tiny_sd_pipeline_folder(folder: Path, *, sample_size: int = 8, latent_channe
                                   layers_per_block=1, norm_num_groups=4, sample_size=sample_size * 2, scaling_factor=0.18215)
     tok_dir = clip_tokenizer_files(folder / ".tokenizer_files")
     tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=max_length)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=2 * text_dim,
-                                        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=max_length,
-                                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                        pad_token_id=tokenizer.pad_token_id))
+    text = CLIPTextModel(tiny_clip_config(tokenizer, text_dim, max_length, layers=1))
     sched = getattr(diffusers, scheduler)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                           clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text.eval(), tokenizer=tokenizer, unet=unet, scheduler=sched,
@@ -99,7 +105,7 @@ def tiny_sdxl_pipeline_folder(folder: Path, *, sample_size: int = 8, latent_chan
 
     import diffusers
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     folder = Path(folder)
     torch.manual_seed(0)
@@ -116,13 +122,8 @@ def tiny_sdxl_pipeline_folder(folder: Path, *, sample_size: int = 8, latent_chan
     tok_dir = clip_tokenizer_files(folder / ".tokenizer_files")
     tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=max_length)
 
-    def config(dim: int, **kw) -> CLIPTextConfig:
-        return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=2,
-                              num_attention_heads=2, max_position_embeddings=max_length, bos_token_id=tokenizer.bos_token_id,
-                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **kw)
-
-    text = CLIPTextModel(config(dims[0])).eval()
-    text_2 = CLIPTextModelWithProjection(config(dims[1], projection_dim=projection_dim)).eval()
+    text = CLIPTextModel(tiny_clip_config(tokenizer, dims[0], max_length)).eval()
+    text_2 = CLIPTextModelWithProjection(tiny_clip_config(tokenizer, dims[1], max_length, projection_dim=projection_dim)).eval()
     sched = diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
     pipe = diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tokenizer,
                                                tokenizer_2=tokenizer, unet=unet, scheduler=sched)
@@ -151,17 +152,12 @@ def tiny_flow_pipeline_folder(folder: Path, kind: str = "sd3", *, t5: bool = Tru
 
     import diffusers
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 
     folder = Path(folder)
     torch.manual_seed(0)
     tok_dir = clip_tokenizer_files(folder / ".tokenizer_files")
     clip_tok = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=max_length)
-
-    def clip_config(dim: int, **kw) -> CLIPTextConfig:
-        return CLIPTextConfig(vocab_size=len(clip_tok), hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=2,
-                              num_attention_heads=2, max_position_embeddings=max_length, bos_token_id=clip_tok.bos_token_id,
-                              eos_token_id=clip_tok.eos_token_id, pad_token_id=clip_tok.pad_token_id, **kw)
 
     t5_tok = t5_tokenizer(max_length)
     t5_model = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=16, d_kv=4, d_ff=16, num_layers=1, num_heads=2,
@@ -176,16 +172,18 @@ def tiny_flow_pipeline_folder(folder: Path, kind: str = "sd3", *, t5: bool = Tru
                                               pooled_projection_dim=6 + 6, out_channels=4, pos_embed_max_size=4)
         pipe = diffusers.StableDiffusion3Pipeline(
             transformer=net, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-            text_encoder=CLIPTextModelWithProjection(clip_config(8, projection_dim=6)).eval(), tokenizer=clip_tok,
-            text_encoder_2=CLIPTextModelWithProjection(clip_config(12, projection_dim=6)).eval(), tokenizer_2=clip_tok,
+            text_encoder=CLIPTextModelWithProjection(tiny_clip_config(clip_tok, 8, max_length, projection_dim=6)).eval(),
+            tokenizer=clip_tok, tokenizer_2=clip_tok,
+            text_encoder_2=CLIPTextModelWithProjection(tiny_clip_config(clip_tok, 12, max_length, projection_dim=6)).eval(),
             text_encoder_3=t5_model if t5 else None, tokenizer_3=t5_tok if t5 else None)
     else:
         net = diffusers.FluxTransformer2DModel(in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8,
                                                num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
                                                guidance_embeds=True, axes_dims_rope=(2, 2, 4))
         sched = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=4, max_image_seq_len=64)
-        pipe = diffusers.FluxPipeline(transformer=net, scheduler=sched, vae=vae, text_encoder=CLIPTextModel(clip_config(8)).eval(),
-                                      tokenizer=clip_tok, text_encoder_2=t5_model, tokenizer_2=t5_tok)
+        clip = CLIPTextModel(tiny_clip_config(clip_tok, 8, max_length)).eval()
+        pipe = diffusers.FluxPipeline(transformer=net, scheduler=sched, vae=vae, text_encoder=clip, tokenizer=clip_tok,
+                                      text_encoder_2=t5_model, tokenizer_2=t5_tok)
     pipe.save_pretrained(str(folder))
     shutil.rmtree(tok_dir)
     return folder

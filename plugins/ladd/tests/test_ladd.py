@@ -16,7 +16,7 @@ from scoredistill.config import resolve
 from scoredistill.errors import UserError
 from scoredistill.toy2d.gaussian_mixture import GaussianMixtureTeacher
 from scoredistill.images.testing import run_on_tiny_digits
-from scoredistill.testing import run_toy2d
+from scoredistill.testing import central_differences, run_toy2d
 from scoredistill.roles import GeneratorBatch, Models, Teacher
 from scoredistill_ladd.discriminator import HEAD_NAME, NoiseLevels, discriminator_loss, generator_loss, logits
 from scoredistill_ladd.losses import ADDDistillation, LADDAdversarial
@@ -59,12 +59,7 @@ def test_mixture_features_are_its_denoiser_quantities_with_gradient():
     w = torch.randn(6, 6, dtype=torch.float64)
     xg = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad((teacher.features(xg, sigma) * w).sum(), xg)
-    h, fd = 1e-6, torch.zeros_like(x)
-    for i in range(6):
-        for j in range(2):
-            e = torch.zeros_like(x)
-            e[i, j] = h
-            fd[i, j] = ((teacher.features(x + e, sigma) * w).sum() - (teacher.features(x - e, sigma) * w).sum()) / (2 * h)
+    fd = central_differences(lambda v: (teacher.features(v, sigma) * w).sum(), x)
     assert torch.allclose(grad, fd, rtol=1e-5, atol=1e-7)
 
 
@@ -104,13 +99,7 @@ def test_adversarial_gradient_reaches_x_through_the_frozen_teacher_features(hook
 
     x = x0.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(value(x), x)
-    h, fd = 1e-6, torch.zeros_like(x0)
-    for i in range(4):
-        for j in range(2):
-            e = torch.zeros_like(x0)
-            e[i, j] = h
-            with torch.no_grad():
-                fd[i, j] = (value(x0 + e) - value(x0 - e)) / (2 * h)
+    fd = central_differences(value, x0)
     assert grad.abs().sum() > 0
     assert torch.allclose(grad, fd, rtol=1e-5, atol=1e-8)
     assert LADDAdversarial.differentiates_fake_score  # the trainer freezes the head during the generator step

@@ -17,7 +17,7 @@ from scoredistill.config import resolve
 from scoredistill.errors import UserError
 from scoredistill.toy2d.gaussian_mixture import GaussianMixtureTeacher
 from scoredistill.images.testing import run_on_tiny_digits
-from scoredistill.testing import run_toy2d, ExactFakeScore, gaussian
+from scoredistill.testing import ExactFakeScore, central_differences, gaussian, run_toy2d
 from scoredistill.roles import GeneratorBatch, Models
 from scoredistill_sid.sid import ScoreIdentity
 from scoredistill_sid.sida import HEAD_NAME, SiDAAdversarial, SiDAFakeScore
@@ -133,26 +133,13 @@ def test_sida_adversarial_is_its_equation_and_its_gradient_matches_finite_differ
 
     x = x0.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(seeded(term, x, models), x)
-    h, fd = 1e-6, torch.zeros_like(x0)
-    for i in range(4):
-        for j in range(2):
-            e = torch.zeros_like(x0)
-            e[i, j] = h
-            with torch.no_grad():
-                fd[i, j] = (seeded(term, x0 + e, models) - seeded(term, x0 - e, models)) / (2 * h)
     assert grad.abs().sum() > 0
     # the weight 1 / mean|x - r| carries no gradient: finite differences see it, so compare with it frozen
     frozen = SiDAAdversarial(SiDAAdversarial.Config(normalize=False))
     x = x0.clone().requires_grad_(True)
     (g_plain,) = torch.autograd.grad(seeded(frozen, x, models), x)
     assert torch.allclose(grad, g_plain * w.mean(), rtol=1e-6)
-    h_fd = torch.zeros_like(x0)
-    for i in range(4):
-        for j in range(2):
-            e = torch.zeros_like(x0)
-            e[i, j] = h
-            with torch.no_grad():
-                h_fd[i, j] = (seeded(frozen, x0 + e, models) - seeded(frozen, x0 - e, models)) / (2 * h)
+    h_fd = central_differences(lambda v: seeded(frozen, v, models), x0)
     assert torch.allclose(g_plain, h_fd, rtol=1e-5, atol=1e-8)
 
 
