@@ -1,8 +1,8 @@
 """The digits FID table: full DMD and its three ablations on the ``digits`` preset.
 
-    python benchmarks/digits_fid.py [--out runs/digits-fid] [--specs dmd dmd:regression ...] [--set key=value ...]
+    python benchmarks/digits_fid.py [--out runs/digits-fid] [--preset digits] [--specs dmd dmd:regression ...] [--set key=value ...]
 
-Each spec runs as ``scoredistill run METHOD --preset digits [--ablate A] --set ...`` (same
+Each spec runs as ``scoredistill run METHOD --preset PRESET [--ablate A] --set ...`` (same
 teacher, same cached ODE pairs, same evaluation noise); then one Markdown table is
 written to ``OUT/table.md`` (and printed) with, per row: FID against the held-out test
 split (the documented protocol: 1,500 samples, digits-classifier features), FID
@@ -25,19 +25,23 @@ LABELS = {"": "full DMD", "regression": "w/o regression", "distribution_matching
           "fake_score": "w/o fake score (SDS-like)"}
 
 
-def run_spec(spec: str, out: Path, overrides: list[str]) -> dict:
+def run_spec(spec: str, out: Path, overrides: list[str], preset: str = "digits") -> dict:
     method, _, ablations = spec.partition(":")
     folder = out / spec.replace(":", "-no-").replace(",", "-")
     metrics = folder / "metrics.json"
     if not metrics.is_file():
-        cmd = [sys.executable, "-m", "scoredistill.cli", "run", method, "--preset", "digits", "--out", str(folder), "--quiet"]
+        cmd = [sys.executable, "-m", "scoredistill.cli", "run", method, "--preset", preset, "--out", str(folder), "--quiet"]
         for a in filter(None, ablations.split(",")):
             cmd += ["--ablate", a]
         for o in overrides:
             cmd += ["--set", o]
+        if folder.is_dir():  # an interrupted run: finish it
+            cmd = [sys.executable, "-m", "scoredistill.cli", "run", "--resume", str(folder), "--quiet"]
         print("+", " ".join(cmd), flush=True)
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True)
+        if subprocess.run(cmd).returncode != 0:
+            print(f"  {spec}: failed (its row is left empty)", flush=True)
+            return {}
         print(f"  {spec}: {time.perf_counter() - t0:.0f} s wall", flush=True)
     return json.loads(metrics.read_text())
 
@@ -49,15 +53,17 @@ def fmt(v) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("runs/digits-fid"))
+    p.add_argument("--preset", default="digits", help="a preset of the digits FID protocol (digits, digits_flow)")
     p.add_argument("--specs", nargs="+", default=DEFAULT_SPECS)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    rows, first = [], None
+    rows, first = [], {}
     for spec in args.specs:
-        m = run_spec(spec, args.out, args.overrides)
+        m = run_spec(spec, args.out, args.overrides, args.preset)
         first = first or m
-        label = LABELS.get(spec.partition(":")[2], spec)
+        method, _, ablation = spec.partition(":")
+        label = LABELS[ablation] if method == "dmd" and ablation in LABELS else spec
         rows.append(f"| {label} (1 NFE) | {fmt(m.get('fid'))} | {fmt(m.get('fid_train'))} | {fmt(m.get('fid_ratio_to_teacher'))} "
                     f"| {m.get('classes_present', '-')} / {fmt(m.get('class_coverage'))} | {m.get('train_seconds', '-')} |")
     t, r = first.get("teacher", {}), first.get("target", {})
