@@ -1,4 +1,4 @@
-"""The digits FID table: full DMD and its three ablations on the ``digits`` preset.
+"""The digits FID table: any methods or ablations (default: full DMD and its three ablations), one step each.
 
     python benchmarks/digits_fid.py [--out runs/digits-fid] [--preset digits] [--specs dmd dmd:regression ...] [--set key=value ...]
 

@@ -8,7 +8,7 @@ to a folder (random weights: the speed does not depend on them), ``unet_generato
 ``unet_denoiser`` copies of it, the DMD method with its ``regression`` ablation (no ODE
 pairs), and :func:`scoredistill.trainer.train_iteration` (a generator step through the
 distribution-matching gradient, then one fake-score step, fused AdamW on CUDA). No EMA,
-as in the reference loop of issue 7.
+as in the reference loop (benchmarks/README.md).
 
 The architecture is the DDPM CIFAR-10 ``UNet2DModel`` (35.7 M parameters), EDM
 preconditioning, 32x32x3. For each setting (precision, ``torch.compile``, batch) the
@@ -103,7 +103,7 @@ def make_run(teacher: Path, batch: int, device: str, precision: str, tf32: bool,
     hooks = Hooks()
     overrides = ["teacher.component=diffusers_unet", f"teacher.path={teacher}", "generator.component=unet_generator",
                  "fake_score.component=unet_denoiser", f"train.batch_size={batch}", "train.ema_decay=null",
-                 "train.fake_updates_per_step=1",  # issue 7's reference iteration: one fake-score step (digits has 2)
+                 "train.fake_updates_per_step=1",  # the reference iteration: one fake-score step
                  "train.lr_schedule=constant", f"runtime.device={device}", f"runtime.mixed_precision={precision}",
                  f"runtime.tf32={str(tf32).lower()}", f"runtime.compile={str(bool(compile_)).lower()}",
                  f"runtime.channels_last={str(channels_last).lower()}", "runtime.progress=false", "runtime.num_threads=null",

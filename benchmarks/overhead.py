@@ -4,8 +4,8 @@
                                   [--sample-batch B] [--breakdown N] [--set key=value ...]
                                   [--out benchmarks/results/overhead_cpu.json]
 
-GitHub issue 7, "Overhead": the framework's cost must be the cost of the networks, not of the
-framework (target: framework / bare <= 1.05 on CPU, for ``toy2d`` and ``digits``).
+The framework's cost must be the cost of the networks, not of the framework (target:
+framework / bare <= 1.05 on CPU, for ``toy2d`` and ``digits``).
 
 For each preset one run is built through the public API (``config.resolve`` -> ``trainer.build``
 -> ``trainer.setup``), and a hand-written loop is given deep copies of the same inner networks

@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 
 from scoredistill.errors import RunInterrupted, UserError
 
-DEFAULT_PRESET = "digits"  # the embedded image default (issue 3); toy2d is the 2-D analytic one
+DEFAULT_PRESET = "digits"  # the embedded image default; toy2d is the 2-D analytic one
 TEACHER_PRESET = "teacher"  # the settings --teacher FOLDER starts from (a generic diffusers teacher)
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
 MAX_SAMPLES = 10**8

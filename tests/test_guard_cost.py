@@ -1,4 +1,4 @@
-"""The non-finite guard's host work does not grow with the number of parameter tensors (issue 7: host-bound GPU).
+"""The non-finite guard's host work does not grow with the number of parameter tensors (a GPU run is host-bound when it does).
 
 On a GPU whose iteration is launch-bound, every aten op the host issues costs about as much as
 a kernel. The guard keeps each update's loss terms and one gradient flag (a single foreach op

@@ -1,4 +1,4 @@
-"""A training iteration never reads a device value back to the host (issue 7: no syncs in the hot path).
+"""A training iteration never reads a device value back to the host (no syncs in the hot path: a GPU run must not wait on the host).
 
 On a GPU, ``.item()``, ``float(t)``, ``bool(t)``, ``nonzero`` and boolean-mask indexing make
 the CPU wait for every kernel queued so far, and a tensor built from Python data is a
