@@ -104,17 +104,19 @@ def test_cd_loss_equals_its_hand_written_target(hooks, tmp_path):
 
 
 def test_lcm_guided_euler_target_on_a_conditional_mixture(hooks, tmp_path):
-    """LCM's solver: one Euler step with D_u + w (D_c - D_u), D_c component c's posterior mean, written out here."""
+    """LCM's solver at a fixed w (no guidance embedding): one Euler step with D_u + w (D_c - D_u), D_c component c's
+    posterior mean, written out here."""
     from scoredistill.roles import GeneratorBatch
 
-    run = toy(hooks, tmp_path, "lcm", ["teacher.class_conditional=true", "losses.consistency.guidance_scale=3.0"])
+    run = toy(hooks, tmp_path, "lcm", ["teacher.class_conditional=true", "losses.consistency.guidance_scale=3.0",
+                                       "generator.guidance_embedding=0"])
     teacher, g, loss = run.models.teacher, run.models.generator, run.losses["consistency"]
     means, var = teacher.means, teacher.stds[0] ** 2
-    z, c = torch.randn(64, 2), torch.randint(0, 8, (64,))
+    z = torch.randn(64, 2)
     torch.manual_seed(4)
-    value = loss(GeneratorBatch(z=z, x=z, cond=c), run.models)
+    value = loss(GeneratorBatch(z=z, x=z, cond=torch.zeros(64, dtype=torch.long)), run.models)
     torch.manual_seed(4)
-    x0 = teacher.real_samples(64)
+    x0, c = teacher.real_labelled_samples(64)  # real (x_0, c) pairs: each sample with its own component
     i = torch.randint(0, 1000 - 20, (64,))
     s_n, s_next = teacher.sigmas[i], teacher.sigmas[i + 20]  # the teacher's grid, skipping step k = 20
     x_next = x0 + s_next[:, None] * torch.randn_like(x0)

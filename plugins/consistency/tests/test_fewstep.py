@@ -129,7 +129,7 @@ def test_cli_fewstep_run_then_sample_steps_and_bad_inputs(tmp_path, capsys):
     assert len(err) == 1 and "needs a conditional teacher" in err[0], err
     lcm = tmp_path / "lcm"
     assert main(["run", "lcm", "--out", str(lcm), *base, "--set", "teacher.class_conditional=true",
-                 "--set", "losses.consistency.guidance_scale=2"]) == 0
+                 "--set", "losses.consistency.guidance_scale=2", "--set", "generator.guidance_embedding=0"]) == 0
     assert main(["sample", str(lcm), "--num", "10", "--out", str(tmp_path / "lcm.npy"), "--steps", "2"]) == 0
     assert (tmp_path / "lcm_labels.npy").is_file()
 
@@ -139,6 +139,7 @@ def test_cli_fewstep_run_then_sample_steps_and_bad_inputs(tmp_path, capsys):
     ("cd", ["losses.consistency.target.decay=0.9", "train.ema_decay=0.9"]),
     ("dmd2_4step", []),
     ("scm", ["losses.consistency.warmup_steps=15"]),
+    ("lcm", ["teacher.class_conditional=true"]),  # the guidance embedding: w drawn per sample
 ])
 def test_resume_is_bitwise_with_ema_targets_and_backward_simulation(tmp_path, method, extra):
     base = ["--preset", "toy2d", "--quiet", "--set", "train.batch_size=32", "--set", "train.fake_score_warmup_steps=1",
