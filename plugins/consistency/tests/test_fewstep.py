@@ -184,3 +184,32 @@ def test_the_fewstep_results_script_runs(tmp_path):
     values = json.loads(out.with_suffix(".json").read_text())
     assert set(values["cd"]) == {"1", "2", "4"}
     assert "| cd | 4 |" in out.with_suffix(".md").read_text()
+
+
+def test_the_fewstep_speed_script_runs(tmp_path, capsys):
+    """benchmarks/fewstep_speed.py on a tiny UNet teacher (an untrained few-step generator of its shape) and on a
+    trained toy2d run: images/s at 1, 2 and 4 steps, the teacher's Euler at those NFEs and its own Heun sampler."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from scoredistill.images.testing import tiny_diffusers_teacher_folder
+
+    path = Path(__file__).resolve().parents[3] / "benchmarks" / "fewstep_speed.py"
+    spec = importlib.util.spec_from_file_location("fewstep_speed", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    folder = tiny_diffusers_teacher_folder(tmp_path / "teacher")
+    out = tmp_path / "speed.json"
+    assert script.main(["--preset", "teacher", "--method", "cd", "--set", f"teacher.path={folder}", "--set",
+                        "teacher.sampler_steps=3", "--batch", "4", "--repeats", "1", "--out", str(out)]) == 0
+    rates = json.loads(out.read_text())["images_per_s"]
+    assert set(rates) == {"generator_1_step", "generator_2_step", "generator_4_step", "teacher_euler_1_nfe",
+                          "teacher_euler_2_nfe", "teacher_euler_4_nfe", "teacher_heun_5_nfe"}
+    assert all(v > 0 for v in rates.values())
+    assert "| generator, 4 step(s) | 4 |" in capsys.readouterr().out
+    run_dir = tmp_path / "run"
+    assert main(["run", "cd", "--preset", "toy2d", "--out", str(run_dir), "--quiet", "--set", "train.steps=2",
+                 "--set", "eval.num_samples=50", "--set", "generator.teacher_init_steps=5"]) == 0
+    assert script.main(["--run", str(run_dir), "--batch", "8", "--repeats", "1", "--steps", "1,4"]) == 0
+    assert "| teacher, Euler 4 step(s) | 4 |" in capsys.readouterr().out

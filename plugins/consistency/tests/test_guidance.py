@@ -139,3 +139,42 @@ def test_embedding_in_unet2dcondition_loads_in_diffusers(tmp_path):
     images = [pipe("a cat", num_inference_steps=2, guidance_scale=gs, output_type="pt", height=16, width=16,
                    generator=torch.Generator().manual_seed(0)).images for gs in (2.0, 6.0)]
     assert images[0].shape == (1, 3, 16, 16) and not torch.allclose(images[0], images[1])
+
+
+def _fewstep(hooks, folder, capsys, **settings):
+    from scoredistill.roles import BuildContext
+
+    reg = hooks.registry
+    tcls = reg.component("teacher", "diffusers_unet").cls
+    teacher = tcls(tcls.Config(path=str(folder), null_class=0), None).eval().requires_grad_(False)
+    cls = reg.component("generator", "fewstep_generator").cls
+    capsys.readouterr()
+    g = cls(cls.Config(**settings), BuildContext(hooks=hooks, teacher=teacher))
+    return g, capsys.readouterr().err
+
+
+def test_embedding_in_a_class_conditional_unet2dmodel_and_no_place_in_dit(hooks, tmp_path, capsys):
+    """A UNet2DModel takes the embedding through its time embedding's cond_proj (diffusers' layer, fed by this plugin);
+    a DiT has no place for it: one message, and the generator stays a fixed-w one."""
+    import diffusers
+
+    from scoredistill.images.testing import tiny_diffusers_teacher_folder
+
+    g, err = _fewstep(hooks, tiny_diffusers_teacher_folder(tmp_path / "unet", num_class_embeds=4), capsys,
+                      parameterization="consistency", guidance_embedding=8)
+    assert g.takes_guidance_scale and err == ""
+    x, s, c = torch.randn(2, 1, 8, 8), torch.full((2,), 2.0), torch.tensor([1, 2])
+    with torch.no_grad():
+        before = g.denoise(x, s, c, guidance=2.0)
+        torch.testing.assert_close(before, g.denoise(x, s, c, guidance=6.0))  # zero at initialisation: the teacher's copy
+        g.denoiser.unet.time_embedding.cond_proj.weight.normal_()
+        assert not torch.allclose(g.denoise(x, s, c, guidance=2.0), g.denoise(x, s, c, guidance=6.0))
+    torch.manual_seed(0)
+    dit = tmp_path / "dit"
+    diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=1, out_channels=2, num_layers=2,
+                                    sample_size=4, patch_size=2, num_embeds_ada_norm=3).save_pretrained(dit / "transformer")
+    diffusers.DDIMScheduler().save_pretrained(dit / "scheduler")
+    g, err = _fewstep(hooks, dit, capsys, parameterization="consistency", guidance_embedding=8)
+    assert not g.takes_guidance_scale
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "has no place for LCM's guidance-scale embedding" in lines[0], lines
