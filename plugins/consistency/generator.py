@@ -105,6 +105,9 @@ class FewStepGenerator(Generator):
         depth: int = Field(3, ge=1, description="MLP network: hidden layers")
         input_features: int = Field(64, ge=0, description="MLP network: random Fourier features of the input")
         input_scale: float = Field(1.0, gt=0, description="MLP network: their frequency scale")
+        time_scale: float = Field(4.0, gt=0, description="MLP network: frequency scale of its Fourier features of the noise "
+                                                         "level (sCM: 1; high time frequencies make the continuous-time "
+                                                         "tangent large and its training unstable, Lu & Song 2024, Sec. 4.1)")
         teacher_init_steps: int = Field(1000, ge=0, description="MLP network: fit it to the teacher's denoiser for this many "
                                                                  "Adam steps when built (an analytic teacher has no weights to copy; cached on disk)")
         loss_weighting: bool = Field(False, description="add sCM's learned loss weighting w_phi(s) (trained with G; "
@@ -125,7 +128,7 @@ class FewStepGenerator(Generator):
         elif len(teacher.data_shape) == 1:
             self.denoiser = MLPDenoiserNet(teacher.data_shape[0], teacher.sigma_data, config.width, config.depth,
                                            input_features=config.input_features, input_scale=config.input_scale,
-                                           num_classes=teacher.num_classes)
+                                           num_classes=teacher.num_classes, time_scale=config.time_scale)
             self._init_from_teacher(teacher, ctx)
         else:
             raise UserError(f"generator 'fewstep_generator' copies the teacher's network, but teacher '{type(teacher).__name__}' "
@@ -177,7 +180,7 @@ class FewStepGenerator(Generator):
         if c.teacher_init_steps == 0:
             return
         key = stable_hash(teacher.fingerprint(), c.width, c.depth, c.input_features, c.input_scale, c.teacher_init_steps,
-                          ctx.seed, FIT_VERSION)
+                          ctx.seed, FIT_VERSION, *([] if c.time_scale == 4.0 else [c.time_scale]))
         path = Path(ctx.cache_dir) / "fewstep_init" / f"mlp-{key}.safetensors"
         if path.is_file():
             self.denoiser.load_state_dict(load_tensors(path))
