@@ -114,9 +114,10 @@ class FewStepGenerator(Generator):
                                                          "the scm loss uses it; Lu & Song 2024, Sec. 4.3)")
         guidance_embedding: int = Field(0, ge=0, description="LCM's guidance-scale embedding: its dimension (diffusers' "
                                                              "time_cond_proj_dim; LCM: 256), 0 = none; ignored for an unconditional teacher")
-        guidance_range: tuple[float, float] = Field((2.0, 8.0), description="[g_min, g_max]: with an embedding, the loss "
-                                                                            "draws the guidance scale g uniformly from it per sample")
-        guidance_scale: float = Field(4.0, description="with an embedding: the g it samples at unless given (sample --guidance-scale)")
+        guidance_range: tuple[float, float] = Field((1.0, 4.0), description="[g_min, g_max]: with an embedding, the loss "
+                                                                            "draws the guidance scale g uniformly from it per sample "
+                                                                            "(1 = the conditional teacher unguided; LCM on SD: [3, 15])")
+        guidance_scale: float = Field(2.0, description="with an embedding: the g it samples at unless given (sample --guidance-scale)")
 
     def __init__(self, config: "FewStepGenerator.Config", ctx: BuildContext) -> None:
         super().__init__()
