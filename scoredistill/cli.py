@@ -103,7 +103,8 @@ def make_parser(hooks=None) -> argparse.ArgumentParser:
                    help="the guidance scale g of a generator conditioned on it (LCM's guidance embedding; default: its own)")
 
     p = sub.add_parser("export", help="write a run's one-step generator as a diffusers model folder (a whole "
-                       "pipeline for a text-to-image teacher) with a README")
+                       "pipeline for a text-to-image teacher) with a README; a few-step generator of an image teacher as "
+                       "its network, the teacher's scheduler config and its chain")
     p.set_defaults(func=cmd_export)
     p.add_argument("run_dir", type=Path, help="a finished run folder (from 'scoredistill run')")
     p.add_argument("out", type=Path, help="new folder for the model (must not exist, or be empty)")

@@ -139,6 +139,7 @@ class FewStepGenerator(Generator):
         self.sigma_min, self.sigma_data = float(teacher.sigma_min), float(teacher.sigma_data)
         self.register_buffer("teacher_sigmas", teacher.sigmas.detach().clone().float(), persistent=False)
         self.register_buffer("chain", chain_sigmas(self.teacher_sigmas, config.steps, config.timesteps), persistent=False)
+        self.scheduler_config = dict(getattr(teacher, "scheduler_config", None) or {})  # exports ship it with the network
         if config.loss_weighting:
             self.loss_weighting = LossWeighting()
         self.guidance = self._guidance_embedding(config, teacher)
@@ -220,6 +221,12 @@ class FewStepGenerator(Generator):
         sigmas = self.chain if steps is None or steps == self.sampling_steps else chain_sigmas(self.teacher_sigmas, steps)
         denoise = self.denoise if guidance is None else functools.partial(self.denoise, guidance=guidance)
         return sample_chain(denoise, z, sigmas, cond, noise)
+
+    def export(self, folder, provenance) -> None:
+        """The network, the teacher's scheduler config and the chain (:mod:`scoredistill_consistency.export`)."""
+        from scoredistill_consistency.export import export_fewstep
+
+        export_fewstep(self, folder, provenance)
 
     def compile_targets(self) -> list[nn.Module]:
         unet = getattr(self.denoiser, "unet", None)

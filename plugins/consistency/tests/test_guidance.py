@@ -178,3 +178,59 @@ def test_embedding_in_a_class_conditional_unet2dmodel_and_no_place_in_dit(hooks,
     assert not g.takes_guidance_scale
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "has no place for LCM's guidance-scale embedding" in lines[0], lines
+
+
+def test_export_of_a_guided_fewstep_generator_reproduces_its_samples(hooks, tmp_path, capsys):
+    """``export`` of an LCM-style generator on a class-conditional EDM UNet2DModel: from the folder alone (diffusers'
+    UNet2DModel, the cond_proj weight, scoredistill_generator.json) the chain written out here gives the generator's
+    own samples at a guidance scale; an MLP generator refuses in one line."""
+    import json
+
+    import diffusers
+    from safetensors.torch import load_file
+
+    from scoredistill.errors import UserError
+    from scoredistill.images.testing import tiny_diffusers_teacher_folder
+
+    g, _ = _fewstep(hooks, tiny_diffusers_teacher_folder(tmp_path / "teacher", num_class_embeds=4), capsys,
+                    parameterization="consistency", guidance_embedding=8, steps=2)
+    with torch.no_grad():
+        g.denoiser.unet.time_embedding.cond_proj.weight.normal_()
+    g.eval()
+    folder = tmp_path / "export"
+    folder.mkdir()
+    g.export(folder, {"method": "lcm", "preset": "teacher"})
+    info = json.loads((folder / "scoredistill_generator.json").read_text())
+    assert info["guidance"]["embedding_dim"] == 8 and (folder / "scheduler" / "scheduler_config.json").is_file()
+    unet = diffusers.UNet2DModel.from_pretrained(str(folder / info["network"])).eval()
+    cond_proj = load_file(str(folder / "guidance_cond_proj.safetensors"))["weight"]
+    sd, s_min, gs = info["sigma_data"], info["sigma_min"], 3.0
+    w_emb = diffusers.LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, torch.full((4,), gs - 1), embedding_dim=8)
+
+    def G(x, s, c):  # the network by hand: EDM preconditioning, the embedding added to the time embedding's input
+        t_emb = unet.time_proj(torch.full((4,), math.log(s) / 4)).to(x.dtype) + w_emb @ cond_proj.T
+        emb = unet.time_embedding.linear_2(unet.time_embedding.act(unet.time_embedding.linear_1(t_emb))) + unet.class_embedding(c)
+        h = unet.conv_in(x / math.sqrt(s**2 + sd**2))
+        skips = [h]
+        for block in unet.down_blocks:
+            h, res = block(hidden_states=h, temb=emb)
+            skips += res
+        h = unet.mid_block(h, emb)
+        for block in unet.up_blocks:
+            res, skips = skips[-len(block.resnets):], skips[: -len(block.resnets)]
+            h = block(h, res, emb)
+        out = unet.conv_out(unet.conv_act(unet.conv_norm_out(h)))
+        d = sd**2 / (s**2 + sd**2) * x + s * sd / math.sqrt(s**2 + sd**2) * out
+        raw = (d - sd**2 / (s**2 + sd**2) * x) / (s * sd / math.sqrt(s**2 + sd**2))
+        return sd**2 / ((s - s_min) ** 2 + sd**2) * x + sd * (s - s_min) / math.sqrt(sd**2 + s**2) * raw
+
+    z, eps, c = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8), torch.tensor([1, 2, 3, 1])
+    s0, s1 = info["chain_sigmas"]
+    with torch.no_grad():
+        expected = G(G(s0 * z, s0, c) + s1 * eps, s1, c)
+        ours = g.sample(z, c, noise=lambda: eps, guidance=gs)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+    mlp = build(resolve(hooks.registry, "lcm", "toy2d", [], TOY), hooks, tmp_path / "toy").models.generator
+    with pytest.raises(UserError, match="MLP of flat data") as info:
+        mlp.export(tmp_path / "none", {"method": "lcm", "preset": "toy2d"})
+    assert "\n" not in str(info.value)
