@@ -2,7 +2,8 @@
 
 * CD: Song et al. 2023, "Consistency Models" (arXiv 2303.01469), Algorithm 2 / eq. 7.
 * LCM: Luo et al. 2023, "Latent Consistency Models" (arXiv 2310.04378), Algorithm 1: CD with
-  guidance folded into the solver (eq. 9) and a skipping step ``k``.
+  guidance folded into the solver (eq. 9), ``w`` drawn per sample and the student conditioned on it
+  (Sec. 4.2, a generator with a guidance-scale embedding; else a fixed ``w``), and a skipping step ``k``.
 * sCM: Lu & Song 2024, "Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models"
   (arXiv 2410.11081), Algorithm 1: TrigFlow, the tangent by forward-mode differentiation, its
   normalisation and warm-up.
@@ -66,7 +67,7 @@ def _real_data(models: Models, batch: GeneratorBatch, labelled: bool = False) ->
 
 
 @component("consistency_distillation", role="generator_loss",
-           paper="Song et al. 2023 (Consistency Models), Algorithm 2, eq. 7; Luo et al. 2023 (LCM), eq. 9 and Sec. 4.3")
+           paper="Song et al. 2023 (Consistency Models), Algorithm 2, eq. 7; Luo et al. 2023 (LCM), Algorithm 1, eq. 9, Sec. 4.2-4.3")
 class ConsistencyDistillation(GeneratorLoss):
     """CD: d(f_theta(x_{s_{n+k}}, s_{n+k}), f_theta-(x^phi_{s_n}, s_n)), x^phi one teacher ODE step (LCM: guided)."""
 
