@@ -95,9 +95,10 @@ def test_lcm_run_student_changes_with_w(tmp_path, capsys):
     assert np.abs(out["1"] - out["4"]).mean() > 0.05, np.abs(out["1"] - out["4"]).mean()
     assert main(["sample", str(run_dir), "--num", "10", "--out", str(tmp_path / "bad.npy"), "--guidance-scale", "nan"]) == 2
     capsys.readouterr()
-    # a generator without the embedding (the fixed-w ablation): --guidance-scale is one line, exit code 2
+    # a generator without the embedding (a fixed w): --guidance-scale is one line, exit code 2
     fixed = tmp_path / "fixed"
-    assert main(["run", "lcm", "--out", str(fixed), *base, "--set", "train.steps=2", "--ablate", "fixed_guidance"]) == 0
+    assert main(["run", "lcm", "--out", str(fixed), *base, "--set", "train.steps=2", "--set", "generator.guidance_embedding=0",
+                 "--set", "losses.consistency.guidance_scale=2"]) == 0
     capsys.readouterr()
     assert main(["sample", str(fixed), "--num", "10", "--out", str(tmp_path / "bad.npy"), "--guidance-scale", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
