@@ -46,12 +46,16 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--set", action="append", default=[], help="extra --set overrides for every run")
+    p.add_argument("--merge", action="store_true", help="keep the other methods' rows of an existing OUT.json (re-run only --methods)")
     args = p.parse_args(argv)
     hooks = Hooks(make_plugin_manager())
     torch.set_num_threads(1)
     runs_dir = args.out.parent / (args.out.name + "-runs")
     values: dict = {}
+    if args.merge and args.out.with_suffix(".json").is_file():
+        values = json.loads(args.out.with_suffix(".json").read_text())
     for method in args.methods.split(","):
+        values[method] = {}
         for seed in range(args.seeds):
             overrides = [f"seed={seed}", "runtime.progress=false", "train.sample_every=null", *METHODS.get(method, []), *args.set]
             config = resolve(hooks.registry, method, "toy2d", [], overrides)
@@ -62,7 +66,7 @@ def main(argv=None) -> int:
             for k in STEPS:
                 samples = generate(result.run, config.eval.num_samples, config.eval.seed, steps=k)
                 m = mixture_metrics(teacher.cpu(), samples, seed=config.eval.seed)
-                values.setdefault(method, {}).setdefault(k, []).append({**{key: m[key] for key in KEYS}, "train_seconds": seconds})
+                values[method].setdefault(str(k), []).append({**{key: m[key] for key in KEYS}, "train_seconds": seconds})
             print(f"{method} seed {seed}: {seconds:.1f} s", file=sys.stderr)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(values, indent=1) + "\n")

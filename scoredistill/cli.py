@@ -2,7 +2,7 @@
 
     scoredistill run METHOD [--preset P] [--ablate NAME]... [--set key=value]... [--out DIR]
     scoredistill run --resume RUN_DIR [--set train.steps=N]...
-    scoredistill sample RUN_DIR --num N --out FILE.npy [--seed S] [--online] [--steps K]
+    scoredistill sample RUN_DIR --num N --out FILE.npy [--seed S] [--online] [--steps K] [--guidance-scale G]
     scoredistill export RUN_DIR OUT [--online]
     scoredistill compare SPEC [SPEC ...] [--preset P] [--seeds K] [--ablate NAME]... [--out DIR]
     scoredistill list
@@ -99,9 +99,12 @@ def make_parser(hooks=None) -> argparse.ArgumentParser:
     p.add_argument("--online", action="store_true", help="use the online weights of a run trained with EMA")
     p.add_argument("--steps", type=int, default=None,
                    help="generator steps per sample (a few-step generator's chain; default: the run's own, 1 for one-step)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="the guidance scale g of a generator conditioned on it (LCM's guidance embedding; default: its own)")
 
     p = sub.add_parser("export", help="write a run's one-step generator as a diffusers model folder (a whole "
-                       "pipeline for a text-to-image teacher) with a README")
+                       "pipeline for a text-to-image teacher) with a README; a few-step generator of an image teacher as "
+                       "its network, the teacher's scheduler config and its chain")
     p.set_defaults(func=cmd_export)
     p.add_argument("run_dir", type=Path, help="a finished run folder (from 'scoredistill run')")
     p.add_argument("out", type=Path, help="new folder for the model (must not exist, or be empty)")
@@ -232,6 +235,8 @@ def _headline(metrics: dict) -> str:
 
 
 def cmd_sample(args, hooks) -> int:
+    import math
+
     import numpy as np
 
     from scoredistill.io import atomic_write
@@ -245,10 +250,15 @@ def cmd_sample(args, hooks) -> int:
         raise UserError(f"--out must be a .npy file (got '{args.out}')")
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be a positive integer (got {args.steps})")
+    if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
+        raise UserError(f"--guidance-scale must be a finite number (got {args.guidance_scale})")
     check_out(args.out, folder=False)
     run = load_run(args.run_dir, hooks, online=args.online)
+    if args.guidance_scale is not None and not getattr(run.sampling_generator, "takes_guidance_scale", False):
+        raise UserError(f"--guidance-scale: the run's generator is not conditioned on a guidance scale (it takes one with "
+                        "method lcm and a conditional teacher: generator.guidance_embedding > 0); leave it out")
     _check_fits(args.out, args.num, run.models.teacher.data_shape)
-    samples = generate(run, args.num, args.seed, steps=args.steps).numpy().astype("float32")
+    samples = generate(run, args.num, args.seed, steps=args.steps, guidance=args.guidance_scale).numpy().astype("float32")
     atomic_write(args.out, lambda p: np.save(open(p, "wb"), samples))
     print(f"wrote {args.out}: {samples.shape[0]} samples of shape {tuple(samples.shape[1:])}")
     labels = seeded_conditions(run.models.teacher, args.num, args.seed)  # the conditions generate() used, if any

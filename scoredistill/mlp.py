@@ -68,10 +68,11 @@ class MLPDenoiserNet(nn.Module):
     """EDM-preconditioned MLP denoiser ``D(x, s, c)`` for flat data of dimension ``dim`` (``c``: class labels, if any)."""
 
     def __init__(self, dim: int, sigma_data: float, width: int, depth: int, embed_dim: int = 32,
-                 input_features: int = 0, input_scale: float = 1.0, num_classes: Optional[int] = None) -> None:
+                 input_features: int = 0, input_scale: float = 1.0, num_classes: Optional[int] = None,
+                 time_scale: float = 4.0) -> None:
         super().__init__()
         self.sigma_data = sigma_data
-        self.embed = FourierEmbedding(embed_dim)
+        self.embed = FourierEmbedding(embed_dim, time_scale)  # of c_noise = log(s) / 4; frequencies 2 pi N(0, time_scale^2)
         self.input_embed = FourierEmbedding(input_features, input_scale, in_dim=dim, seed=1) if input_features else None
         self.labels = LabelEmbedding(num_classes)
         self.net = mlp(dim + embed_dim + input_features + self.labels.dim, dim, width, depth)

@@ -191,6 +191,8 @@ class Generator(Role):
     latent_shape: tuple[int, ...]
     #: steps of the generator's own sampling chain (1: ``G(z)``)
     sampling_steps: int = 1
+    #: whether :meth:`sample` takes a ``guidance`` scale (a generator conditioned on it, LCM's w-embedding)
+    takes_guidance_scale: bool = False
 
     def forward(self, z: Tensor, cond: Optional[Tensor] = None) -> Tensor:  # pragma: no cover
         raise NotImplementedError

@@ -12,16 +12,18 @@ from scoredistill.roles import seeded_conditions
 from scoredistill.run import Run
 
 
-def generate(run: Run, n: int, seed: int, batch_size: int = 4096, steps: Optional[int] = None) -> torch.Tensor:
+def generate(run: Run, n: int, seed: int, batch_size: int = 4096, steps: Optional[int] = None,
+             guidance: Optional[float] = None) -> torch.Tensor:
     """``n`` samples of the run's generator (EMA weights where kept) from a fixed seed, in ``steps`` steps
-    (default: the generator's ``sampling_steps``, 1 for a one-step generator).
+    (default: the generator's ``sampling_steps``, 1 for a one-step generator), at the guidance scale ``guidance`` of a
+    generator conditioned on it (default: its own).
 
     A conditional teacher's runs sample with :func:`~scoredistill.roles.seeded_conditions` (the
     same conditions the evaluation gives the teacher's own sampler).
     """
     cond = seeded_conditions(run.models.teacher, n, seed)
     with eager(run.config.runtime.compile):
-        return one_step_samples(run.sampling_generator, n, seed, run.device, batch_size, cond, steps)
+        return one_step_samples(run.sampling_generator, n, seed, run.device, batch_size, cond, steps, guidance)
 
 
 @contextlib.contextmanager
@@ -42,11 +44,13 @@ def eager(compiled: bool = True) -> Iterator[None]:
 
 @torch.no_grad()
 def one_step_samples(generator: nn.Module, n: int, seed: int, device: Optional[torch.device] = None,
-                     batch_size: int = 4096, cond: Optional[Tensor] = None, steps: Optional[int] = None) -> torch.Tensor:
+                     batch_size: int = 4096, cond: Optional[Tensor] = None, steps: Optional[int] = None,
+                     guidance: Optional[float] = None) -> torch.Tensor:
     """``G(z, cond)`` for ``n`` noises from ``seed`` (independent of the training RNG), in eval mode; float32 on the CPU.
 
     ``cond``: ``n`` conditions (``None``: unconditional). ``steps``: a few-step generator's chain length
-    (:meth:`~scoredistill.roles.Generator.sample`; its re-noising noise is drawn from the same seed).
+    (:meth:`~scoredistill.roles.Generator.sample`; its re-noising noise is drawn from the same seed). ``guidance``: the
+    guidance scale of a generator that takes one (``takes_guidance_scale``).
     """
     was_training = generator.training
     if was_training:  # (train() walks every submodule: skipped for the EMA copy, which stays in eval mode)
@@ -57,7 +61,8 @@ def one_step_samples(generator: nn.Module, n: int, seed: int, device: Optional[t
         z = torch.randn((min(batch_size, n - start), *generator.latent_shape), generator=gen).to(device or "cpu")
         c = cond[start : start + len(z)].to(z.device) if cond is not None else None
         noise = (lambda shape=z.shape, where=z.device: torch.randn(shape, generator=gen).to(where))
-        out.append(generator.sample(z, c, steps, noise).float().cpu())
+        extra = {} if guidance is None else {"guidance": guidance}
+        out.append(generator.sample(z, c, steps, noise, **extra).float().cpu())
     if was_training:
         generator.train()
     return out[0] if len(out) == 1 else torch.cat(out)

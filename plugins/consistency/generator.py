@@ -10,6 +10,8 @@
   ``c_skip = sd^2 / ((s - s_min)^2 + sd^2)`` and ``c_out = sd (s - s_min) / sqrt(sd^2 + s^2)``,
   so that ``f(x, s_min) = x`` exactly (the boundary condition). ``F`` is the network's raw output,
   read from its denoiser ``D = c_skip^EDM x + c_out^EDM F``: ``F = (D - c_skip^EDM x) / c_out^EDM``.
+* LCM (Luo et al. 2023, Sec. 4.2): with ``guidance_embedding > 0`` (a conditional teacher), the network is
+  also conditioned on the guidance scale ``g`` (:mod:`scoredistill_consistency.guidance`).
 
 The network is a trainable copy of the teacher's (an image teacher's UNet) or, for an analytic
 teacher of flat data, an EDM-preconditioned MLP denoiser.
@@ -17,8 +19,11 @@ teacher of flat data, an EDM-preconditioned MLP denoiser.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import sys
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Callable, Literal, Optional, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,6 +35,8 @@ from scoredistill.mlp import FourierEmbedding, MLPDenoiserNet
 from scoredistill.registry import component
 from scoredistill.io import load_tensors, save_tensors
 from scoredistill.roles import BuildContext, Generator, append_dims, edm_preconditioning, stable_hash
+
+from scoredistill_consistency.guidance import GuidanceEmbedding
 
 #: bump when fit_to_teacher changes: cached fits are keyed by it
 FIT_VERSION = 1
@@ -98,10 +105,19 @@ class FewStepGenerator(Generator):
         depth: int = Field(3, ge=1, description="MLP network: hidden layers")
         input_features: int = Field(64, ge=0, description="MLP network: random Fourier features of the input")
         input_scale: float = Field(1.0, gt=0, description="MLP network: their frequency scale")
+        time_scale: float = Field(4.0, gt=0, description="MLP network: frequency scale of its Fourier features of the noise "
+                                                         "level (sCM: 1; high time frequencies make the continuous-time "
+                                                         "tangent large and its training unstable, Lu & Song 2024, Sec. 4.1)")
         teacher_init_steps: int = Field(1000, ge=0, description="MLP network: fit it to the teacher's denoiser for this many "
                                                                  "Adam steps when built (an analytic teacher has no weights to copy; cached on disk)")
         loss_weighting: bool = Field(False, description="add sCM's learned loss weighting w_phi(s) (trained with G; "
                                                          "the scm loss uses it; Lu & Song 2024, Sec. 4.3)")
+        guidance_embedding: int = Field(0, ge=0, description="LCM's guidance-scale embedding: its dimension (diffusers' "
+                                                             "time_cond_proj_dim; LCM: 256), 0 = none; ignored for an unconditional teacher")
+        guidance_range: tuple[float, float] = Field((1.0, 4.0), description="[g_min, g_max]: with an embedding, the loss "
+                                                                            "draws the guidance scale g uniformly from it per sample "
+                                                                            "(1 = the conditional teacher unguided; LCM on SD: [3, 15])")
+        guidance_scale: float = Field(2.0, description="with an embedding: the g it samples at unless given (sample --guidance-scale)")
 
     def __init__(self, config: "FewStepGenerator.Config", ctx: BuildContext) -> None:
         super().__init__()
@@ -113,7 +129,7 @@ class FewStepGenerator(Generator):
         elif len(teacher.data_shape) == 1:
             self.denoiser = MLPDenoiserNet(teacher.data_shape[0], teacher.sigma_data, config.width, config.depth,
                                            input_features=config.input_features, input_scale=config.input_scale,
-                                           num_classes=teacher.num_classes)
+                                           num_classes=teacher.num_classes, time_scale=config.time_scale)
             self._init_from_teacher(teacher, ctx)
         else:
             raise UserError(f"generator 'fewstep_generator' copies the teacher's network, but teacher '{type(teacher).__name__}' "
@@ -123,8 +139,42 @@ class FewStepGenerator(Generator):
         self.sigma_min, self.sigma_data = float(teacher.sigma_min), float(teacher.sigma_data)
         self.register_buffer("teacher_sigmas", teacher.sigmas.detach().clone().float(), persistent=False)
         self.register_buffer("chain", chain_sigmas(self.teacher_sigmas, config.steps, config.timesteps), persistent=False)
+        self.scheduler_config = dict(getattr(teacher, "scheduler_config", None) or {})  # exports ship it with the network
         if config.loss_weighting:
             self.loss_weighting = LossWeighting()
+        self.guidance = self._guidance_embedding(config, teacher)
+
+    def _guidance_embedding(self, config: "FewStepGenerator.Config", teacher) -> Optional[GuidanceEmbedding]:
+        """LCM's w-embedding in the network (:mod:`~scoredistill_consistency.guidance`), or ``None``."""
+        if config.guidance_embedding == 0:
+            return None
+        if teacher.sample_conditions(1, torch.Generator()) is None:
+            return None  # nothing to guide: an unconditional teacher's LCM is plain CD
+        lo, hi = config.guidance_range
+        if not lo <= hi:
+            raise UserError(f"generator.guidance_range must be [g_min, g_max] with g_min <= g_max (got [{lo}, {hi}])")
+        embedding = GuidanceEmbedding(config.guidance_embedding)
+        if not embedding.attach(self.denoiser):
+            sys.stderr.write(f"scoredistill: the generator's network ({type(getattr(self.denoiser, 'unet', self.denoiser)).__name__}) "
+                             "has no place for LCM's guidance-scale embedding: it is trained at one fixed guidance scale "
+                             "(losses.consistency.guidance_scale)\n")
+            return None
+        return embedding.to(self.teacher_sigmas.device)
+
+    @property
+    def takes_guidance_scale(self) -> bool:
+        return self.guidance is not None
+
+    def _guided(self, g: Optional[Union[float, Tensor]], n: int, like: Tensor):
+        """Within: the network conditioned on the guidance scale ``g`` (default ``guidance_scale``), if it takes one."""
+        if self.guidance is None:
+            if g is not None:
+                raise UserError("a guidance scale was given but this generator has no guidance-scale embedding "
+                                "(generator.guidance_embedding=0, or its network has no place for one)")
+            return contextlib.nullcontext()
+        g = self.config.guidance_scale if g is None else g
+        g = torch.as_tensor(g, dtype=torch.float32, device=like.device).reshape(-1).expand(n)
+        return self.guidance.scale(g)
 
     def _init_from_teacher(self, teacher, ctx: BuildContext) -> None:
         """:func:`fit_to_teacher`, cached on disk by teacher, settings and seed (the fit is deterministic)."""
@@ -132,7 +182,7 @@ class FewStepGenerator(Generator):
         if c.teacher_init_steps == 0:
             return
         key = stable_hash(teacher.fingerprint(), c.width, c.depth, c.input_features, c.input_scale, c.teacher_init_steps,
-                          ctx.seed, FIT_VERSION)
+                          ctx.seed, FIT_VERSION, *([] if c.time_scale == 4.0 else [c.time_scale]))
         path = Path(ctx.cache_dir) / "fewstep_init" / f"mlp-{key}.safetensors"
         if path.is_file():
             self.denoiser.load_state_dict(load_tensors(path))
@@ -140,9 +190,12 @@ class FewStepGenerator(Generator):
         fit_to_teacher(self.denoiser, teacher, c.teacher_init_steps, seed=ctx.seed)
         save_tensors(path, {k: v.detach().cpu().contiguous() for k, v in self.denoiser.state_dict().items()})
 
-    def denoise(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
-        """``G(x_s, s)``: the network's denoiser, or the consistency function ``f(x_s, s)`` (its boundary condition)."""
-        d = self.denoiser(x_noisy, sigma, cond)
+    def denoise(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None,
+                guidance: Optional[Union[float, Tensor]] = None) -> Tensor:
+        """``G(x_s, s)``: the network's denoiser, or the consistency function ``f(x_s, s)`` (its boundary condition);
+        ``guidance``: the guidance scale ``g`` (a float or per sample) of a generator with LCM's embedding."""
+        with self._guided(guidance, x_noisy.shape[0], x_noisy):
+            d = self.denoiser(x_noisy, sigma, cond)
         if self.config.parameterization == "denoiser":
             return d
         sigma = sigma.to(x_noisy.dtype)
@@ -162,10 +215,18 @@ class FewStepGenerator(Generator):
         return self.denoise(z * sigmas[0], sigmas[0].expand(n), cond)
 
     def sample(self, z: Tensor, cond: Optional[Tensor] = None, steps: Optional[int] = None,
-               noise: Optional[Callable[[], Tensor]] = None) -> Tensor:
-        """The ``K``-step chain (``steps``, default the configured ``K``; DMD2's timesteps for any other ``K``)."""
+               noise: Optional[Callable[[], Tensor]] = None, guidance: Optional[float] = None) -> Tensor:
+        """The ``K``-step chain (``steps``, default the configured ``K``; DMD2's timesteps for any other ``K``), at the
+        guidance scale ``guidance`` (default ``guidance_scale``) of a generator with LCM's embedding."""
         sigmas = self.chain if steps is None or steps == self.sampling_steps else chain_sigmas(self.teacher_sigmas, steps)
-        return sample_chain(self.denoise, z, sigmas, cond, noise)
+        denoise = self.denoise if guidance is None else functools.partial(self.denoise, guidance=guidance)
+        return sample_chain(denoise, z, sigmas, cond, noise)
+
+    def export(self, folder, provenance) -> None:
+        """The network, the teacher's scheduler config and the chain (:mod:`scoredistill_consistency.export`)."""
+        from scoredistill_consistency.export import export_fewstep
+
+        export_fewstep(self, folder, provenance)
 
     def compile_targets(self) -> list[nn.Module]:
         unet = getattr(self.denoiser, "unet", None)

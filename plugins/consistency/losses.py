@@ -2,7 +2,8 @@
 
 * CD: Song et al. 2023, "Consistency Models" (arXiv 2303.01469), Algorithm 2 / eq. 7.
 * LCM: Luo et al. 2023, "Latent Consistency Models" (arXiv 2310.04378), Algorithm 1: CD with
-  guidance folded into the solver (eq. 9) and a skipping step ``k``.
+  guidance folded into the solver (eq. 9), ``w`` drawn per sample and the student conditioned on it
+  (Sec. 4.2, a generator with a guidance-scale embedding; else a fixed ``w``), and a skipping step ``k``.
 * sCM: Lu & Song 2024, "Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models"
   (arXiv 2410.11081), Algorithm 1: TrigFlow, the tangent by forward-mode differentiation, its
   normalisation and warm-up.
@@ -46,12 +47,27 @@ def _math_attention():
     return sdpa_kernel([SDPBackend.MATH])
 
 
-def _real_data(models: Models, n: int) -> Tensor:
-    return models.teacher.real_samples(n)
+def _has_labelled_data(teacher) -> bool:
+    """Whether a class-conditional teacher provides real samples with their labels."""
+    if teacher.num_classes is None:
+        return False
+    try:
+        teacher.real_labelled_samples(1)
+    except UserError:
+        return False
+    return True
+
+
+def _real_data(models: Models, batch: GeneratorBatch, labelled: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+    """Real ``x_0`` and its condition: labelled real data where the teacher has it (each ``x_0`` with its own class,
+    as LCM's (x, c) pairs), else real samples with the batch's conditions."""
+    if labelled:
+        return models.teacher.real_labelled_samples(len(batch.z))
+    return models.teacher.real_samples(len(batch.z)), batch.cond
 
 
 @component("consistency_distillation", role="generator_loss",
-           paper="Song et al. 2023 (Consistency Models), Algorithm 2, eq. 7; Luo et al. 2023 (LCM), eq. 9 and Sec. 4.3")
+           paper="Song et al. 2023 (Consistency Models), Algorithm 2, eq. 7; Luo et al. 2023 (LCM), Algorithm 1, eq. 9, Sec. 4.2-4.3")
 class ConsistencyDistillation(GeneratorLoss):
     """CD: d(f_theta(x_{s_{n+k}}, s_{n+k}), f_theta-(x^phi_{s_n}, s_n)), x^phi one teacher ODE step (LCM: guided)."""
 
@@ -69,8 +85,10 @@ class ConsistencyDistillation(GeneratorLoss):
                                                                              "role curriculum (default {component: karras_grid})")
         lpips_backbone: Literal["imagenet", "random"] = Field("imagenet", description="distance lpips: 'random' runs offline "
                                                               "but is not perceptual (tests only)")
-        guidance_scale: Optional[float] = Field(None, description="LCM: w of the guided solver D_u + w (D_c - D_u) "
-                                                                  "(a conditional teacher; fixed w: the networks have no w-embedding)")
+        guidance_scale: Optional[float] = Field(None, description="LCM without a guidance embedding: the fixed w of the guided "
+                                                                  "solver D_u + w (D_c - D_u) (a conditional teacher); with "
+                                                                  "generator.guidance_embedding, w is drawn per sample from "
+                                                                  "generator.guidance_range instead")
 
     def __init__(self, config: "ConsistencyDistillation.Config", ctx: BuildContext) -> None:
         super().__init__()
@@ -79,6 +97,11 @@ class ConsistencyDistillation(GeneratorLoss):
         if config.guidance_scale is not None and teacher.num_classes is None:
             raise UserError("consistency_distillation.guidance_scale (LCM) needs a conditional teacher (class labels); "
                             f"teacher '{type(teacher).__name__}' is unconditional: leave guidance_scale null")
+        self.embedded_guidance = bool(getattr(ctx.generator, "takes_guidance_scale", False))
+        if self.embedded_guidance and config.guidance_scale is not None:
+            raise UserError("losses.consistency.guidance_scale fixes w, but the generator is conditioned on w "
+                            "(generator.guidance_embedding > 0; w drawn from generator.guidance_range): leave one of them out")
+        self.labelled = _has_labelled_data(teacher)
         self.config = config
         self.solve = SOLVERS[config.solver]
         self.target = build_part(ctx, "losses.consistency.target", "target", config.target, "ema_target")
@@ -113,15 +136,19 @@ class ConsistencyDistillation(GeneratorLoss):
 
     def forward(self, batch: GeneratorBatch, models: Models) -> Tensor:
         self.target.update(models.generator)
-        x0 = _real_data(models, len(batch.z))
-        cond = batch.cond
+        x0, cond = _real_data(models, batch, self.labelled)
         s_n, s_next = self.curriculum.pairs(self.levels, len(x0))
         x_next = x0 + append_dims(s_next, x0.ndim) * torch.randn_like(x0)
-        teacher = models.teacher if self.config.guidance_scale is None else guided(models.teacher, self.config.guidance_scale)
+        w, kw = self.config.guidance_scale, {}
+        if self.embedded_guidance:  # LCM, Algorithm 1: w ~ U[w_min, w_max] per sample, the student conditioned on it
+            lo, hi = models.generator.config.guidance_range
+            w = lo + (hi - lo) * torch.rand(len(x0), device=x0.device)
+            kw = {"guidance": w}
+        teacher = models.teacher if w is None else guided(models.teacher, w)
         with torch.no_grad():
             x_n = self.solve(teacher, x_next, s_next, s_n, cond)
-            target = self.target(x_n, s_n, cond)
-        online = models.generator.denoise(x_next, s_next, cond)
+            target = self.target(x_n, s_n, cond, **kw)
+        online = models.generator.denoise(x_next, s_next, cond, **kw)
         return self.distance(online, target).mean()
 
 
@@ -198,8 +225,7 @@ class ContinuousConsistency(GeneratorLoss):
         self.target.update(models.generator)
         self.calls += 1
         c, sd = self.config, self.sigma_data
-        x0 = _real_data(models, len(batch.z))
-        cond = batch.cond
+        x0, cond = _real_data(models, batch)
         n, nd = len(x0), x0.ndim
         s = (torch.randn(n, device=x0.device) * c.p_std + c.p_mean).exp().clamp(*self.s_range)
         t = torch.atan(s / sd).to(x0.dtype)

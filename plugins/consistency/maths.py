@@ -8,7 +8,7 @@ Sigma form (Karras et al. 2022): ``x_s = x + s eps``, the probability-flow ODE
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -36,13 +36,14 @@ def heun_step(denoise: Denoiser, x: Tensor, sigma: Tensor, sigma_next: Tensor, c
 SOLVERS = {"euler": euler_step, "heun": heun_step}
 
 
-def guided(denoise: Denoiser, w: float) -> Denoiser:
+def guided(denoise: Denoiser, w: Union[float, Tensor]) -> Denoiser:
     """Classifier-free guidance folded into the solver (LCM, Luo et al. 2023, eq. 9): ``D_u + w (D_c - D_u)``,
-    with ``D_u`` the denoiser without condition."""
+    with ``D_u`` the denoiser without condition; ``w`` a float or one scale per sample ``(N,)``."""
 
     def d(x: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
         uncond = denoise(x, sigma, None)
-        return uncond + w * (denoise(x, sigma, cond) - uncond)
+        scale = append_dims(w.to(x.dtype), x.ndim) if isinstance(w, Tensor) else w
+        return uncond + scale * (denoise(x, sigma, cond) - uncond)
 
     return d
 

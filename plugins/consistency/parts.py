@@ -46,8 +46,8 @@ class EMATarget(TargetNetwork):
         else:
             torch._foreach_lerp_(mine, theirs, 1.0 - self.decay)
 
-    def forward(self, x_noisy: Tensor, sigma: Tensor, cond=None) -> Tensor:
-        return self.network.denoise(x_noisy, sigma, cond)
+    def forward(self, x_noisy: Tensor, sigma: Tensor, cond=None, **kwargs) -> Tensor:
+        return self.network.denoise(x_noisy, sigma, cond, **kwargs)
 
 
 class _Skipping(Curriculum):

@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
+from scoredistill.errors import UserError
 from scoredistill.registry import component
 from scoredistill.roles import BuildContext, Teacher, append_dims, stable_hash
 from scoredistill.sampling import karras_schedule
@@ -109,6 +110,14 @@ class GaussianMixtureTeacher(Teacher):
     def real_samples(self, n: int) -> Tensor:
         """The mixture is its own ground truth: exact samples."""
         return self.sample(n)
+
+    def real_labelled_samples(self, n: int) -> tuple[Tensor, Tensor]:
+        """Exact samples with their component ``k`` as the class label (a class-conditional teacher)."""
+        if not self.config.class_conditional:
+            raise UserError("the toy2d teacher has class labels only with teacher.class_conditional=true")
+        k = torch.multinomial(self.weights.float(), n, replacement=True)
+        eps = torch.randn((n, self.dim), dtype=torch.float64, device=self.means.device)
+        return (self.means[k] + self.stds[k, None] * eps).float(), k
 
     @property
     def num_classes(self) -> Optional[int]:

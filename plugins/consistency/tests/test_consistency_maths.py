@@ -104,17 +104,19 @@ def test_cd_loss_equals_its_hand_written_target(hooks, tmp_path):
 
 
 def test_lcm_guided_euler_target_on_a_conditional_mixture(hooks, tmp_path):
-    """LCM's solver: one Euler step with D_u + w (D_c - D_u), D_c component c's posterior mean, written out here."""
+    """LCM's solver at a fixed w (no guidance embedding): one Euler step with D_u + w (D_c - D_u), D_c component c's
+    posterior mean, written out here."""
     from scoredistill.roles import GeneratorBatch
 
-    run = toy(hooks, tmp_path, "lcm", ["teacher.class_conditional=true", "losses.consistency.guidance_scale=3.0"])
+    run = toy(hooks, tmp_path, "lcm", ["teacher.class_conditional=true", "losses.consistency.guidance_scale=3.0",
+                                       "generator.guidance_embedding=0"])
     teacher, g, loss = run.models.teacher, run.models.generator, run.losses["consistency"]
     means, var = teacher.means, teacher.stds[0] ** 2
-    z, c = torch.randn(64, 2), torch.randint(0, 8, (64,))
+    z = torch.randn(64, 2)
     torch.manual_seed(4)
-    value = loss(GeneratorBatch(z=z, x=z, cond=c), run.models)
+    value = loss(GeneratorBatch(z=z, x=z, cond=torch.zeros(64, dtype=torch.long)), run.models)
     torch.manual_seed(4)
-    x0 = teacher.real_samples(64)
+    x0, c = teacher.real_labelled_samples(64)  # real (x_0, c) pairs: each sample with its own component
     i = torch.randint(0, 1000 - 20, (64,))
     s_n, s_next = teacher.sigmas[i], teacher.sigmas[i + 20]  # the teacher's grid, skipping step k = 20
     x_next = x0 + s_next[:, None] * torch.randn_like(x0)
@@ -348,3 +350,21 @@ def test_the_teacher_fit_is_cached_and_the_cache_gives_the_same_weights(hooks, t
     assert all(torch.equal(first[k], again[k]) for k in first)
     other = toy(hooks, tmp_path / "c", "cd", ["generator.teacher_init_steps=20", "seed=1"]).models.generator.state_dict()
     assert any(not torch.equal(first[k], other[k]) for k in first)  # the seed is part of the key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("time_scale, stable", [(1.0, True), (4.0, False)])
+def test_scm_is_stable_with_low_frequency_time_features(hooks, tmp_path, time_scale, stable):
+    """sCM on the exact mixture teacher at a large learning rate (Lu & Song 2024, Sec. 4.1): with the scm method's
+    low-frequency noise-level features (time_scale 1) G(x_s, s) moves towards the ODE's flow map; with the MLP's
+    default high-frequency ones (time_scale 4, what sCM had before) the same run moves away from it."""
+    from scoredistill.runner import execute
+
+    config = resolve(hooks.registry, "scm", "toy2d", [], TOY + [
+        "train.steps=300", "train.batch_size=256", "train.generator_lr=1.0e-3", "generator.teacher_init_steps=1000",
+        "losses.consistency.p_mean=0.94", "losses.consistency.warmup_steps=50", "train.log_every=100",
+        f"generator.time_scale={time_scale}"])
+    before = _flow_map_error(build(config, hooks, tmp_path / "init").models.generator.eval(), build(config, hooks, tmp_path / "t").models.teacher)
+    result = execute(config, hooks, tmp_path / "run")
+    after = _flow_map_error(result.run.models.generator.eval(), result.run.models.teacher)
+    assert (after < 0.8 * before) == stable, (before, after)

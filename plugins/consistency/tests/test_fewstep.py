@@ -129,7 +129,7 @@ def test_cli_fewstep_run_then_sample_steps_and_bad_inputs(tmp_path, capsys):
     assert len(err) == 1 and "needs a conditional teacher" in err[0], err
     lcm = tmp_path / "lcm"
     assert main(["run", "lcm", "--out", str(lcm), *base, "--set", "teacher.class_conditional=true",
-                 "--set", "losses.consistency.guidance_scale=2"]) == 0
+                 "--set", "losses.consistency.guidance_scale=2", "--set", "generator.guidance_embedding=0"]) == 0
     assert main(["sample", str(lcm), "--num", "10", "--out", str(tmp_path / "lcm.npy"), "--steps", "2"]) == 0
     assert (tmp_path / "lcm_labels.npy").is_file()
 
@@ -139,6 +139,7 @@ def test_cli_fewstep_run_then_sample_steps_and_bad_inputs(tmp_path, capsys):
     ("cd", ["losses.consistency.target.decay=0.9", "train.ema_decay=0.9"]),
     ("dmd2_4step", []),
     ("scm", ["losses.consistency.warmup_steps=15"]),
+    ("lcm", ["teacher.class_conditional=true"]),  # the guidance embedding: w drawn per sample
 ])
 def test_resume_is_bitwise_with_ema_targets_and_backward_simulation(tmp_path, method, extra):
     base = ["--preset", "toy2d", "--quiet", "--set", "train.batch_size=32", "--set", "train.fake_score_warmup_steps=1",
@@ -183,3 +184,32 @@ def test_the_fewstep_results_script_runs(tmp_path):
     values = json.loads(out.with_suffix(".json").read_text())
     assert set(values["cd"]) == {"1", "2", "4"}
     assert "| cd | 4 |" in out.with_suffix(".md").read_text()
+
+
+def test_the_fewstep_speed_script_runs(tmp_path, capsys):
+    """benchmarks/fewstep_speed.py on a tiny UNet teacher (an untrained few-step generator of its shape) and on a
+    trained toy2d run: images/s at 1, 2 and 4 steps, the teacher's Euler at those NFEs and its own Heun sampler."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from scoredistill.images.testing import tiny_diffusers_teacher_folder
+
+    path = Path(__file__).resolve().parents[3] / "benchmarks" / "fewstep_speed.py"
+    spec = importlib.util.spec_from_file_location("fewstep_speed", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    folder = tiny_diffusers_teacher_folder(tmp_path / "teacher")
+    out = tmp_path / "speed.json"
+    assert script.main(["--preset", "teacher", "--method", "cd", "--set", f"teacher.path={folder}", "--set",
+                        "teacher.sampler_steps=3", "--batch", "4", "--repeats", "1", "--out", str(out)]) == 0
+    rates = json.loads(out.read_text())["images_per_s"]
+    assert set(rates) == {"generator_1_step", "generator_2_step", "generator_4_step", "teacher_euler_1_nfe",
+                          "teacher_euler_2_nfe", "teacher_euler_4_nfe", "teacher_heun_5_nfe"}
+    assert all(v > 0 for v in rates.values())
+    assert "| generator, 4 step(s) | 4 |" in capsys.readouterr().out
+    run_dir = tmp_path / "run"
+    assert main(["run", "cd", "--preset", "toy2d", "--out", str(run_dir), "--quiet", "--set", "train.steps=2",
+                 "--set", "eval.num_samples=50", "--set", "generator.teacher_init_steps=5"]) == 0
+    assert script.main(["--run", str(run_dir), "--batch", "8", "--repeats", "1", "--steps", "1,4"]) == 0
+    assert "| teacher, Euler 4 step(s) | 4 |" in capsys.readouterr().out
