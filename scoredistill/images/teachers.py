@@ -444,6 +444,7 @@ class DiffusersTeacher(ImageTeacher):
                          caption_column=config.caption_column, cache_dir=ctx.cache_dir if ctx is not None else None,
                          progress=ctx.extra.get("progress", True) if ctx is not None else True)
         self.prompts, self.vae_tiling = prompts, config.vae_tiling
+        self.max_sequence_length = config.max_sequence_length  # T5's token count of the prompts (SD3, Flux)
         if prompts is not None:
             from scoredistill.images.prompts import attach_caption_cache
 
