@@ -243,3 +243,16 @@ def test_bad_folders_are_one_line_before_training(sd, tmp_path, capsys, monkeypa
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "run" / "metrics.json").exists() and not (tmp_path / "run" / "history.json").exists()
+
+
+def test_captions_need_the_prompt_cache(sd, tmp_path, capsys, monkeypatch):
+    """A text teacher conditioned by teacher.embeddings (a table of its own) cannot take captions: one line."""
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("SCOREDISTILL_CACHE", str(tmp_path / "cache"))
+    save_file({"embeddings": torch.randn(3, 8, 16)}, str(tmp_path / "e.safetensors"))
+    args = ["run", "dmd2", "--teacher", str(sd), "--data", str(sd.parent / "data"), "--quiet", "--out", str(tmp_path / "run"),
+            "--set", f"teacher.embeddings={tmp_path / 'e.safetensors'}", "--set", "teacher.resize=true"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "give the prompts with --prompts FILE" in err and len(err.splitlines()) == 1

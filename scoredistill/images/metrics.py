@@ -215,7 +215,7 @@ def evaluate_images(teacher, samples: Tensor, *, seed: int, cache_dir: Optional[
             if log is not None:
                 log(f"CLIP score {SKIPPED_NOTE}")
         else:
-            model, processor = load_clip(clip_model, torch.device("cpu"))
+            model, processor = load_clip(clip_model, teacher.sigmas.device)
             out["clip_score"] = round(clip_score(samples, texts, model, processor), 4)
             teacher_out["clip_score"] = round(clip_score(t_samples, texts, model, processor), 4)
             out["clip_model"] = str(clip_model)

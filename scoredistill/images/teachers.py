@@ -445,7 +445,7 @@ class DiffusersTeacher(ImageTeacher):
                          progress=ctx.extra.get("progress", True) if ctx is not None else True)
         self.prompts, self.vae_tiling = prompts, config.vae_tiling
         self.max_sequence_length = config.max_sequence_length  # T5's token count of the prompts (SD3, Flux)
-        if prompts is not None:
+        if self.conditioning == "text":  # captions join the prompt cache (a table of teacher.embeddings is refused there)
             from scoredistill.images.prompts import attach_caption_cache
 
             dtype = TEACHER_DTYPES[config.dtype]
