@@ -124,6 +124,23 @@ def test_the_latents_are_encoded_once(tmp_path):
     assert calls == [5]  # other sizing: another cache
 
 
+def test_a_checked_folder_is_remembered_until_a_file_changes(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from scoredistill.images.folders import check_images
+
+    files, _ = scan_image_folder(_jsonl_folder(tmp_path / "d", size=(16, 16)))
+    check_images(files, (3, 16, 16), False, tmp_path / "c")
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda f, *a, **k: (opened.append(f), real_open(f, *a, **k))[1])
+    check_images(files, (3, 16, 16), False, tmp_path / "c")
+    assert opened == [] and len(list((tmp_path / "c" / "checked_images").iterdir())) == 1
+    files[3].write_bytes(b"no longer an image")
+    with pytest.raises(UserError, match="cannot read image .*3.png"):
+        check_images(files, (3, 16, 16), False, tmp_path / "c")
+
+
 # --------------------------------------------------------------------------- a text-to-image teacher
 
 

@@ -129,12 +129,16 @@ def _open(path: Path):
         raise UserError(f"cannot read image '{path}': {_first_line(exc)}") from None
 
 
-def check_images(files: list[Path], shape: tuple[int, int, int], resize: bool) -> None:
-    """Open every image's header (and check it decodes, ``verify``): one line for an unreadable file or, without
-    ``resize``, a size other than the teacher's; reads no pixels into memory."""
+def check_images(files: list[Path], shape: tuple[int, int, int], resize: bool, cache_dir: Optional[Path] = None) -> None:
+    """Open every image's header (and check its data, ``verify``): one line for an unreadable file or, without
+    ``resize``, a size other than the teacher's; reads no pixels into memory. With ``cache_dir`` a folder that passed
+    is remembered (``cache_dir/checked_images``, by :func:`folder_digest`) and not read again."""
     from PIL import Image
 
     _, h, w = shape
+    mark = Path(cache_dir) / "checked_images" / stable_hash(folder_digest(files), list(shape), resize) if cache_dir else None
+    if mark is not None and mark.is_file():
+        return
     for f in files:
         try:
             with Image.open(f) as img:
@@ -145,6 +149,10 @@ def check_images(files: list[Path], shape: tuple[int, int, int], resize: bool) -
         if size != (w, h) and not resize:
             raise UserError(f"image '{f}' is {size[0]}x{size[1]} but the teacher makes {w}x{h} images: resize the folder's "
                             "images, or set teacher.resize=true (scale and crop, teacher.crop=center|random)")
+    if mark is not None:
+        from scoredistill.io import atomic_write
+
+        atomic_write(mark, lambda p: p.write_text(f"{len(files)} images\n"))
 
 
 def load_images(files: list[Path], shape: tuple[int, int, int], resize: bool = False, crop: str = "center",
@@ -178,7 +186,8 @@ def load_images(files: list[Path], shape: tuple[int, int, int], resize: bool = F
 
 def folder_digest(files: list[Path]) -> list:
     """What identifies the files for a cache key without reading them: names, sizes, modification times."""
-    return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    stats = [f.stat() for f in files]
+    return [(str(f), st.st_size, st.st_mtime_ns) for f, st in zip(files, stats)]
 
 
 def cached_latents(files: list[Path], shape: tuple[int, int, int], resize: bool, crop: str, vae_key: str,

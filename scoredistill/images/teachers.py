@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from scoredistill.errors import UserError
 from scoredistill.registry import component
-from scoredistill.roles import BuildContext, Teacher, stable_hash
+from scoredistill.roles import BuildContext, Teacher, default_cache_dir, stable_hash
 from scoredistill.sampling import heun_sample, karras_sigmas
 
 from scoredistill.images.data import DIGITS_SHAPE, digits
@@ -93,7 +93,7 @@ class ImageTeacher(Teacher):
             from scoredistill.images.folders import check_images, scan_image_folder
 
             self.data_files, self.data_captions = scan_image_folder(data, caption_column)
-            check_images(self.data_files, self.image_shape, resize)
+            check_images(self.data_files, self.image_shape, resize, cache_dir or default_cache_dir())
 
     @staticmethod
     def data_shape_is_latent(loaded: LoadedTeacher) -> bool:
@@ -237,7 +237,6 @@ class ImageTeacher(Teacher):
             if self.data_space == "latents" and self.data_files is not None:
                 from scoredistill.images.folders import cached_latents
                 from scoredistill.images.text_encoders import file_fingerprint
-                from scoredistill.roles import default_cache_dir
 
                 vae_key = file_fingerprint(self.vae_dir) + str(self.denoiser.unet_dtype())
                 x = cached_latents(self.data_files, self.image_shape, self.resize, self.crop, vae_key,
