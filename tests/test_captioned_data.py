@@ -204,6 +204,26 @@ def test_sdxl_heads_read_the_pooled_embedding(hooks, tmp_path):
     assert torch.allclose(teacher.condition_vectors(torch.tensor([0, 1])), p_pooled, atol=1e-6)
 
 
+def test_the_resized_folder_is_the_fid_reference(hooks, sd, tmp_path, monkeypatch):
+    """Inception FID's reference is the folder's images, resized and cropped as set (a stand-in feature extractor:
+    per-channel means and deviations, in place of Inception's weights, which the tests do not have)."""
+    from cleanfid.resize import build_resizer
+
+    from scoredistill.images import metrics
+    from scoredistill.images.plugin import decoded
+
+    teacher = _teacher(hooks, sd, tmp_path, f"teacher.data={sd.parent / 'data'}", "teacher.resize=true", "teacher.sampler_steps=2")
+    extractor = lambda x: torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)  # noqa: E731
+    monkeypatch.setattr(metrics, "inception_extractor", lambda device: extractor)
+    samples = torch.randn(4, *teacher.data_shape)
+    out = metrics.evaluate_images(teacher, samples, seed=0, cache_dir=tmp_path, inception="require")
+    files, _ = scan_image_folder(sd.parent / "data")
+    resize = build_resizer("clean")
+    ref = metrics.batch_features(load_images(files, (3, 16, 16), True), extractor, 50, resize)
+    gen = metrics.batch_features(decoded(teacher, samples).clamp(-1, 1), extractor, 50, resize)
+    assert out["fid_inception"] == round(metrics.frechet(gen, ref), 4) and out["teacher"]["fid_inception"] is not None
+
+
 def test_dmd2_runs_on_a_text_to_image_teacher_with_captioned_data(sd, tmp_path, monkeypatch):
     """dmd2 end to end with --data: the projection on the text embedding starts at zero and is trained; the caption
     embeddings and latents are cached."""

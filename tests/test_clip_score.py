@@ -99,7 +99,11 @@ def test_the_teacher_beside_the_generator_with_clip_scores(hooks, sd, clip, tmp_
     with torch.no_grad():
         t_images = vae.decode(teacher.sample(z, cond=cond) / vae.config.scaling_factor).sample.clamp(-1, 1)
     assert metrics["teacher"]["clip_score"] == pytest.approx(float(_by_hand(t_images, prompts, clip).mean()), abs=1e-3)
-    assert 0 <= metrics["clip_score"] <= 100 and metrics["clip_score"] != metrics["teacher"]["clip_score"]
+    assert main(["sample", str(tmp_path / "run"), "--num", "6", "--seed", str(run.config.eval.seed), "--out", str(tmp_path / "g.npy")]) == 0
+    with torch.no_grad():  # the generator's samples on the same noise and prompts, decoded as they are (latents unclamped)
+        g_images = vae.decode(torch.from_numpy(np.load(tmp_path / "g.npy")) / vae.config.scaling_factor).sample.clamp(-1, 1)
+    assert metrics["clip_score"] == pytest.approx(float(_by_hand(g_images, prompts, clip).mean()), abs=1e-3)
+    assert metrics["clip_score"] != metrics["teacher"]["clip_score"]
     (panels, captions), = grids
     assert panels[0][0].startswith(f"teacher (Heun, {teacher.sampler_nfe} NFE): CLIP") and panels[1][0].startswith("generator (1 NFE)")
     assert captions == prompts and torch.allclose(panels[0][1].clamp(-1, 1), t_images, atol=1e-4)

@@ -155,13 +155,14 @@ def evaluate_images(teacher, samples: Tensor, *, seed: int, cache_dir: Optional[
     samples = samples.float()
     finite = torch.isfinite(samples.flatten(1)).all(1)
     non_finite = int((~finite).sum())
-    samples = torch.nan_to_num(samples).clamp(-1, 1)
+    latents = getattr(teacher, "data_space", "pixels") == "latents"
+    samples = torch.nan_to_num(samples) if latents else torch.nan_to_num(samples).clamp(-1, 1)  # latents: clamped decoded
     n = len(samples)
     out: dict[str, Any] = {"num_samples": n, "non_finite": non_finite}
     if tuple(samples.shape[1:]) != tuple(teacher.data_shape):
         raise UserError(f"samples have shape {tuple(samples.shape[1:])} but the teacher makes {tuple(teacher.data_shape)}")
     t_samples = teacher_samples(teacher, n, seed, cache_dir)
-    if getattr(teacher, "data_space", "pixels") == "latents":  # metrics on the decoded images (the teacher's VAE)
+    if latents:  # metrics on the decoded images (the teacher's VAE)
         from scoredistill.images.plugin import decoded
 
         samples, t_samples = decoded(teacher, samples).clamp(-1, 1), decoded(teacher, t_samples).clamp(-1, 1)

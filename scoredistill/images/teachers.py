@@ -395,7 +395,9 @@ class DiffusersTeacher(ImageTeacher):
         sample_size: Optional[int] = Field(None, gt=0, description="height = width of the images or latents, where the "
                                            "model config has no sample_size (Flux)")
         flux_guidance: float = Field(3.5, description="the guidance embedding's value for a guidance-distilled Flux model")
-        data: Optional[str] = Field(None, description="real images: 'digits' or a folder (for FID and real-data losses)")
+        data: Optional[str] = Field(None, description="real images (--data): 'digits' or a folder, with captions for a text "
+                                    "teacher (metadata.jsonl / metadata.csv: file_name, text; or NAME.txt beside each image): "
+                                    "the FID reference and the real data of dmd2's discriminator")
         sampler_steps: int = Field(18, ge=2, description="steps of the teacher's multi-step Heun sampler (2*steps-1 NFE)")
         sdxl_time_ids: Optional[list[float]] = Field(None, min_length=6, max_length=6, description="an SDXL UNet's size "
                                                     "conditions (original H, W, crop top, left, target H, W) in pixels; "
