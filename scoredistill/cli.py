@@ -53,15 +53,21 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="prompts for a text-to-image --teacher pipeline: .txt (one a line), .jsonl / .csv / .parquet "
                         "('prompt' field or column); embedded once by the pipeline's text encoders and cached")
+    p.add_argument("--data", default=None, metavar="FOLDER",
+                   help="real images for the --teacher (teacher.data): a folder of images, with captions (metadata.jsonl / "
+                        ".csv with file_name and text, or NAME.txt beside each image) for a text-to-image pipeline; "
+                        "the FID reference and dmd2's real data")
 
 
 def _teacher_option(args) -> tuple[Optional[str], list[str]]:
     """``(preset, overrides)`` with ``--teacher``: the generic teacher preset unless one is named, and the teacher
     component with its path ahead of the user's ``--set`` (which still override them)."""
     prompts = [] if getattr(args, "prompts", None) is None else [f"teacher.prompts={args.prompts}"]
+    prompts += [] if getattr(args, "data", None) is None else [f"teacher.data={args.data}"]
     if args.teacher is None:
         if prompts and not any(o.replace(" ", "").startswith("teacher.component=diffusers") for o in args.overrides):
-            raise UserError("--prompts needs a text-to-image pipeline teacher: add --teacher PIPELINE_FOLDER")
+            flag = "--prompts" if getattr(args, "prompts", None) is not None else "--data"
+            raise UserError(f"{flag} needs a diffusers teacher (a text-to-image pipeline for --prompts): add --teacher PIPELINE_FOLDER")
         return args.preset, prompts + list(args.overrides)
     if not args.teacher.strip():
         raise UserError("--teacher needs a diffusers model or pipeline folder, or a Hugging Face hub id")
@@ -166,6 +172,8 @@ def cmd_run(args, hooks) -> int:
 
     if args.resume is not None and args.prompts is not None:
         raise UserError("--prompts cannot be used with --resume: a resumed run keeps its prompts")
+    if args.resume is not None and args.data is not None:
+        raise UserError("--data cannot be used with --resume: a resumed run keeps its real data")
     if args.resume is not None and args.teacher is not None:
         raise UserError("--teacher cannot be used with --resume: a resumed run keeps its teacher")
     preset, overrides = _teacher_option(args)

@@ -114,6 +114,9 @@ class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     num_samples: int = Field(5000, ge=1, le=MAX_SAMPLES, description="generator (and teacher) samples evaluated")
     seed: int = Field(12345, ge=0, le=MAX_SEED, description="seed of the evaluation noise, the same for every run and method")
+    clip_model: Optional[str] = Field(None, description="a local CLIP model folder (CLIPModel + CLIPProcessor files): the "
+                                      "CLIP score of a text-to-image run's decoded samples against their prompts; "
+                                      "unset: that metric is skipped")
 
 
 class RuntimeConfig(BaseModel):

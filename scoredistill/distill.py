@@ -115,45 +115,58 @@ HEAD_NAME = "gan_head"
 
 
 class GANHead(nn.Module):
-    """A discriminator branch: an MLP from fake-score features to one realism logit (DMD2 Sec. 4.3); for a
-    class-conditional teacher, a projection discriminator (Miyato & Koyama 2018, eq. 3):
-    ``D(h, c) = w^T phi(h) + e_c^T phi(h)``, with ``phi`` the MLP's hidden layer and ``e_c`` a learned class embedding."""
+    """A discriminator branch: an MLP from fake-score features to one realism logit (DMD2 Sec. 4.3); for a conditional
+    teacher, a projection discriminator (Miyato & Koyama 2018, eq. 3): ``D(h, c) = w^T phi(h) + e_c^T phi(h)``, with
+    ``phi`` the MLP's hidden layer and ``e_c`` a learned class embedding, or for a text teacher ``e_c = W v_c``, a
+    learned projection of the prompt's pooled text embedding ``v_c`` (:meth:`scoredistill.roles.Teacher.condition_vectors`).
+    Both start at zero: the head starts unconditional."""
 
-    def __init__(self, in_features: int, width: int, max_timestep_ratio: float, num_classes: Optional[int] = None) -> None:
+    def __init__(self, in_features: int, width: int, max_timestep_ratio: float, num_classes: Optional[int] = None,
+                 text_dim: Optional[int] = None) -> None:
         super().__init__()
         self.max_timestep_ratio = max_timestep_ratio
         self.net = nn.Sequential(nn.Linear(in_features, width), nn.SiLU(), nn.Linear(width, 1))
         self.class_embedding = nn.Embedding(num_classes, width) if num_classes else None
-        if self.class_embedding is not None:
-            nn.init.zeros_(self.class_embedding.weight)  # starts as the unconditional head
+        self.text_projection = nn.Linear(text_dim, width, bias=False) if text_dim else None
+        for table in (self.class_embedding, self.text_projection):
+            if table is not None:
+                nn.init.zeros_(table.weight)
 
-    def forward(self, features: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+    @property
+    def conditional(self) -> bool:
+        return self.class_embedding is not None or self.text_projection is not None
+
+    def forward(self, features: Tensor, cond: Optional[Tensor] = None, vectors: Optional[Tensor] = None) -> Tensor:
         h = self.net[1](self.net[0](features))
         logit = self.net[2](h).squeeze(-1)
         if self.class_embedding is not None:
             if cond is None or cond.is_floating_point():
                 raise UserError("the class-conditional GAN head needs the class labels of its samples")
             logit = logit + (self.class_embedding(cond) * h).sum(-1)
+        if self.text_projection is not None:
+            if vectors is None:
+                raise UserError("the text-conditional GAN head needs the text embeddings of its samples")
+            logit = logit + (self.text_projection(vectors.to(h.dtype)) * h).sum(-1)
         return logit
 
 
 def attach_gan_head(fake: FakeScore, teacher: Teacher, width: int, max_timestep_ratio: float) -> GANHead:
     """Add a :class:`GANHead` to ``fake`` as ``fake.gan_head`` (once), sized to its features (and to a class-conditional
-    teacher's classes): the fake score's optimiser then trains it with the fake score, as DMD2's branch shares the fake
-    network's optimiser. A text-conditional teacher is refused (one line): its real images would need captions."""
+    teacher's classes, or a text teacher's condition vectors): the fake score's optimiser then trains it with the fake
+    score, as DMD2's branch shares the fake network's optimiser."""
     head = getattr(fake, HEAD_NAME, None)
     if isinstance(head, GANHead):
         return head
     conditioning = getattr(teacher, "conditioning", "none")
-    if conditioning not in ("none", "class"):
-        raise UserError(f"the GAN discriminator takes class labels, but the teacher's conditioning is '{conditioning}': "
-                        "dmd2 runs on unconditional and class-conditional teachers; use dmd for a text-to-image teacher")
+    if conditioning not in ("none", "class", "text"):
+        raise UserError(f"the GAN discriminator takes class labels or text, but the teacher's conditioning is '{conditioning}'")
     classes = teacher.num_classes if conditioning == "class" else None
     with torch.no_grad():
         probe = torch.zeros((2, *teacher.data_shape), device=teacher.sigmas.device)
-        c = teacher.sample_conditions(2) if classes else None
+        c = teacher.sample_conditions(2) if classes or conditioning == "text" else None
         width_in = fake.features(probe, teacher.sigmas[-1:].expand(2), c).shape[-1]
-    head = GANHead(width_in, width, max_timestep_ratio, classes).to(teacher.sigmas.device)
+        text_dim = teacher.condition_vectors(c).shape[-1] if conditioning == "text" else None
+    head = GANHead(width_in, width, max_timestep_ratio, classes, text_dim).to(teacher.sigmas.device)
     fake.add_module(HEAD_NAME, head)
     return head
 
@@ -167,4 +180,5 @@ def discriminator_logits(models: Models, x: Tensor, cond: Optional[Tensor] = Non
             "adds to the fake score; use that fake-score loss"
         )
     sigma = timestep_sigmas(models.teacher, len(x), 0.0, head.max_timestep_ratio)
-    return head(models.fake_score.features(add_noise(x, sigma), sigma, cond), cond)
+    vectors = models.teacher.condition_vectors(cond) if head.text_projection is not None else None
+    return head(models.fake_score.features(add_noise(x, sigma), sigma, cond), cond, vectors)

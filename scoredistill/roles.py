@@ -164,8 +164,14 @@ class Teacher(Role):
         raise UserError(f"teacher '{type(self).__name__}' provides no real data; choose a method without a real-data term")
 
     def real_labelled_samples(self, n: int) -> tuple[Tensor, Tensor]:
-        """``n`` real samples with their class labels (a class-conditional discriminator's real half)."""
+        """``n`` real samples with their conditions (a conditional discriminator's real half): class labels, or a text
+        teacher's caption indices (see :meth:`condition_vectors`)."""
         raise UserError(f"teacher '{type(self).__name__}' provides no labelled real data; a class-conditional real-data term needs it")
+
+    def condition_vectors(self, cond: Tensor) -> Tensor:
+        """One float vector ``(N, E)`` per condition (a text teacher: its pooled prompt embedding), for a discriminator
+        that conditions on what ``cond`` means rather than on a label (DMD2's GAN head on a text-to-image teacher)."""
+        raise UserError(f"teacher '{type(self).__name__}' has no condition embeddings (its conditioning: {self.conditioning})")
 
     def sample_conditions(self, n: int, generator: Optional[torch.Generator] = None) -> Optional[Tensor]:
         """Conditions ``c`` for ``n`` samples, distributed as a run distils them; ``None``: unconditional.

@@ -301,12 +301,12 @@ def test_sd3_and_flux_prompts_are_their_pipelines_own(hooks, tmp_path, kind, t5)
         assert torch.isfinite(teacher(x, torch.full((3,), 2.0), idx)).all()
 
 
-def test_dmd2_on_a_text_to_image_teacher_is_one_line(pipeline, tmp_path, capsys):
+def test_dmd2_on_a_text_to_image_teacher_without_real_data_is_one_line(pipeline, tmp_path, capsys):
     args = ["run", "dmd2", "--teacher", str(pipeline), "--prompts", str(pipeline.parent / "prompts.txt"), "--quiet",
             "--out", str(tmp_path / "run")]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert "conditioning is 'text'" in err and len(err.splitlines()) == 1
+    assert "no real data: set teacher.data (--data)" in err and len(err.splitlines()) == 1
 
 
 def test_sdxl_size_conditions_are_the_pipelines_add_time_ids(hooks, sdxl, tmp_path):

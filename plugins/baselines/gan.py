@@ -78,16 +78,16 @@ class FakeScoreDenoiseGAN(FakeScoreLoss):
     def __init__(self, config: "FakeScoreDenoiseGAN.Config", ctx: BuildContext) -> None:
         super().__init__()
         self.config = config
-        head = attach_gan_head(ctx.fake_score, ctx.teacher, config.head_width, config.max_timestep_ratio)  # (refuses text)
+        head = attach_gan_head(ctx.fake_score, ctx.teacher, config.head_width, config.max_timestep_ratio)
         ctx.teacher.real_samples(1)  # a teacher without real data fails here, before training
-        if head.class_embedding is not None:
-            ctx.teacher.real_labelled_samples(1)  # ... and a class-conditional one without labelled real data
+        if head.conditional:
+            ctx.teacher.real_labelled_samples(1)  # ... and a conditional one without labelled (captioned) real data
 
     def discriminator_loss(self, x: Tensor, cond: Optional[Tensor], models: Models) -> Tensor:
         """``mean(softplus(D(x)) + softplus(-D(x_real)))``, both halves in one pass of the fake score."""
         if cond is None:
             real, real_cond, both = models.teacher.real_samples(len(x)).to(x.dtype), None, None
-        else:  # a class-conditional teacher: real images with their own labels (the projection head reads both)
+        else:  # a conditional teacher: real images with their own labels or captions (the projection head reads both)
             real, real_cond = models.teacher.real_labelled_samples(len(x))
             real, both = real.to(x.dtype), torch.cat([cond, real_cond.to(cond.device)])
         logits = discriminator_logits(models, torch.cat([x, real]), both)

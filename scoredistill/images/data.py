@@ -52,25 +52,12 @@ def digits(split: str = "train") -> tuple[Tensor, Tensor]:
 
 
 def load_image_folder(folder: Path | str, shape: tuple[int, int, int], limit: Optional[int] = None) -> Tensor:
-    """Every image under ``folder`` (sorted, recursive) as ``(N, C, H, W)`` in [-1, 1]; sizes must match ``shape``."""
-    import numpy as np
-    from PIL import Image
+    """Every image under ``folder`` (sorted, recursive) as ``(N, C, H, W)`` in [-1, 1]; sizes must match ``shape``
+    (:mod:`scoredistill.images.folders` reads captioned folders and resizes)."""
+    from scoredistill.images.folders import load_images, scan_image_folder
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"image folder '{folder}' does not exist: give a folder of {'/'.join(IMAGE_EXTENSIONS)} files")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)[:limit]
-    if not files:
-        raise UserError(f"image folder '{folder}' holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    c, h, w = shape
-    out = []
-    for f in files:
-        img = Image.open(f).convert("L" if c == 1 else "RGB")
-        if img.size != (w, h):
-            raise UserError(f"image '{f}' is {img.size[0]}x{img.size[1]} but the teacher makes {w}x{h} images: resize the folder's images")
-        arr = np.asarray(img, dtype=np.float32).reshape(h, w, c)
-        out.append(torch.from_numpy(arr).permute(2, 0, 1))
-    return torch.stack(out) / 127.5 - 1
+    files, _ = scan_image_folder(folder)
+    return load_images(files[:limit], tuple(shape))
 
 
 def to_uint8(x: Tensor) -> Tensor:

@@ -15,6 +15,12 @@ Protocol on ``digits`` (fixed; numbers are comparable across runs and methods):
   fraction of classes whose share is at least half the test split's share.
 
 The Frechet distance itself is clean-fid's (``cleanfid.fid.frechet_distance``).
+
+A latent teacher's samples (the generator's and the teacher's) are decoded by its VAE first; a
+folder of real images (``teacher.data``) is the Inception FID's reference. A text teacher's
+samples are also scored against their prompts by CLIP (:mod:`scoredistill.images.clip_score`,
+where ``eval.clip_model`` names a CLIP folder): ``clip_score`` for the generator,
+``teacher.clip_score`` for the teacher's multi-step samples on the same prompts and noise.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from scoredistill.errors import UserError
 from scoredistill.io import load_tensors, save_tensors
 from scoredistill.roles import default_cache_dir, seeded_conditions, stable_hash
 
+from scoredistill.images.clip_score import SKIPPED_NOTE, clip_score, load_clip
 from scoredistill.images.data import DIGITS_SHAPE, digits, to_uint8
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -140,20 +147,22 @@ def class_metrics(pred: Tensor, reference_share: list[float]) -> dict[str, Any]:
 
 
 def evaluate_images(teacher, samples: Tensor, *, seed: int, cache_dir: Optional[Path] = None,
-                    inception: str = "auto", log=None) -> dict[str, Any]:
-    """All image metrics for generator ``samples``, with the teacher's and the real data's as references."""
+                    inception: str = "auto", clip_model: Optional[str] = None, log=None) -> dict[str, Any]:
+    """All image metrics for generator ``samples``, with the teacher's (its multi-step sampler on the same noise and
+    conditions) and the real data's as references; a text teacher's CLIP score with ``clip_model``."""
     from scoredistill.images.classifier import ClassifierSettings, load_classifier
 
     samples = samples.float()
     finite = torch.isfinite(samples.flatten(1)).all(1)
     non_finite = int((~finite).sum())
-    samples = torch.nan_to_num(samples).clamp(-1, 1)
+    latents = getattr(teacher, "data_space", "pixels") == "latents"
+    samples = torch.nan_to_num(samples) if latents else torch.nan_to_num(samples).clamp(-1, 1)  # latents: clamped decoded
     n = len(samples)
     out: dict[str, Any] = {"num_samples": n, "non_finite": non_finite}
     if tuple(samples.shape[1:]) != tuple(teacher.data_shape):
         raise UserError(f"samples have shape {tuple(samples.shape[1:])} but the teacher makes {tuple(teacher.data_shape)}")
     t_samples = teacher_samples(teacher, n, seed, cache_dir)
-    if getattr(teacher, "data_space", "pixels") == "latents":  # metrics on the decoded images (the teacher's VAE)
+    if latents:  # metrics on the decoded images (the teacher's VAE)
         from scoredistill.images.plugin import decoded
 
         samples, t_samples = decoded(teacher, samples).clamp(-1, 1), decoded(teacher, t_samples).clamp(-1, 1)
@@ -199,6 +208,18 @@ def evaluate_images(teacher, samples: Tensor, *, seed: int, cache_dir: Optional[
             teacher_out["fid_inception"] = round(frechet(batch_features(t_samples, ext, 50, resize), f_ref), 4)
             if is_digits:
                 target_out["fid_inception"] = round(frechet(batch_features(real_train, ext, 50, resize), f_ref), 4)
+    prompts = getattr(teacher, "prompts", None)
+    if prompts:
+        texts = [prompts[int(i)] for i in seeded_conditions(teacher, n, seed)]
+        if clip_model is None:
+            out["clip_score"], out["clip_score_note"] = None, SKIPPED_NOTE
+            if log is not None:
+                log(f"CLIP score {SKIPPED_NOTE}")
+        else:
+            model, processor = load_clip(clip_model, teacher.sigmas.device)
+            out["clip_score"] = round(clip_score(samples, texts, model, processor), 4)
+            teacher_out["clip_score"] = round(clip_score(t_samples, texts, model, processor), 4)
+            out["clip_model"] = str(clip_model)
     out["teacher"] = teacher_out
     if target_out:
         out["target"] = target_out

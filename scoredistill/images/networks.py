@@ -58,6 +58,7 @@ class UNetGenerator(Generator):
         # a text-to-image pipeline's generator exports as that pipeline, one step (where a scheduler reproduces G exactly)
         self.pipeline = pipeline_folder(teacher) if self.sigma == float(teacher.sigma_max) else None
         self.kind = getattr(teacher, "parameterisation", None)
+        self.max_sequence_length = getattr(teacher, "max_sequence_length", None)  # an export's README passes it on
 
     def forward(self, z: Tensor, cond: Optional[Tensor] = None) -> Tensor:
         sigma = torch.full((z.shape[0],), self.sigma, device=z.device, dtype=z.dtype)

@@ -8,11 +8,15 @@ step of the pipeline is the generator ``G(z, c) = D(sigma_max z, sigma_max, c)``
   its one step starts at the top timestep, ``init_noise_sigma = sigma_max`` scales the noise to
   ``x = sigma_max z``, ``scale_model_input`` divides by ``sqrt(1 + sigma^2)`` (the VP network's
   input), and the Euler step to ``sigma = 0`` lands on the network's ``x_0`` estimate, ``D``;
-* flow transformers (SD3): ``FlowMatchEulerDiscreteScheduler``: one step from ``t = 1`` (the
-  noise itself) to 0 is ``z - v_hat``, the flow ``D`` at the top level.
+* flow transformers (SD3, Flux): ``FlowMatchEulerDiscreteScheduler``: one step from ``t = 1`` (the
+  noise itself) to 0 is ``z - v_hat``, the flow ``D`` at the top level (Flux's dynamic shift leaves
+  ``t = 1`` where it is).
 
 The pipeline is called with ``guidance_scale=1`` (the generator distils the guided teacher: it
-needs no guidance of its own).
+needs no guidance of its own); a guidance-distilled Flux transformer is called with the guidance
+embedding it was distilled with (``teacher.flux_guidance``), which FluxPipeline takes as its
+``guidance_scale``. Flux takes its latents packed 2x2 into tokens and gives them back packed (its
+README shows both).
 """
 
 from __future__ import annotations
@@ -49,6 +53,37 @@ latents = pipe(prompts, latents=z, num_inference_steps=1, guidance_scale=1.0, ou
 gives `scoredistill sample`'s latents (its `.npy`), and `output_type="pil"` their decoded images. A run that set
 `teacher.max_sequence_length` (SD3, Flux) encoded its prompts with that many T5 tokens: pass the same
 `max_sequence_length=` to the pipeline.
+"""
+
+
+FLUX_README = """## Sampling with diffusers alone
+
+This folder is a complete diffusers pipeline (FluxPipeline): the teacher's VAE, tokenizers and text
+encoders, the distilled `transformer/`, and a `FlowMatchEulerDiscreteScheduler` for one step. The
+generator was distilled with the guidance embedding at {guidance}: FluxPipeline's `guidance_scale`.
+
+```python
+import torch
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("PATH/TO/THIS/FOLDER")
+images = pipe("a photo of a cat", num_inference_steps=1, guidance_scale={guidance}, height={height}, width={width}{msl}).images
+```
+
+Flux takes its latents packed 2x2 into tokens. `scoredistill sample RUN --num N --seed S` draws
+`z = torch.randn((N, {shape}), generator=torch.Generator().manual_seed(S))` (the VAE's latents, not
+pixels) and writes the prompt index of each sample to `OUT_labels.npy`; with those prompts,
+
+```python
+z = torch.randn((N, {shape}), generator=torch.Generator().manual_seed(S))
+n, c, h, w = z.shape
+packed = z.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, (h // 2) * (w // 2), c * 4)
+out = pipe(prompts, latents=packed, num_inference_steps=1, guidance_scale={guidance}, height={height}, width={width},
+           output_type="latent"{msl}).images
+latents = out.view(n, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
+```
+
+gives `scoredistill sample`'s latents (its `.npy`), and `output_type="pil"` their decoded images.{msl_note}
 """
 
 
@@ -92,5 +127,16 @@ def export_pipeline(folder: Path, generator: Any, source: Path, kind: str, sched
     index["scheduler"] = ["diffusers", type(scheduler).__name__]
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     shape = ", ".join(map(str, generator.latent_shape))
-    (folder / "README.md").write_text(readme_head.rstrip() + "\n\n" + PIPELINE_README.format(
-        pipeline=index.get("_class_name", "DiffusionPipeline"), network=network, scheduler=type(scheduler).__name__, shape=shape))
+    if hasattr(den.backbone, "pack"):  # Flux: packed latents, the guidance embedding, no default image size of ours
+        vae = json.loads((source / "vae" / "config.json").read_text())
+        scale = 2 ** (len(vae.get("block_out_channels") or [0] * 4) - 1)
+        _, h, w = generator.latent_shape
+        guidance = getattr(den.backbone, "guidance", None)
+        msl = getattr(generator, "max_sequence_length", None)  # the T5 tokens the run's prompts were encoded with
+        body = FLUX_README.format(guidance=1.0 if guidance is None else guidance, height=h * scale, width=w * scale, shape=shape,
+                                  msl=f", max_sequence_length={msl}" if msl else "",
+                                  msl_note="" if msl else " (The prompts were encoded with the pipeline's default T5 length.)")
+    else:
+        body = PIPELINE_README.format(pipeline=index.get("_class_name", "DiffusionPipeline"), network=network,
+                                      scheduler=type(scheduler).__name__, shape=shape)
+    (folder / "README.md").write_text(readme_head.rstrip() + "\n\n" + body)

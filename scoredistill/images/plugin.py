@@ -76,7 +76,11 @@ def _component_class(spec) -> Optional[type]:
 @hookimpl
 def scoredistill_configure(config) -> None:
     """Refuse teacher / network combinations that cannot work, before a teacher is trained or loaded: what a teacher
-    family can do is read from its component class (its ``data_space``, whether it makes trainable copies)."""
+    family can do is read from its component class (its ``data_space``, whether it makes trainable copies); and an
+    ``eval.clip_model`` that is not a model folder."""
+    from scoredistill.images.clip_score import check_clip_folder
+
+    check_clip_folder(getattr(config.eval, "clip_model", None))
     teacher_cls = _component_class(config.teacher)
     if teacher_cls is None:
         return  # checked where the networks are built
@@ -110,8 +114,9 @@ def scoredistill_evaluate(run, samples):
         return None
     from scoredistill.images.metrics import evaluate_images, option
 
+    clip_model = option("clip_model", getattr(run.config.eval, "clip_model", None))
     return evaluate_images(teacher, samples, seed=option("seed", run.config.eval.seed), inception=option("inception", "auto"),
-                           log=_log)
+                           clip_model=clip_model, log=_log)
 
 
 @hookimpl
@@ -129,11 +134,14 @@ def scoredistill_report(run, samples, metrics):
     # a run's own pictures, or (scoredistill eval) PREFIX_samples.png next to its metrics file: never the run's
     folder, prefix = Path(option("pictures_dir", run.dir)), option("pictures_prefix", "")
 
-    def fid(m: dict) -> str:
-        return f", FID {m['fid']:.3g}" if isinstance(m.get("fid"), (int, float)) else ""
+    def scores(m: dict) -> str:
+        named = [(name, m.get(key)) for name, key in (("FID", "fid"), ("Inception FID", "fid_inception"), ("CLIP", "clip_score"))]
+        shown = [f"{name} {v:.3g}" for name, v in named if isinstance(v, (int, float))]
+        return f": {', '.join(shown)}" if shown else ""
 
     title = run.config.method + (f" (ablate {', '.join(run.config.ablations)})" if run.config.ablations else "")
-    panels = [(f"teacher: Heun, {teacher.sampler_nfe} NFE{fid(tm)}", t_samples), (f"generator: 1 NFE{fid(metrics)}", samples)]
+    steps = getattr(run.models.generator, "sampling_steps", 1)
+    panels = [(f"teacher (Heun, {teacher.sampler_nfe} NFE){scores(tm)}", t_samples), (f"generator ({steps} NFE){scores(metrics)}", samples)]
     if teacher.data_space == "latents":  # decoded by the pipeline's VAE: images, not latents
         panels = [(label, decoded(teacher, x)) for label, x in panels]
     prompts = getattr(teacher, "prompts", None)
@@ -184,6 +192,8 @@ def scoredistill_add_commands(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--inception", choices=("auto", "require", "off"), default="auto",
                    help="Inception FID: where its weights are cached (auto), or fail without them (require), or never")
     e.add_argument("--out", type=Path, default=None, help=f"metrics file (default: RUN_DIR/{EVAL_FILE})")
+    e.add_argument("--clip", default=None, metavar="FOLDER",
+                   help="a local CLIP model folder for the CLIP score of a text-to-image run (default: the run's eval.clip_model)")
 
 
 def _teacher_config(hooks, preset: str, overrides: list[str]) -> DigitsTeacher.Config:
@@ -252,8 +262,12 @@ def cmd_eval(args, hooks) -> int:
     n = args.num or run.config.eval.num_samples
     seed = run.config.eval.seed if args.seed is None else args.seed
     out = args.out or Path(args.run_dir) / EVAL_FILE
+    from scoredistill.images.clip_score import check_clip_folder
+
+    check_clip_folder(args.clip)
+    clip = {"clip_model": args.clip} if args.clip is not None else {}
     token = EVAL_OPTIONS.set({"inception": args.inception, "seed": seed, "pictures_dir": out.parent,
-                              "pictures_prefix": f"{out.stem}_"})
+                              "pictures_prefix": f"{out.stem}_", **clip})
     try:
         samples = generate(run, n, seed)
         metrics = {"run": str(args.run_dir), "num_samples": n, "seed": seed, **hooks.evaluate(run=run, samples=samples)}
@@ -263,7 +277,7 @@ def cmd_eval(args, hooks) -> int:
     finally:
         EVAL_OPTIONS.reset(token)
     tm = metrics.get("teacher") or {}
-    keys = ("fid", "fid_train", "fid_inception", "class_coverage", "classes_present")
+    keys = ("fid", "fid_train", "fid_inception", "clip_score", "class_coverage", "classes_present")
     line = "  ".join(f"{k}={metrics[k]}" for k in keys if k in metrics and metrics[k] is not None)
     tline = "  ".join(f"{k}={tm[k]}" for k in keys if k in tm and tm[k] is not None)
     print(f"evaluated {args.run_dir} -> {out} (pictures: {out.stem}_*.png)\n  generator (1 NFE): {line}\n"

@@ -100,6 +100,8 @@ class PromptTable:
     ``table[index]`` gathers rows ``index`` (a long tensor) onto ``index.device``; row ``P`` is the null prompt's.
 
     Only the gathered rows are read (the shards are memory-mapped); a copy of a module holding the table shares it.
+    ``extra`` (:meth:`extend`): another table whose prompts follow the null row, at ``P + 1 + j`` (the captions of
+    real images, for a conditional discriminator); ``len`` and ``shape`` count the run's own prompts only.
     """
 
     def __init__(self, folder: Path, key: str = "embeddings") -> None:
@@ -112,6 +114,13 @@ class PromptTable:
 
         self.null = load_file(str(self.folder / NULL_FILE))[key]
         self._files: dict[int, object] = {}
+        self.extra: Optional["PromptTable"] = None
+
+    def extend(self, extra: "PromptTable") -> None:
+        """Make ``extra``'s prompts rows ``P + 1 ..`` of this table (its null row is not used)."""
+        if extra.row_shape != self.row_shape:
+            raise ValueError(f"extra rows of shape {extra.row_shape} for a table of {self.row_shape}")
+        self.extra = extra
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -132,16 +141,21 @@ class PromptTable:
         flat = torch.as_tensor(index).reshape(-1).tolist()
         rows = []
         for i in flat:
-            if not 0 <= i <= self.count:
-                raise IndexError(f"prompt index {i} outside 0..{self.count}")
-            if i == self.count:
-                rows.append(self.null)
-                continue
-            k, r = divmod(i, self.shard_size)
-            rows.append(self._shard(k).get_slice(self.key)[r : r + 1][0])
+            rows.append(self._row(i))
         out = torch.stack(rows) if rows else self.null.new_zeros((0, *self.row_shape))
         device = index.device if isinstance(index, Tensor) else torch.device("cpu")
         return out.reshape(*torch.as_tensor(index).shape, *self.row_shape).to(device)
+
+    def _row(self, i: int) -> Tensor:
+        extra = self.extra.count if self.extra is not None else 0
+        if not 0 <= i <= self.count + extra:
+            raise IndexError(f"prompt index {i} outside 0..{self.count + extra}")
+        if i == self.count:
+            return self.null
+        if i > self.count:
+            return self.extra._row(i - self.count - 1)
+        k, r = divmod(i, self.shard_size)
+        return self._shard(k).get_slice(self.key)[r : r + 1][0]
 
     def __deepcopy__(self, memo) -> "PromptTable":
         return self  # read-only: copies of a denoiser share it
@@ -169,7 +183,7 @@ def _shard_complete(path: Path, rows: int) -> bool:
 def prompt_tables(folder: Path, prompts: list[str], negative: str, fingerprint: str,
                   encoder: Callable[[], Callable[[list[str]], dict[str, Tensor]]], *, batch_size: int = 64,
                   shard_size: int = 1024, progress: bool = True, log: Callable[[str], None] = lambda m: None,
-                  zero_null: bool = False) -> dict[str, PromptTable]:
+                  zero_null: bool = False, what: str = "prompt embeddings") -> dict[str, PromptTable]:
     """The cached embeddings of ``prompts`` (``{"embeddings": table, "pooled": table, ...}`` as the encoder gives them).
 
     ``folder`` is the cache root; the cache lives in a subfolder named by ``fingerprint`` (the encoders'), the
@@ -190,11 +204,11 @@ def prompt_tables(folder: Path, prompts: list[str], negative: str, fingerprint: 
         save_tensors(cache / NULL_FILE, null)
         done = len(prompts) - sum(min(shard_size, len(prompts) - k * shard_size) for k in todo)
         if done:
-            log(f"prompt embeddings: {done} of {len(prompts)} already cached in {cache}")
+            log(f"{what}: {done} of {len(prompts)} already cached in {cache}")
         from scoredistill.progress import progress as make_progress
 
         with make_progress(progress) as bar:
-            task = bar.add_task("prompt embeddings", total=len(prompts), completed=done)
+            task = bar.add_task(what, total=len(prompts), completed=done)
             for k in todo:
                 part = prompts[k * shard_size : (k + 1) * shard_size]
                 out: dict[str, list[Tensor]] = {}
@@ -217,14 +231,35 @@ def attach_prompt_cache(den, config, dtype: torch.dtype, ctx=None) -> list[str]:
     """Read ``teacher.prompts`` (``config``: the ``diffusers`` teacher's), embed them with the pipeline's own encoders in
     ``dtype`` into the prompt cache (once), and condition the denoiser ``den`` on the cache's lazy tables. Returns the
     prompts."""
-    from scoredistill.images.denoisers import resolve_model_folder
-    from scoredistill.images.text_encoders import prompt_encoder
-    from scoredistill.roles import default_cache_dir
-
     if den.conditioning != "text":
         raise UserError(f"--prompts (teacher.prompts) was given but the teacher {type(den.unet).__name__} is not text-conditional "
                         f"(conditioning: {den.conditioning}); drop --prompts")
     prompts = read_prompts(config.prompts, config.prompt_column)
+    tables = _cached_tables(prompts, config, dtype, ctx)
+    den.set_prompt_table(tables["embeddings"], tables.get("pooled"))
+    return prompts
+
+
+def attach_caption_cache(den, config, dtype: torch.dtype, captions: list[str], ctx=None) -> int:
+    """Embed the captions of real images like prompts (the pipeline's own encoders, the same cache) and append them to
+    ``den``'s prompt tables after the null row (:meth:`PromptTable.extend`): caption ``j`` is condition ``P + 1 + j``.
+    Returns ``P + 1``. Needs the prompt cache (``--prompts``), whose tables the fake score's copies share."""
+    if not isinstance(den.prompt_embeddings, PromptTable):
+        raise UserError("captioned real images (teacher.data) are embedded into the prompt cache: give the prompts with "
+                        "--prompts FILE (teacher.prompts), not teacher.embeddings")
+    tables = _cached_tables(captions, config, dtype, ctx, what="caption embeddings")
+    den.prompt_embeddings.extend(tables["embeddings"])
+    if isinstance(den.prompt_pooled, PromptTable) and "pooled" in tables:
+        den.prompt_pooled.extend(tables["pooled"])
+    return den.prompt_embeddings.count + 1
+
+
+def _cached_tables(texts: list[str], config, dtype: torch.dtype, ctx, what: str = "prompt embeddings") -> dict[str, PromptTable]:
+    """:func:`prompt_tables` of ``texts`` with the encoders of the pipeline ``config.path`` (one-line errors without them)."""
+    from scoredistill.images.denoisers import resolve_model_folder
+    from scoredistill.images.text_encoders import prompt_encoder
+    from scoredistill.roles import default_cache_dir
+
     folder = resolve_model_folder(config.path)
     encoder = prompt_encoder(folder)
     if encoder is None:
@@ -237,11 +272,9 @@ def attach_prompt_cache(den, config, dtype: torch.dtype, ctx=None) -> list[str]:
     device = ctx.device if ctx is not None else torch.device("cpu")
     cache_root = (ctx.cache_dir if ctx is not None else default_cache_dir()) / "prompt_embeddings"
     progress = ctx.extra.get("progress", True) if ctx is not None else True
-    tables = prompt_tables(cache_root, prompts, config.negative_prompt, encoder.fingerprint() + config.dtype,
-                           lambda: encoder.load(dtype, device), batch_size=config.text_batch_size,
-                           progress=progress, log=print_log, zero_null=encoder.zero_null(config.negative_prompt))
-    den.set_prompt_table(tables["embeddings"], tables.get("pooled"))
-    return prompts
+    return prompt_tables(cache_root, texts, config.negative_prompt, encoder.fingerprint() + config.dtype,
+                         lambda: encoder.load(dtype, device), batch_size=config.text_batch_size, progress=progress,
+                         log=print_log, zero_null=encoder.zero_null(config.negative_prompt), what=what)
 
 
 def print_log(msg: str) -> None:

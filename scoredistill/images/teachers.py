@@ -22,10 +22,10 @@ from torch import Tensor, nn
 
 from scoredistill.errors import UserError
 from scoredistill.registry import component
-from scoredistill.roles import BuildContext, Teacher, stable_hash
+from scoredistill.roles import BuildContext, Teacher, default_cache_dir, stable_hash
 from scoredistill.sampling import heun_sample, karras_sigmas
 
-from scoredistill.images.data import DIGITS_SHAPE, digits, load_image_folder
+from scoredistill.images.data import DIGITS_SHAPE, digits
 from scoredistill.images.denoisers import LoadedTeacher, NetworkDenoiser, flow_sigmas, load_denoiser, weights_digest
 from scoredistill.images.training import DigitsTeacherSettings, ENV_DIGITS_TEACHER, is_complete, teacher_folder, train_digits_teacher
 
@@ -49,7 +49,9 @@ class ImageTeacher(Teacher):
     #: the prompt strings of a run given --prompts (prompt index k is prompts[k]); None otherwise
     prompts: Optional[list[str]] = None
 
-    def __init__(self, loaded: LoadedTeacher, data: Optional[str] = None, sampler_steps: int = 18, source: str = "") -> None:
+    def __init__(self, loaded: LoadedTeacher, data: Optional[str] = None, sampler_steps: int = 18, source: str = "",
+                 resize: bool = False, crop: str = "center", caption_column: Optional[str] = None,
+                 cache_dir: Optional[Path] = None, progress: bool = True) -> None:
         super().__init__()
         self.denoiser: NetworkDenoiser = loaded.denoiser
         self.register_buffer("sigmas", loaded.sigmas.float())
@@ -72,6 +74,10 @@ class ImageTeacher(Teacher):
         self.sampler_steps = sampler_steps
         self.data = data
         self.source = source
+        self.resize, self.crop, self.cache_dir, self.progress = resize, crop, cache_dir, progress
+        #: a folder's image files and their captions (``None``: no captions); see :mod:`scoredistill.images.folders`
+        self.data_files: Optional[list[Path]] = None
+        self.data_captions: Optional[list[str]] = None
         train = (loaded.metadata or {}).get("training_sigmas") or {}
         self.p_mean, self.p_std = float(train.get("p_mean", EDM_P_MEAN)), float(train.get("p_std", EDM_P_STD))
         prompts = [t if isinstance(t, Tensor) else t.fingerprint  # a tensor table by its bytes, a cached one by its key
@@ -81,8 +87,13 @@ class ImageTeacher(Teacher):
         self._digest = stable_hash(loaded.kind, loaded.unet_config, loaded.scheduler_config, self.denoiser.prediction_type,
                                    self.denoiser.guidance_scale, self.denoiser.null_class, weights_digest(self.denoiser.unet), *prompts)
         self.register_buffer("class_labels", _class_labels(self.denoiser), persistent=False)
-        if data is not None:
-            self.real_data("train")  # fail now on a missing folder or a wrong image shape
+        if data == "digits":
+            self.real_data("train")  # fail now on a digits teacher of another shape
+        elif data is not None:  # fail now on a missing folder, no images, missing captions, an unreadable or wrong-sized image
+            from scoredistill.images.folders import check_images, scan_image_folder
+
+            self.data_files, self.data_captions = scan_image_folder(data, caption_column)
+            check_images(self.data_files, self.image_shape, resize, cache_dir or default_cache_dir())
 
     @staticmethod
     def data_shape_is_latent(loaded: LoadedTeacher) -> bool:
@@ -204,21 +215,50 @@ class ImageTeacher(Teacher):
 
     # -- data
     def real_data(self, split: str = "train") -> Tensor:
-        """The real images the teacher models (``digits``: the fixed ``train`` / ``test`` split)."""
+        """The real images the teacher models (``digits``: the fixed ``train`` / ``test`` split; a folder: all its images,
+        sized by ``teacher.resize`` / ``teacher.crop``, for every split), in [-1, 1]."""
         if self.data is None:
-            raise UserError("the teacher has no real data: set teacher.data to 'digits' or a folder of images")
-        return _real_data(self.data, split, self.image_shape)
+            raise UserError("the teacher has no real data: set teacher.data (--data) to 'digits' or a folder of images")
+        if self.data == "digits":
+            return _real_data(self.data, split, self.image_shape)
+        from scoredistill.images.folders import folder_digest, load_images
+
+        key = (self.data, tuple(self.image_shape), self.resize, self.crop, stable_hash(folder_digest(self.data_files)))
+        if key not in _DATA_CACHE:
+            _DATA_CACHE[key] = load_images(self.data_files, self.image_shape, self.resize, self.crop)
+        return _DATA_CACHE[key]
+
+    def _real_train(self) -> Tensor:
+        """The real training data in the teacher's data space, on its device: a latent teacher's folder encoded by its
+        VAE once (cached on disk, :func:`scoredistill.images.folders.cached_latents`), else :meth:`encode` of the images."""
+        device = self.sigmas.device
+        cached = self.__dict__.get("_real_train_cache")  # drawn on the device: no host copy per step (a CUDA graph can replay it)
+        if cached is None or cached.device != device:
+            if self.data_space == "latents" and self.data_files is not None:
+                from scoredistill.images.folders import cached_latents
+                from scoredistill.images.text_encoders import file_fingerprint
+
+                vae_key = file_fingerprint(self.vae_dir) + str(self.denoiser.unet_dtype())
+                x = cached_latents(self.data_files, self.image_shape, self.resize, self.crop, vae_key,
+                                   lambda images: self.encode(images.to(device)), self.cache_dir or default_cache_dir(),
+                                   progress=self.progress, log=lambda m: print(f"scoredistill: {m}", file=sys.stderr))
+            else:
+                x = self.encode(self.real_data("train").to(device))
+            cached = self.__dict__["_real_train_cache"] = x.to(device)
+        return cached
 
     def real_samples(self, n: int) -> Tensor:
-        """``n`` images drawn with replacement from the real training data."""
-        device = self.sigmas.device
-        cached = self.__dict__.get("_real_train")  # drawn on the device: no host copy per step (a CUDA graph can replay it)
-        if cached is None or cached.device != device:
-            cached = self.__dict__["_real_train"] = self.encode(self.real_data("train").to(device))
-        return cached[torch.randint(0, len(cached), (n,), device=device)]
+        """``n`` samples of the real training data (latents for a latent teacher), drawn with replacement."""
+        cached = self._real_train()
+        return cached[torch.randint(0, len(cached), (n,), device=cached.device)]
 
     def real_labelled_samples(self, n: int) -> tuple[Tensor, Tensor]:
-        """``n`` real images with their class labels, drawn with replacement (``teacher.data=digits``: the digit)."""
+        """``n`` real samples with their conditions, drawn with replacement: ``teacher.data=digits``: images and their
+        digit; a text teacher's captioned folder: latents and their captions' condition indices (:meth:`caption_conditions`)."""
+        if self.conditioning == "text":
+            x, first = self._real_train(), self.caption_conditions()
+            pick = torch.randint(0, len(x), (n,), device=x.device)
+            return x[pick], pick + first
         if self.data != "digits":
             raise UserError(f"a class-conditional dmd2 run needs real images with class labels: teacher.data=digits has them, "
                             f"a folder of images ('{self.data}') has none")
@@ -229,6 +269,35 @@ class ImageTeacher(Teacher):
             cached = self.__dict__["_real_labelled"] = (x.to(device), y.long().to(device))
         pick = torch.randint(0, len(cached[0]), (n,), device=device)
         return cached[0][pick], cached[1][pick]
+
+    #: ``embed_captions(captions) -> index of the first caption's condition`` (a text pipeline teacher sets it)
+    embed_captions = None
+
+    def caption_conditions(self) -> int:
+        """The condition index of the folder's first caption (caption ``j`` is ``first + j``): the captions are embedded
+        by the pipeline's encoders into the prompt cache once, on first use, and appended to the prompt table."""
+        first = self.__dict__.get("_caption_first")
+        if first is None:
+            if self.data is None:
+                raise UserError("a text-conditional dmd2 run needs real images with captions: give --data FOLDER (teacher.data)")
+            if self.data_captions is None:
+                raise UserError(f"teacher.data '{self.data}' has no captions, and a text-conditional dmd2 run needs them: add a "
+                                "metadata.jsonl / metadata.csv (file_name, text) or a NAME.txt caption beside each image")
+            if self.embed_captions is None:
+                raise UserError(f"teacher '{type(self).__name__}' cannot embed captions")
+            first = self.__dict__["_caption_first"] = int(self.embed_captions(self.data_captions))
+        return first
+
+    def condition_vectors(self, cond: Tensor) -> Tensor:
+        """One vector per condition (prompt or caption index) for a conditional discriminator: the pipeline's pooled
+        text embedding where its network takes one (SDXL, SD3, Flux), else the mean of the prompt's token embeddings
+        (SD 1.x / 2.x, whose UNet takes no pooled embedding); float32, on ``cond``'s device."""
+        den = self.denoiser
+        if self.conditioning != "text" or den.prompt_embeddings is None:
+            return super().condition_vectors(cond)
+        if den.prompt_pooled is not None:
+            return den.prompt_pooled[cond].float().to(cond.device)
+        return den.prompt_embeddings[cond].float().mean(dim=1).to(cond.device)
 
     # -- sampling
     def sampling_sigmas(self, steps: int, rho: float = 7.0) -> Tensor:
@@ -326,13 +395,21 @@ class DiffusersTeacher(ImageTeacher):
         sample_size: Optional[int] = Field(None, gt=0, description="height = width of the images or latents, where the "
                                            "model config has no sample_size (Flux)")
         flux_guidance: float = Field(3.5, description="the guidance embedding's value for a guidance-distilled Flux model")
-        data: Optional[str] = Field(None, description="real images: 'digits' or a folder (for FID and real-data losses)")
+        data: Optional[str] = Field(None, description="real images (--data): 'digits' or a folder, with captions for a text "
+                                    "teacher (metadata.jsonl / metadata.csv: file_name, text; or NAME.txt beside each image): "
+                                    "the FID reference and the real data of dmd2's discriminator")
         sampler_steps: int = Field(18, ge=2, description="steps of the teacher's multi-step Heun sampler (2*steps-1 NFE)")
         sdxl_time_ids: Optional[list[float]] = Field(None, min_length=6, max_length=6, description="an SDXL UNet's size "
                                                     "conditions (original H, W, crop top, left, target H, W) in pixels; "
                                                     "default the image's own size, uncropped")
         vae_tiling: bool = Field(False, description="decode latents tile by tile (the VAE's enable_tiling): less memory for "
                                  "large images")
+        resize: bool = Field(False, description="teacher.data images of another size than the teacher's: scale the shorter "
+                             "side to it (bicubic) and crop (teacher.crop); false: such images are refused")
+        crop: Literal["center", "random"] = Field("center", description="with teacher.resize: crop the centre, or at a random "
+                                                  "offset (one per image, from a fixed seed: the cached latents stay valid)")
+        caption_column: Optional[str] = Field(None, description="the caption field of a teacher.data folder's metadata.jsonl / "
+                                              "metadata.csv (default 'text', else 'caption')")
 
     def __init__(self, config: "DiffusersTeacher.Config", ctx: Optional[BuildContext] = None) -> None:
         if not config.path:
@@ -364,8 +441,16 @@ class DiffusersTeacher(ImageTeacher):
         if den.class_conditional and den.null_class is None:
             raise UserError(f"the teacher {name} is class-conditional ({den.backbone.num_classes} labels): set "
                             "teacher.null_class to the label it was trained with for 'no class'")
-        super().__init__(loaded, config.data, config.sampler_steps, source=config.path)
+        super().__init__(loaded, config.data, config.sampler_steps, source=config.path, resize=config.resize, crop=config.crop,
+                         caption_column=config.caption_column, cache_dir=ctx.cache_dir if ctx is not None else None,
+                         progress=ctx.extra.get("progress", True) if ctx is not None else True)
         self.prompts, self.vae_tiling = prompts, config.vae_tiling
+        self.max_sequence_length = config.max_sequence_length  # T5's token count of the prompts (SD3, Flux)
+        if self.conditioning == "text":  # captions join the prompt cache (a table of teacher.embeddings is refused there)
+            from scoredistill.images.prompts import attach_caption_cache
+
+            dtype = TEACHER_DTYPES[config.dtype]
+            self.embed_captions = lambda captions: attach_caption_cache(den, config, dtype, captions, ctx)
 
 
 @component("diffusers_unet", role="teacher", paper="diffusers UNets and DiT / SD3 / Flux transformers in the sigma form (Karras et al. 2022, Sec. 2)")

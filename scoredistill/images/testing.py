@@ -189,6 +189,29 @@ def tiny_flow_pipeline_folder(folder: Path, kind: str = "sd3", *, t5: bool = Tru
     return folder
 
 
+def tiny_clip_model_folder(folder: Path, image_size: int = 16, max_length: int = 16) -> Path:
+    """A tiny random-weight ``CLIPModel`` (text and vision towers, projections) with its ``CLIPProcessor`` (the hand-made
+    BPE tokenizer, a ``CLIPImageProcessor`` at ``image_size``), saved into ``folder``: what ``eval.clip_model`` names."""
+    import shutil
+
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer, CLIPVisionConfig
+
+    folder = Path(folder)
+    torch.manual_seed(0)
+    tok_dir = clip_tokenizer_files(folder / ".tokenizer_files")
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=max_length)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=image_size, patch_size=4)
+    config = CLIPConfig(text_config=tiny_clip_config(tokenizer, 16, max_length, layers=1).to_dict(),
+                        vision_config=vision.to_dict(), projection_dim=8)
+    CLIPModel(config).eval().save_pretrained(str(folder))
+    images = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(str(folder))
+    shutil.rmtree(tok_dir)
+    return folder
+
+
 def run_on_tiny_digits(method: str, teacher_folder: Path, out: Path, monkeypatch, extra=()) -> list[dict]:
     """``scoredistill run METHOD --preset digits`` for two steps on the tiny cached teacher ``teacher_folder`` and a tiny
     FID classifier (``monkeypatch``: pytest's); checks that it succeeded with finite losses, and returns its history."""
