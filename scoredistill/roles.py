@@ -169,19 +169,17 @@ class Teacher(Role):
         raise UserError(f"teacher '{type(self).__name__}' provides no labelled real data; a class-conditional real-data term needs it")
 
     def condition_vectors(self, cond: Tensor) -> Tensor:
-        """One float vector ``(N, E)`` per condition (a text teacher: its pooled prompt embedding), for a discriminator
-        that conditions on what ``cond`` means rather than on a label (DMD2's GAN head on a text-to-image teacher)."""
+        """One vector ``(N, E)`` per condition (a text teacher's pooled prompt embedding): DMD2's GAN head on text."""
         raise UserError(f"teacher '{type(self).__name__}' has no condition embeddings (its conditioning: {self.conditioning})")
 
     def sample_conditions(self, n: int, generator: Optional[torch.Generator] = None) -> Optional[Tensor]:
         """Conditions ``c`` for ``n`` samples, distributed as a run distils them; ``None``: unconditional.
 
         The trainer draws them for every generator and fake-score batch and passes the same
-        ``c`` to ``G(z, c)``, ``D_real`` and ``D_fake`` (a class-conditional DMD, as the
-        paper's ImageNet runs). A conditional teacher overrides this (the image teachers
-        draw class labels uniformly). Without ``generator`` the draw happens on the
-        teacher's device (the training step: no host copy); with a CPU ``generator`` it is
-        seeded (pairs, evaluation) and moved there.
+        ``c`` to ``G(z, c)``, ``D_real`` and ``D_fake`` (a class-conditional DMD, as the paper's
+        ImageNet runs). A conditional teacher overrides this (image teachers draw class labels
+        uniformly). Without ``generator`` the draw happens on the teacher's device (the training
+        step: no host copy); with a CPU ``generator`` it is seeded (pairs, evaluation) and moved.
         """
         return None
 
