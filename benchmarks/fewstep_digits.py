@@ -32,6 +32,8 @@ from scoredistill.roles import seeded_conditions
 from scoredistill.run_dir import load_run
 from scoredistill.samples import generate
 
+from fewstep_speed import euler_sample  # this folder's sampling-speed script
+
 #: each method's budget on top of the digits preset (``--set`` adds to every run): about half the preset's 1,180 DMD
 #: steps for CD and sCM, and for DMD2's chain (five fake-score updates per step, on backward-simulated batches) 300
 METHODS = {
@@ -61,16 +63,6 @@ def timed(fn: Callable[[], torch.Tensor], n: int) -> tuple[torch.Tensor, float]:
     t0 = time.perf_counter()
     x = fn()
     return x, n / (time.perf_counter() - t0)
-
-
-@torch.no_grad()
-def euler(teacher, z: torch.Tensor, steps: int, cond) -> torch.Tensor:
-    """The teacher's probability-flow ODE by Euler on its own grid: ``steps`` network evaluations."""
-    sigmas = teacher.sampling_sigmas(steps).to(z.dtype)
-    x = z * sigmas[0]
-    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        x = x + (s_next - s) * (x - teacher(x, s.expand(len(x)), cond)) / s
-    return x
 
 
 def main(argv=None) -> int:
@@ -105,7 +97,7 @@ def main(argv=None) -> int:
     z = torch.randn((n, *teacher.data_shape), generator=gen)
     cond = seeded_conditions(teacher, n, config.eval.seed)
     for k in STEPS:
-        x, rate = timed(lambda: euler(teacher, z, k, cond), n)
+        x, rate = timed(lambda: euler_sample(teacher, z, k, cond), n)
         m = evaluate_images(teacher, x, seed=config.eval.seed, inception="off")
         values.setdefault("teacher (Euler)", {})[k] = [{"fid": m["fid"], "class_coverage": m["class_coverage"], "images_per_s": rate}]
     x, rate = timed(lambda: teacher.sample(z, cond=cond), n)
