@@ -99,6 +99,7 @@ def _finish(run: Run, engine: Engine, build_seconds: float) -> Optional[RunResul
     config, g = run.config, run.trained["generator"]
     online = engine.model_state(g.wrapper)
     fake = engine.model_state(run.trained["fake_score"].wrapper) if "fake_score" in run.trained else None
+    engine.unshard_for_good(run.models.teacher)  # FSDP: the evaluation runs the teacher on the main process alone
     with engine.full_parameters(g.wrapper):
         samples = generate(run, config.eval.num_samples, config.eval.seed) if engine.is_main else None
     if not engine.is_main:
