@@ -72,8 +72,8 @@ def units(net: nn.Module, min_params: Optional[int], cover: bool = False) -> lis
         if id(m) not in holds:
             inside = any([smallest(c) for c in m.children()])
             pick = m is not net and not inside and min_params is not None and sum(p.numel() for p in m.parameters()) >= min_params
-            if pick:
-                picked.append(m)
+            if pick:  # a container without a forward (ModuleList) cannot be a unit: its members with parameters are
+                picked.extend([m] if runs(m) else [c for c in m.children() if any(True for _ in c.parameters())])
             holds[id(m)] = inside or pick
         return holds[id(m)]
 
@@ -94,6 +94,11 @@ def units(net: nn.Module, min_params: Optional[int], cover: bool = False) -> lis
 
         leftovers(net)
     return picked
+
+
+def runs(module: nn.Module) -> bool:
+    """``module`` has a ``forward`` of its own (``fully_shard`` hooks it): not a bare container such as ``nn.ModuleList``."""
+    return type(module).forward is not nn.Module.forward
 
 
 def _shard(module: nn.Module, settings: Settings) -> None:

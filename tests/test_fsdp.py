@@ -52,6 +52,8 @@ def test_the_units_are_the_smallest_modules_of_min_params_and_the_teacher_is_cov
     assert covered == [net[1][0], net[1][2], net[0], net[2]]
     assert {id(p) for u in covered for p in u.parameters()} == {id(p) for p in net.parameters()}
     assert units(net, None, cover=True) == [net[0], net[1][0], net[1][2], net[2]]  # the layers
+    blocks = nn.Sequential(nn.ModuleList([nn.Linear(10, 10), nn.Linear(10, 10)]), nn.Linear(10, 10))
+    assert units(blocks, 200) == [blocks[0][0], blocks[0][1]]  # a ModuleList (no forward) is a unit by its members
 
 
 def test_fsdp2_with_units_gives_the_weights_of_ddp(fsdp_reference, tmp_path):
@@ -139,3 +141,18 @@ def test_the_teacher_is_sharded_and_the_mixed_precision_policy_applied(tmp_path)
     for r in (0, 1):  # reduce_dtype float32: the sharded gradients the optimiser steps on
         assert json.loads((tmp_path / f"step{r}.json").read_text())["grads"] == ["torch.float32"]
     assert (out / "metrics.json").is_file()  # the evaluation ran the (gathered) teacher on the main process
+
+
+def test_lora_with_fsdp_is_a_one_line_error_before_training(tmp_path):
+    folder = tiny_diffusers_teacher_folder(tmp_path / "teacher")
+    sets = ["teacher.component=diffusers_unet", f"teacher.path={folder}", "generator.component=unet_generator",
+            "fake_score.component=unet_denoiser", "train.batch_size=4", "train.lora.rank=2", "runtime.distributed=fsdp"]
+    out = tmp_path / "run"
+    proc = torchrun("run", "dmd", "--preset", "digits", "--ablate", "regression", "--out", str(out), "--quiet",
+                    *[a for s in sets for a in ("--set", s)])
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("scoredistill: error")]
+    assert lines and all("train.lora cannot be used with runtime.distributed=fsdp" in ln for ln in lines), proc.stderr[-2000:]
+    # (torchrun prints its own traceback when a process exits with an error; none comes from scoredistill's code)
+    assert not [ln for ln in proc.stderr.splitlines() if 'File "' in ln and "scoredistill" in ln], proc.stderr[-2000:]
+    assert not list(out.glob("checkpoint-*"))
