@@ -8,19 +8,26 @@ backward), and its gradients are reduce-scattered: each process ends with the me
 own shard, which its optimiser steps (Adam's moments are sharded the same way).
 
 * **Units** (:func:`units`): the smallest submodules holding at least ``runtime.fsdp_min_params``
-  parameters, none inside another, then the root. Each unit's memory peak is one unit gathered
-  at a time (plus the root's own leftovers); ``null`` makes the whole network one unit.
+  parameters, none inside another (a container without a ``forward``, ``nn.ModuleList``, by its
+  members). A process holds its shards plus about one gathered unit at a time; ``null``: none.
 * **Trained networks**: the units, then the :class:`~scoredistill.engine.Trainable` as the root (its
   forward runs a whole update, so the parameters outside every unit are gathered for it).
+  Another update reads a network outside its root's forward (the fake score inside the
+  generator's objective): :func:`gathered` holds all its units whole meanwhile.
 * **The frozen teacher** (``runtime.fsdp_shard_teacher``): it is called through its own methods
   (``forward``, ``features``, a sampler), never through one root, so every parameter belongs to a
-  unit that is its own root: the units above, and the highest submodules owning parameters left
-  outside them. Parameters registered on the teacher module itself stay whole. No gradient, no
-  optimiser.
+  unit that is its own root: the units above, and outside them each submodule owning parameters
+  itself (a layer), with its children. Parameters registered on the teacher module itself stay
+  whole. No gradient, no optimiser. The evaluation, on the main process alone, gets it whole
+  (:func:`gather_for_good`).
 * **Mixed precision**: ``MixedPrecisionPolicy(param_dtype, reduce_dtype=float32)`` with
   ``param_dtype`` from ``runtime.mixed_precision`` (bf16 or fp16, None for 'no'): the gathered
   weights are in that dtype, the sharded masters and the optimiser stay float32, gradients are
-  reduced in float32.
+  reduced in float32; the EMA averages the float32 shards, gathered (:func:`whole`).
+* **Checkpoints** (``Engine.model_state``, ``Engine.optimizer_state``): the full state, gathered by
+  ``torch.distributed.checkpoint.state_dict`` (``full_state_dict``) and written by the main process
+  into the run's one checkpoint file, as without FSDP; each process loads it back into its own
+  shards. A resume is bitwise, and the file fits any number of processes.
 """
 
 from __future__ import annotations
