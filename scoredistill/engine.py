@@ -206,10 +206,11 @@ class Engine:
         return module.net
 
     def full_parameters(self, wrapper: Optional[nn.Module]) -> contextlib.AbstractContextManager:
-        """Within: every process holds the network's full parameters (a no-op unless FSDP). Collective."""
+        """Within: the network may be called and read outside its wrapper (a no-op unless FSDP). Collective:
+        under FSDP every process must make the same calls (each unit gathers its weights as it runs)."""
         if not self.fsdp or wrapper is None:
             return contextlib.nullcontext()
-        return sharding.gathered(wrapper, self.runtime.fsdp_sharding == "full_shard")
+        return sharding.gathered(wrapper)
 
     def full_state(self, wrapper: nn.Module) -> dict[str, torch.Tensor]:
         """The network's full state dict on every process (its own key names). Collective under FSDP."""

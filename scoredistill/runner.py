@@ -103,8 +103,8 @@ def _finish(run: Run, engine: Engine, build_seconds: float) -> Optional[RunResul
     online = engine.model_state(g.wrapper)
     fake = engine.model_state(run.trained["fake_score"].wrapper) if "fake_score" in run.trained else None
     engine.unshard_for_good(run.models.teacher)  # FSDP: the evaluation runs the teacher on the main process alone
-    with engine.full_parameters(g.wrapper):
-        samples = generate(run, config.eval.num_samples, config.eval.seed) if engine.is_main else None
+    with engine.full_parameters(g.wrapper):  # FSDP: every process samples (the same collectives), the main one keeps them
+        samples = generate(run, config.eval.num_samples, config.eval.seed) if engine.is_main or engine.fsdp else None
     if not engine.is_main:
         return None  # no barrier: the other processes need not wait (and time out) while the main one evaluates
     save_outputs(run, online, fake)

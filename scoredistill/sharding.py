@@ -13,7 +13,8 @@ own shard, which its optimiser steps (Adam's moments are sharded the same way).
 * **Trained networks**: the units, then the :class:`~scoredistill.engine.Trainable` as the root (its
   forward runs a whole update, so the parameters outside every unit are gathered for it).
   Another update reads a network outside its root's forward (the fake score inside the
-  generator's objective): :func:`gathered` holds all its units whole meanwhile.
+  generator's objective): :func:`gathered` gathers the root's own parameters meanwhile, and
+  its units gather theirs as they run, one at a time, as in its own updates.
 * **The frozen teacher** (``runtime.fsdp_shard_teacher``): it is called through its own methods
   (``forward``, ``features``, a sampler), never through one root, so every parameter belongs to a
   unit that is its own root: the units above, and outside them each submodule owning parameters
@@ -141,19 +142,15 @@ def _fsdp_modules(module: nn.Module) -> list[nn.Module]:
 
 
 @contextlib.contextmanager
-def gathered(module: nn.Module, reshard_after_forward: bool) -> Iterator[None]:
-    """Within: every unit of ``module`` holds its full parameters (in the policy's dtype), also after a forward,
-    so that its network can be called and read outside its own root's forward. Collective."""
-    found = _fsdp_modules(module)
-    for m in found:
-        m.set_reshard_after_forward(False, recurse=False)
-        m.unshard()
+def gathered(root: nn.Module) -> Iterator[None]:
+    """Within: the network of ``root`` (a :class:`~scoredistill.engine.Trainable`) can be called and read outside
+    ``root``'s forward: its own parameters (those outside every unit) are gathered. Each unit still gathers its
+    own just before it runs and frees them after, so every process must make the same calls. Collective."""
+    root.unshard()  # (not recursive: the root's own parameter group)
     try:
         yield
     finally:
-        for m in found:
-            m.set_reshard_after_forward(reshard_after_forward, recurse=False)
-            m.reshard()
+        root.reshard()
 
 
 def gather_for_good(module: nn.Module) -> None:

@@ -80,7 +80,7 @@ def generator_step(run: Run) -> tuple[Tensor, Optional[Tensor], dict[str, Tensor
         return total, terms, (batch.x.detach(), cond)
 
     g, f = run.trained["generator"], run.trained.get("fake_score")
-    # D_fake is only read here (a GAN term back-propagates through it to x, not into its weights); FSDP: its full weights
+    # D_fake is only read here (a GAN term back-propagates through it to x, not into its weights); FSDP: read outside its wrapper
     freeze = any(term.differentiates_fake_score for term in run.losses.values())
     # (frozen first: FSDP gathers the weights with their requires_grad as it is then)
     with (frozen(models.fake_score) if freeze else contextlib.nullcontext()), run.engine.full_parameters(f.wrapper if f else None):
@@ -183,8 +183,11 @@ def _debug_hashes(run: Run) -> dict[str, str]:
 @torch.no_grad()
 def _periodic_samples(run: Run) -> Optional[Tensor]:
     cfg = run.config.train
-    with run.engine.full_parameters(run.trained["generator"].wrapper):
-        return generate(run, cfg.sample_count, run.config.eval.seed) if run.is_main else None
+    if not (run.is_main or run.engine.fsdp):
+        return None
+    with run.engine.full_parameters(run.trained["generator"].wrapper):  # FSDP: every process samples, the main one keeps them
+        samples = generate(run, cfg.sample_count, run.config.eval.seed)
+    return samples if run.is_main else None
 
 
 def train(run: Run, resume: Optional[ckpt.Checkpoint] = None) -> None:

@@ -21,7 +21,8 @@ from scoredistill.sharding import units
 
 TOY = ["--preset", "toy2d", "--set", "train.steps=6", "--set", "pairs.num_pairs=200", "--set", "eval.num_samples=200",
        "--set", "train.batch_size=32", "--set", "train.fake_score_warmup_steps=2", "--set", "train.log_every=1",
-       "--set", "train.sample_every=null", "--set", "train.ema_decay=0.9", "--set", "runtime.fsdp_min_params=5000", "--quiet"]
+       "--set", "train.sample_every=3", "--set", "train.sample_count=50", "--set", "train.ema_decay=0.9",
+       "--set", "runtime.fsdp_min_params=5000", "--quiet"]
 OUTPUTS = ("generator.safetensors", "generator_online.safetensors", "fake_score.safetensors")
 
 
@@ -85,26 +86,37 @@ PROBE = '''
 """A plugin that records, on every rank, what FSDP made of the run (tests/test_fsdp.py)."""
 import json, os
 import torch
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from scoredistill.hookspecs import hookimpl
 from scoredistill.sharding import local_numel
 
 OUT = os.environ["FSDP_PROBE_DIR"]
+SEEN = {"unit_in_forward": set(), "teacher_unit_in_forward": set()}
 
 
 def dtypes(params):
     return sorted({str(p.dtype) for p in params})
 
 
+def watch(module, key):  # runs after FSDP's own pre-hook (registered first): the unit's weights as its forward sees them
+    module.register_forward_pre_hook(lambda m, args: SEEN[key].update(dtypes(m.parameters(recurse=False))))
+
+
 @hookimpl
 def scoredistill_train_start(run):
     engine, teacher = run.engine, run.models.teacher
     g = run.trained["generator"]
-    with engine.full_parameters(g.wrapper):
-        gathered = dtypes(run.models.generator.parameters())
+    units = [m for m in run.models.generator.modules() if isinstance(m, FSDPModule)]
+    watch(next(m for m in units if any(True for _ in m.parameters(recurse=False))), "unit_in_forward")
+    watch(next(m for m in teacher.modules() if isinstance(m, FSDPModule) and any(True for _ in m.parameters(recurse=False))),
+          "teacher_unit_in_forward")
+    with engine.full_parameters(g.wrapper):  # the root's own parameters, gathered
+        root_own = dtypes(p for p in run.models.generator.parameters() if not isinstance(p, DTensor))
     record = {"rank": engine.rank, "teacher_total": sum(p.numel() for p in teacher.parameters()),
               "teacher_local": local_numel(teacher), "generator_total": sum(p.numel() for p in g.params),
               "generator_local": local_numel(run.models.generator), "generator_shards": dtypes(g.params),
-              "generator_gathered": gathered, "teacher_shards": dtypes(teacher.parameters())}
+              "root_gathered": root_own, "teacher_shards": dtypes(teacher.parameters()), "units": len(units)}
     with open(os.path.join(OUT, f"start{engine.rank}.json"), "w") as f:
         json.dump(record, f)
 
@@ -114,7 +126,8 @@ def scoredistill_train_step_end(run, step, logs):
     if step == 1:
         g = run.trained["generator"]
         with open(os.path.join(OUT, f"step{run.engine.rank}.json"), "w") as f:
-            json.dump({"grads": dtypes(p.grad for p in g.params if p.grad is not None)}, f)
+            json.dump({"grads": dtypes(p.grad for p in g.params if p.grad is not None),
+                       **{k: sorted(v) for k, v in SEEN.items()}}, f)
 '''
 
 
@@ -136,10 +149,12 @@ def test_the_teacher_is_sharded_and_the_mixed_precision_policy_applied(tmp_path)
         assert 0.48 * r["teacher_total"] <= r["teacher_local"] <= 0.56 * r["teacher_total"], r
         assert 0.48 * r["generator_total"] <= r["generator_local"] <= 0.56 * r["generator_total"], r
         assert r["teacher_shards"] == r["generator_shards"] == ["torch.float32"]  # the masters stay float32
-        assert r["generator_gathered"] == ["torch.bfloat16"]  # param_dtype: the run's bf16
+        assert r["root_gathered"] == ["torch.bfloat16"] and r["units"] > 1  # param_dtype: the run's bf16
     assert start[0]["teacher_local"] + start[1]["teacher_local"] >= start[0]["teacher_total"]
-    for r in (0, 1):  # reduce_dtype float32: the sharded gradients the optimiser steps on
-        assert json.loads((tmp_path / f"step{r}.json").read_text())["grads"] == ["torch.float32"]
+    for r in (0, 1):
+        step = json.loads((tmp_path / f"step{r}.json").read_text())
+        assert step["unit_in_forward"] == step["teacher_unit_in_forward"] == ["torch.bfloat16"]  # gathered in bf16
+        assert step["grads"] == ["torch.float32"]  # reduce_dtype float32: the sharded gradients the optimiser steps on
     assert (out / "metrics.json").is_file()  # the evaluation ran the (gathered) teacher on the main process
 
 
