@@ -133,6 +133,33 @@ def shard_frozen(net: nn.Module, settings: Settings) -> None:
     """A frozen network sharded in place: every parameter but ``net``'s own in a unit of its own (no root)."""
     for unit in units(net, settings.min_params, cover=True):
         _shard(unit, settings)
+        unit._scoredistill_forget = unit.register_forward_hook(_forget_forward)
+
+
+def _forget_forward(module: nn.Module, args: Any, output: Any) -> None:
+    """FSDP2 notes every forward of a unit for the backward's prefetch and forgets the notes at the backward; a
+    teacher call whose output needs no gradient (``torch.no_grad``) has none, and the notes would pile up, one
+    per call: forget them here (the unit's weights are already freed, and no collective is pending)."""
+    if any(t.requires_grad for t in _tensors(output)):
+        return
+    reset = getattr(module, "reset_iter_state", None)
+    if reset is not None:  # torch >= 2.14
+        reset()
+        return
+    state = module._get_fsdp_state()  # older torch: the same two lists, by their private names
+    state._comm_ctx.post_forward_order.clear()
+    for group in state._fsdp_param_groups:
+        group._post_forward_indices.clear()
+
+
+def _tensors(output: Any) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, (list, tuple)):
+        return [t for o in output for t in _tensors(o)]
+    if isinstance(output, dict):
+        return [t for o in output.values() for t in _tensors(o)]
+    return [t for t in vars(output).values() if isinstance(t, torch.Tensor)] if hasattr(output, "__dict__") else []
 
 
 def _fsdp_modules(module: nn.Module) -> list[nn.Module]:
@@ -157,6 +184,8 @@ def gather_for_good(module: nn.Module) -> None:
     """Gather every unit of ``module`` and keep it so: one process may then call it alone (the evaluation on
     the main process after training). Collective."""
     for m in _fsdp_modules(module):
+        if hasattr(m, "_scoredistill_forget"):  # (its reset would free the weights again)
+            m._scoredistill_forget.remove()
         m.set_reshard_after_forward(False, recurse=False)
         m.set_reshard_after_backward(False, recurse=False)
         m.unshard()

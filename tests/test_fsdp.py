@@ -126,7 +126,9 @@ def scoredistill_train_step_end(run, step, logs):
     if step == 1:
         g = run.trained["generator"]
         with open(os.path.join(OUT, f"step{run.engine.rank}.json"), "w") as f:
-            json.dump({"grads": dtypes(p.grad for p in g.params if p.grad is not None),
+            teacher_units = [m for m in run.models.teacher.modules() if isinstance(m, FSDPModule)]
+            notes = sum(len(m._get_fsdp_state()._comm_ctx.post_forward_order) for m in teacher_units)
+            json.dump({"grads": dtypes(p.grad for p in g.params if p.grad is not None), "teacher_forward_notes": notes,
                        **{k: sorted(v) for k, v in SEEN.items()}}, f)
 '''
 
@@ -155,6 +157,7 @@ def test_the_teacher_is_sharded_and_the_mixed_precision_policy_applied(tmp_path)
         step = json.loads((tmp_path / f"step{r}.json").read_text())
         assert step["unit_in_forward"] == step["teacher_unit_in_forward"] == ["torch.bfloat16"]  # gathered in bf16
         assert step["grads"] == ["torch.float32"]  # reduce_dtype float32: the sharded gradients the optimiser steps on
+        assert step["teacher_forward_notes"] == 0  # FSDP's per-forward notes of the no-grad teacher calls do not pile up
     assert (out / "metrics.json").is_file()  # the evaluation ran the (gathered) teacher on the main process
 
 
