@@ -143,7 +143,7 @@ def _forget_forward(module: nn.Module, args: Any, output: Any) -> None:
     if any(t.requires_grad for t in _tensors(output)):
         return
     reset = getattr(module, "reset_iter_state", None)
-    if reset is not None:  # torch >= 2.14
+    if reset is not None:  # recent torch (2.14 has it)
         reset()
         return
     state = module._get_fsdp_state()  # older torch: the same two lists, by their private names
