@@ -128,13 +128,23 @@ class RuntimeConfig(BaseModel):
     progress: bool = Field(True, description="show progress bars")
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp", description="with several processes (torchrun): 'ddp' replicates the generator and fake score, "
-                           "'fsdp' shards them (large networks); the frozen teacher is never wrapped")
-    fsdp_sharding: Literal["full_shard", "shard_grad_op", "no_shard"] = Field(
-        "full_shard", description="FSDP sharding strategy (runtime.distributed=fsdp)")
+                           "'fsdp' shards them with FSDP2 (torch >= 2.6; large networks), and the teacher too "
+                           "(runtime.fsdp_shard_teacher); checkpoints hold the full state, written by the main process")
+    fsdp_sharding: Literal["full_shard", "shard_grad_op"] = Field(
+        "full_shard", description="FSDP: 'full_shard' frees each unit's gathered weights after its forward and gathers "
+                                  "them again for the backward; 'shard_grad_op' keeps them until the backward "
+                                  "(more memory, one all-gather fewer)")
     fsdp_min_params: Optional[int] = Field(
-        None, ge=1, description="FSDP: wrap every submodule of at least this many parameters as its own unit; null: one unit per network")
+        None, ge=1, description="FSDP: the smallest submodules holding at least this many parameters (none inside "
+                                "another) each become a unit, gathered only while it runs; null: one unit per "
+                                "trained network, and one per layer of the teacher")
+    fsdp_shard_teacher: bool = Field(
+        True, description="FSDP: shard the frozen teacher too (each process keeps 1/N of its weights, gathered unit "
+                          "by unit as it runs, and whole for the evaluation on the main process); false: a whole "
+                          "copy on every process")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
-        "no", description="autocast the forward passes: bf16, or fp16 with dynamic loss scaling (CUDA only); weights stay fp32")
+        "no", description="autocast the forward passes: bf16, or fp16 with dynamic loss scaling (CUDA only); weights stay fp32 "
+                    "(under FSDP the weights a unit gathers are cast to it, gradients are reduced in fp32)")
     cast_weights: Literal["auto", "per_call", "per_update"] = Field(
         "auto", description="mixed precision: when the networks' convolution and linear weights are cast to it: per_call "
                             "(autocast, in every forward and backward), per_update (low-precision copies, refreshed after "

@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from scoredistill.sharding import sharded, whole
+
 
 class EMA(torch.optim.swa_utils.AveragedModel):
     """An exponential moving average of the generator's weights, ``ema <- ema + (1 - decay) (w - ema)``.
@@ -27,9 +29,12 @@ class EMA(torch.optim.swa_utils.AveragedModel):
         if self._count is None:
             self._count = int(self.n_averaged)  # once: 0 for a new run, the checkpoint's count after a resume
         lists = self.__dict__.get("_lists")
-        if lists is None or lists[0] is not model:  # built once (the Parameter objects: FSDP swaps their data)
-            lists = self.__dict__["_lists"] = (model, list(self.module.parameters()), list(model.parameters()))
-        _, mine, theirs = lists
+        if lists is None or lists[0] is not model:  # built once (the Parameter objects)
+            theirs = list(model.parameters())
+            lists = self.__dict__["_lists"] = (model, list(self.module.parameters()), theirs, sharded(theirs))
+        _, mine, theirs, shards = lists
+        if shards:  # FSDP: the model's float32 shards, gathered (a collective; whatever the policy's dtype)
+            theirs = [whole(p) for p in theirs]
         if self._count == 0:
             torch._foreach_copy_(mine, theirs)
         else:

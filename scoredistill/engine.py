@@ -4,9 +4,9 @@ One process is the default. Under ``torchrun --nproc_per_node N -m scoredistill.
 (or ``accelerate launch`` on GPUs) every process builds the same networks from the same
 seed, then draws its own noise (each rank is seeded differently) on ``batch_size / N``
 samples; the gradients of the generator and the fake score are averaged across the
-processes (DDP), or those networks are sharded (FSDP, ``runtime.distributed: fsdp``).
-The teacher is frozen and never wrapped. (``accelerate launch --cpu --num_processes 2``
-silently runs one process; use torchrun on CPU.)
+processes (DDP), or those networks are sharded (FSDP2, ``runtime.distributed: fsdp``), and
+then the frozen teacher is sharded too (``runtime.fsdp_shard_teacher``). (``accelerate launch --cpu
+--num_processes 2`` silently runs one process; use torchrun on CPU.)
 
 How a network is wrapped: DDP and FSDP act on what runs inside the wrapped module's
 ``forward``, so every update's whole objective runs there (:class:`Trainable`):
@@ -14,9 +14,9 @@ How a network is wrapped: DDP and FSDP act on what runs inside the wrapped modul
 networks, whose attributes (``latent_shape``, a GAN head, ``features``) stay visible,
 and each wrapper sees exactly one forward and one backward per update.
 
-accelerate (1.15) maps several CPU processes to DDP whatever FSDP settings it is
-given, so FSDP is applied here with torch's own ``FullyShardedDataParallel`` (the call
-accelerate's ``prepare`` makes on GPUs); the same code then runs, and is tested, on CPU.
+FSDP is torch's ``fully_shard`` (FSDP2, :mod:`scoredistill.sharding`), applied here rather than by
+accelerate (which maps several CPU processes to DDP whatever FSDP settings it is given), so the
+same code runs, and is tested, on CPU with gloo.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from scoredistill import sharding
 from scoredistill.config import RuntimeConfig
 from scoredistill.errors import UserError
 from scoredistill.roles import stable_hash
@@ -101,9 +102,13 @@ class Engine:
         self.rank, self.world_size, self.is_main = acc.process_index, acc.num_processes, acc.is_main_process
         self.distributed = self.world_size > 1
         self.fsdp = self.distributed and runtime.distributed == "fsdp"
+        if self.fsdp and not sharding.available():
+            raise UserError(f"runtime.distributed=fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard); this is torch "
+                            f"{torch.__version__}: use runtime.distributed=ddp or a newer torch")
         self.device = (acc.device if acc.device.type != "cpu" else torch.device("cpu")) if self.distributed else device
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=runtime.mixed_precision == "fp16")
         self._one = torch.ones((), device=self.device)  # check_gradients' scale
+        self._fsdp: Optional[sharding.Settings] = None  # made on first use (a device mesh)
         # fused Adam: one kernel per parameter tensor instead of about ten; on CPU (torch >= 2.4) a
         # step over the 0.7 M-parameter digits UNet takes 0.9 ms against 4.5 on one thread. Not for
         # several CPU processes: its vector loop rounds a tensor's tail differently, so FSDP's shards
@@ -169,23 +174,30 @@ class Engine:
 
     # -- wrapping
     def wrap(self, net: nn.Module) -> nn.Module:
-        """``net`` inside a :class:`Trainable`, wrapped for data parallelism (DDP or FSDP) when there are several processes."""
+        """``net`` inside a :class:`Trainable`, wrapped for data parallelism (DDP or FSDP2) when there are several processes."""
         module = Trainable(net)
         if not self.distributed:
             return module  # nothing to synchronise (autocast is the trainer's; accelerate's prepare would add ~1 s of imports)
         if not self.fsdp:
             return self.accelerator.prepare_model(module)
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        from torch.distributed.fsdp import ShardingStrategy
-        from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy
+        return sharding.shard_trained(module, net, self._fsdp_settings())
 
-        policy = None
-        if self.runtime.fsdp_min_params:
-            import functools
+    def shard_frozen(self, net: nn.Module) -> None:
+        """Shard a frozen network (the teacher) over the processes, in place, under FSDP with
+        ``runtime.fsdp_shard_teacher``; otherwise leave it whole. Collective."""
+        if self.fsdp and self.runtime.fsdp_shard_teacher:
+            sharding.shard_frozen(net, self._fsdp_settings())
 
-            policy = functools.partial(size_based_auto_wrap_policy, min_num_params=self.runtime.fsdp_min_params)
-        return FSDP(module, device_id=self.device, sharding_strategy=ShardingStrategy[self.runtime.fsdp_sharding.upper()],
-                    auto_wrap_policy=policy, use_orig_params=True, sync_module_states=self.device.type == "cuda")
+    def unshard_for_good(self, net: nn.Module) -> None:
+        """Gather a network :meth:`shard_frozen` sharded and keep it whole, so that one process may run it alone
+        (the evaluation after training). Collective."""
+        if self.fsdp:
+            sharding.gather_for_good(net)
+
+    def _fsdp_settings(self) -> "sharding.Settings":
+        if self._fsdp is None:
+            self._fsdp = sharding.Settings.of(self.runtime, self.device, self.world_size)
+        return self._fsdp
 
     @staticmethod
     def inner(wrapper: nn.Module) -> nn.Module:
@@ -194,12 +206,17 @@ class Engine:
         return module.net
 
     def full_parameters(self, wrapper: Optional[nn.Module]) -> contextlib.AbstractContextManager:
-        """Within: every process holds the network's full parameters (a no-op unless FSDP). Collective."""
+        """Within: the network may be called and read outside its wrapper (a no-op unless FSDP). Collective:
+        under FSDP every process must make the same calls (each unit gathers its weights as it runs)."""
         if not self.fsdp or wrapper is None:
             return contextlib.nullcontext()
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        return sharding.gathered(wrapper)
 
-        return FSDP.summon_full_params(wrapper, writeback=False)
+    def full_state(self, wrapper: nn.Module) -> dict[str, torch.Tensor]:
+        """The network's full state dict on every process (its own key names). Collective under FSDP."""
+        if not self.fsdp:
+            return dict(self.inner(wrapper).state_dict())
+        return {k: sharding.whole(v) for k, v in self.inner(wrapper).state_dict().items()}
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.runtime.mixed_precision == "no":
@@ -220,7 +237,7 @@ class Engine:
         collective.
         """
         if self.fsdp:
-            norm = wrapper.clip_grad_norm_(max_norm if max_norm is not None else float("inf"))
+            norm = sharding.clip_gradients(params, max_norm) if watch or max_norm is not None else None
             return (~torch.isfinite(norm)).float() if watch else None
         found = None
         if watch:

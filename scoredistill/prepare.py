@@ -34,9 +34,13 @@ def _memory_options(run: Run) -> None:
     """``train.lora``'s limits and ``runtime.gradient_checkpointing`` on the trained networks."""
     rt, models = run.config.runtime, run.models
     if run.config.train.lora is not None:
+        if run.engine.fsdp:
+            raise UserError("train.lora cannot be used with runtime.distributed=fsdp: the generator's and the fake score's "
+                            "adapters live inside the teacher's layers (one shared base), which FSDP would have to shard "
+                            "once for three roles; LoRA already keeps one base, so use runtime.distributed=ddp (it "
+                            "averages the small adapters' gradients) or drop train.lora")
         why = ("runtime.compile is on" if rt.compile else "runtime.cuda_graph is on" if rt.cuda_graph else
-               "runtime.cast_weights is per_update" if rt.cast_weights == "per_update" else
-               "runtime.distributed is fsdp" if run.engine.fsdp else None)
+               "runtime.cast_weights is per_update" if rt.cast_weights == "per_update" else None)
         if why is not None:
             raise UserError(f"train.lora cannot be used when {why} (one base shared by the roles); turn it off or drop train.lora")
         for section, net in (("generator", models.generator), ("fake_score", models.fake_score)):
@@ -68,6 +72,7 @@ def setup(run: Run) -> None:
         dtype = None  # the roles' adapters share the teacher's layers: its low-precision copies would serve them all
     if dtype is not None:  # the frozen teacher's copies are made once: its weights never change
         run.teacher_copies = WeightCopies(models.teacher, dtype, engine.device.type)
+    engine.shard_frozen(models.teacher)  # FSDP: the frozen teacher's shards (runtime.fsdp_shard_teacher)
     fused = cfg.on_nonfinite == "skip" or engine.fused_adam  # one kernel per tensor: faster on CPUs too
     nets = {"generator": (models.generator, cfg.generator_lr)}
     if run.trains_fake_score():

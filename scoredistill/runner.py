@@ -37,7 +37,8 @@ from scoredistill.trainer import RunInterrupted, train
 @dataclass
 class RunResult:
     """What :func:`execute` returns on the main process. Under several processes ``run.trained`` is
-    empty: its DDP/FSDP wrappers are freed with the process group."""
+    empty: its DDP/FSDP wrappers are freed with the process group (under FSDP ``run.models`` and ``run.ema``
+    are None too: the sharded networks hold it)."""
 
     run: Run
     samples: torch.Tensor
@@ -61,8 +62,10 @@ def execute(config: RunConfig, hooks: Hooks, run_dir: Path, resume: Optional[ckp
     try:
         with run_dir_lock(run_dir, create=fresh) if main else contextlib.nullcontext():
             result = _execute(config, hooks, Path(run_dir), engine, resume, again)
-        if result is not None and engine.distributed:
-            result.run.trained.clear()  # the DDP/FSDP wrappers hold the process group: Engine.close frees them
+        if result is not None and engine.distributed:  # the wrappers hold the process group: Engine.close frees them
+            result.run.trained.clear()
+            if engine.fsdp:  # and so do the sharded networks (FSDP2's hooks on their layers) and the EMA's view of them
+                result.run.models, result.run.ema = None, None
         return result
     finally:
         engine.close()
@@ -99,8 +102,9 @@ def _finish(run: Run, engine: Engine, build_seconds: float) -> Optional[RunResul
     config, g = run.config, run.trained["generator"]
     online = engine.model_state(g.wrapper)
     fake = engine.model_state(run.trained["fake_score"].wrapper) if "fake_score" in run.trained else None
-    with engine.full_parameters(g.wrapper):
-        samples = generate(run, config.eval.num_samples, config.eval.seed) if engine.is_main else None
+    engine.unshard_for_good(run.models.teacher)  # FSDP: the evaluation runs the teacher on the main process alone
+    with engine.full_parameters(g.wrapper):  # FSDP: every process samples (the same collectives), the main one keeps them
+        samples = generate(run, config.eval.num_samples, config.eval.seed) if engine.is_main or engine.fsdp else None
     if not engine.is_main:
         return None  # no barrier: the other processes need not wait (and time out) while the main one evaluates
     save_outputs(run, online, fake)

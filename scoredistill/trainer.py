@@ -80,9 +80,10 @@ def generator_step(run: Run) -> tuple[Tensor, Optional[Tensor], dict[str, Tensor
         return total, terms, (batch.x.detach(), cond)
 
     g, f = run.trained["generator"], run.trained.get("fake_score")
-    # D_fake is only read here (a GAN term back-propagates through it to x, not into its weights); FSDP: its full weights
+    # D_fake is only read here (a GAN term back-propagates through it to x, not into its weights); FSDP: read outside its wrapper
     freeze = any(term.differentiates_fake_score for term in run.losses.values())
-    with run.engine.full_parameters(f.wrapper if f else None), (frozen(models.fake_score) if freeze else contextlib.nullcontext()):
+    # (frozen first: FSDP gathers the weights with their requires_grad as it is then)
+    with (frozen(models.fake_score) if freeze else contextlib.nullcontext()), run.engine.full_parameters(f.wrapper if f else None):
         with run.engine.autocast():
             total, terms, (x, cond) = g(objective)
         terms = {k: v.detach() for k, v in terms.items()}
@@ -138,9 +139,8 @@ def train_iteration(run: Run) -> dict[str, Tensor]:
 
 
 def _update_ema(run: Run) -> None:
-    if run.ema is not None:
-        with run.engine.full_parameters(run.trained["generator"].wrapper):
-            run.ema.update_parameters(run.models.generator)
+    if run.ema is not None:  # FSDP: from the float32 shards, gathered (the EMA is whole on every process)
+        run.ema.update_parameters(run.models.generator)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -175,8 +175,7 @@ def _debug_hashes(run: Run) -> dict[str, str]:
     """Hashes of every trained network's full weights as this process sees them, and of its RNG state."""
     out = {}
     for name, net in run.trained.items():
-        with run.engine.full_parameters(net.wrapper):
-            out[name] = weights_hash(run.engine.inner(net.wrapper).state_dict())
+        out[name] = weights_hash(run.engine.full_state(net.wrapper))
     out["rng"] = weights_hash({"torch": torch.get_rng_state()})
     return out
 
@@ -184,8 +183,11 @@ def _debug_hashes(run: Run) -> dict[str, str]:
 @torch.no_grad()
 def _periodic_samples(run: Run) -> Optional[Tensor]:
     cfg = run.config.train
-    with run.engine.full_parameters(run.trained["generator"].wrapper):
-        return generate(run, cfg.sample_count, run.config.eval.seed) if run.is_main else None
+    if not (run.is_main or run.engine.fsdp):
+        return None
+    with run.engine.full_parameters(run.trained["generator"].wrapper):  # FSDP: every process samples, the main one keeps them
+        samples = generate(run, cfg.sample_count, run.config.eval.seed)
+    return samples if run.is_main else None
 
 
 def train(run: Run, resume: Optional[ckpt.Checkpoint] = None) -> None:

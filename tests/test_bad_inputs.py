@@ -65,6 +65,7 @@ RUN = [
     (["run", "dmd", "--preset", "toy2d", "--set", "runtime.cast_weights=always"], "runtime.cast_weights"),
     (["run", "dmd", "--preset", "toy2d", "--set", "runtime.progress=maybe"], "runtime.progress"),
     (["run", "dmd", "--preset", "toy2d", "--set", "runtime.fsdp_min_params=0"], "runtime.fsdp_min_params"),
+    (["run", "dmd", "--preset", "toy2d", "--set", "runtime.fsdp_sharding=no_shard"], "runtime.fsdp_sharding"),  # FSDP2 has none: DDP
     (["run", "dmd", "--preset", "toy2d", "--set", "eval.num_samples=0"], "eval.num_samples"),
     (["run", "dmd", "--preset", "toy2d", "--set", "eval.num_samples=1000000000000"], "eval.num_samples"),
     (["run", "dmd", "--preset", "toy2d", "--set", "eval.seed=-1"], "eval.seed"),
