@@ -22,7 +22,6 @@ network dtype, the files (names, sizes, modification times) and the sizing optio
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -33,6 +32,7 @@ from scoredistill.errors import UserError
 from scoredistill.hashing import stable_hash
 
 from scoredistill.images.data import IMAGE_EXTENSIONS
+from scoredistill.images.prompts import json_lines
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 CAPTION_COLUMNS = ("text", "caption")
@@ -104,18 +104,7 @@ def _metadata_rows(meta: Path) -> list[tuple[int, dict]]:
             return [(n, row) for n, row in enumerate(csv.DictReader(text.splitlines()), 1)]
         except csv.Error as exc:
             raise UserError(f"cannot read '{meta}' as CSV: {_first_line(exc)}") from None
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise UserError(f"{meta}, line {n}: not a JSON object") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{meta}, line {n}: not a JSON object")
-        rows.append((n, row))
-    return rows
+    return json_lines(text, str(meta))
 
 
 def _open(path: Path):

@@ -67,17 +67,27 @@ def _text_prompts(text: str, suffix: str, column: str, path: str) -> list[str]:
                             "set teacher.prompt_column")
         return [str(row[column] or "") for row in reader]
     prompts = []
+    for n, row in json_lines(text, f"prompts file '{path}'"):
+        if not isinstance(row.get(column), str):
+            raise UserError(f"prompts file '{path}', line {n}: no text field '{column}' (set teacher.prompt_column)")
+        prompts.append(row[column])
+    return prompts
+
+
+def json_lines(text: str, where: str) -> list[tuple[int, dict]]:
+    """The JSON objects of a ``.jsonl`` text with their line numbers (blank lines skipped); else one line naming ``where``."""
+    rows = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except ValueError:
-            raise UserError(f"prompts file '{path}', line {n}: not a JSON object") from None
-        if not isinstance(row, dict) or not isinstance(row.get(column), str):
-            raise UserError(f"prompts file '{path}', line {n}: no text field '{column}' (set teacher.prompt_column)")
-        prompts.append(row[column])
-    return prompts
+            row = None
+        if not isinstance(row, dict):
+            raise UserError(f"{where}, line {n}: not a JSON object")
+        rows.append((n, row))
+    return rows
 
 
 def _parquet_column(file: Path, column: str) -> list[str]:
