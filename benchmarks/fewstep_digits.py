@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from scoredistill.roles import seeded_conditions
 from scoredistill.run_dir import load_run
 from scoredistill.samples import generate
 
-from fewstep_speed import euler_sample  # this folder's sampling-speed script
+from fewstep_speed import euler_sample, step_rows  # this folder's sampling-speed script
 
 #: each method's budget on top of the digits preset (``--set`` adds to every run): about half the preset's 1,180 DMD
 #: steps for CD and sCM, and for DMD2's chain (five fake-score updates per step, on backward-simulated batches) 300
@@ -109,14 +108,7 @@ def main(argv=None) -> int:
     args.out.with_suffix(".json").write_text(json.dumps(values, indent=1) + "\n")
     keys = ("fid", "class_coverage", "images_per_s", "train_seconds")
     rows = ["| sampler | steps (NFE) | FID (test) | class coverage | images/s | train s |", "|---|---|---|---|---|---|"]
-    for name, by_steps in values.items():
-        for k, records in by_steps.items():
-            cells = []
-            for key in keys:
-                xs = [r[key] for r in records if key in r]
-                sd = f" ± {statistics.stdev(xs):.2g}" if len(xs) > 1 else ""
-                cells.append(f"{statistics.mean(xs):.4g}{sd}" if xs else "-")
-            rows.append(f"| {name} | {k} | " + " | ".join(cells) + " |")
+    rows += step_rows(values, keys)
     args.out.with_suffix(".md").write_text("\n".join(rows) + "\n")
     print("\n".join(rows))
     return 0

@@ -37,6 +37,21 @@ def euler_sample(teacher, z: torch.Tensor, steps: int, cond=None) -> torch.Tenso
     return x
 
 
+def step_rows(values: dict, keys) -> list[str]:
+    """Markdown rows ``| name | steps | ... |`` of ``values[name][steps] = [record per seed]``: each key's mean over the
+    records (with `` ± `` their sample standard deviation when there are several), ``-`` where no record has it."""
+    rows = []
+    for name, by_steps in values.items():
+        for k, records in by_steps.items():
+            cells = []
+            for key in keys:
+                xs = [r[key] for r in records if key in r]
+                sd = f" ± {statistics.stdev(xs):.2g}" if len(xs) > 1 else ""
+                cells.append(f"{statistics.mean(xs):.4g}{sd}" if xs else "-")
+            rows.append(f"| {name} | {k} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def time_in_turn(fns: dict, repeats: int, sync) -> dict:
     """Median seconds of each function, timed in turn after one warm-up call each (a change in the machine's load
     touches all alike)."""

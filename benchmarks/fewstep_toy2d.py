@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,8 @@ from scoredistill.plugins import Hooks, make_plugin_manager
 from scoredistill.toy2d.toy_metrics import mixture_metrics
 from scoredistill.runner import execute
 from scoredistill.samples import generate
+
+from fewstep_speed import step_rows  # this folder's sampling-speed script
 
 #: each method's toy budget (CPU minutes in all): DMD2's iteration costs ~30x CD's (five fake-score updates, each on a
 #: backward-simulated batch). sCM: a 10x smaller learning rate than the preset's, the paper's log-normal proposal in
@@ -71,14 +72,7 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(values, indent=1) + "\n")
     rows = ["| method | steps | " + " | ".join(KEYS) + " | train_seconds |", "|---|---|" + "---|" * (len(KEYS) + 1)]
-    for method, by_steps in values.items():
-        for k, records in by_steps.items():
-            cells = []
-            for key in (*KEYS, "train_seconds"):
-                xs = [r[key] for r in records]
-                sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-                cells.append(f"{statistics.mean(xs):.4g} ± {sd:.2g}")
-            rows.append(f"| {method} | {k} | " + " | ".join(cells) + " |")
+    rows += step_rows(values, (*KEYS, "train_seconds"))
     args.out.with_suffix(".md").write_text("\n".join(rows) + "\n")
     print("\n".join(rows))
     return 0
