@@ -52,6 +52,7 @@ def one_step_samples(generator: nn.Module, n: int, seed: int, device: Optional[t
     (:meth:`~scoredistill.roles.Generator.sample`; its re-noising noise is drawn from the same seed). ``guidance``: the
     guidance scale of a generator that takes one (``takes_guidance_scale``).
     """
+    extra = {} if guidance is None else {"guidance": guidance}  # only a generator that takes one is given it
     was_training = generator.training
     if was_training:  # (train() walks every submodule: skipped for the EMA copy, which stays in eval mode)
         generator.eval()
@@ -61,7 +62,6 @@ def one_step_samples(generator: nn.Module, n: int, seed: int, device: Optional[t
         z = torch.randn((min(batch_size, n - start), *generator.latent_shape), generator=gen).to(device or "cpu")
         c = cond[start : start + len(z)].to(z.device) if cond is not None else None
         noise = (lambda shape=z.shape, where=z.device: torch.randn(shape, generator=gen).to(where))
-        extra = {} if guidance is None else {"guidance": guidance}
         out.append(generator.sample(z, c, steps, noise, **extra).float().cpu())
     if was_training:
         generator.train()
