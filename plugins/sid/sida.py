@@ -16,7 +16,8 @@ encoder doubles as a discriminator: a head on its features gives a logit ``D(x_s
   the non-saturating loss (its batch mean, as the released code's cross-entropy) scaled like
   SiD's summed loss and by the batch mean of SiD's weight ``1 / mean|x - r|`` (the released
   code divides the batch's mean cross-entropy by each sample's weight factor, then averages).
-  The released code adds ``0.5 L_SiD + 0.5 L_adv``.
+  The released code adds ``0.5 lsg L_SiD + 0.5 lsg_gan L_adv`` with ``lsg = 100`` and
+  ``lsg_gan = 0.01`` in all its runs: the method's weights 50 and 0.005.
 
 Here the two generator terms draw their own ``(s, eps)`` (the released code shares
 one draw): the same expectation, other noise.
