@@ -159,6 +159,11 @@ class Teacher(Role):
         """Hidden features ``(N, F)`` of the frozen teacher at ``(x_s, sigma)``, with gradient to ``x_s`` (LADD's discriminator input)."""
         raise UserError(f"teacher '{type(self).__name__}' exposes no features; choose a method without a teacher-feature discriminator")
 
+    def feature_tokens(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        """The same features before pooling, ``(N, L, F)``: one per position of an image network's middle block, or
+        per transformer token (LADD's heads score each token). Default: :meth:`features` as a single token."""
+        return self.features(x_noisy, sigma, cond).unsqueeze(1)
+
     def real_samples(self, n: int) -> Tensor:
         """``n`` samples of the data the teacher models (for losses that need real data, e.g. a GAN)."""
         raise UserError(f"teacher '{type(self).__name__}' provides no real data; choose a method without a real-data term")

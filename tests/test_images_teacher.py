@@ -123,6 +123,12 @@ def test_fake_score_features_are_the_pooled_mid_block_output_with_gradient(teach
     assert torch.allclose(feats, captured["h"].mean(dim=(2, 3)), atol=1e-6)
     feats.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+    # before pooling: one token per position of the mid block, in row-major order (the teacher's, for LADD's heads)
+    tokens = teacher.feature_tokens(x.detach(), sigma)
+    h = captured["h"]
+    assert tokens.shape == (3, h.shape[2] * h.shape[3], h.shape[1])
+    assert torch.allclose(tokens[:, 1], h[:, :, 0, 1], atol=1e-6)  # position (0, 1) is token 1
+    assert torch.allclose(tokens[:, h.shape[3]], h[:, :, 1, 0], atol=1e-6)  # position (1, 0) is token W
 
 
 def test_sharded_pairs_are_the_teachers_heun_solutions_and_resume(teacher, tmp_path):

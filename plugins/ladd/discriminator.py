@@ -11,8 +11,12 @@ DMD2's branch is; LADD's method uses no fake score otherwise, ``sample_itself``)
 Noise levels: LADD draws its discriminator's ``t`` from a logit-normal on the
 rectified-flow path ``x_t = (1 - t) x + t eps``, which is ``x_s / (1 + s)`` at
 ``s = t / (1 - t)``: so ``logit(t) = ln s`` and the logit-normal is ``ln s ~ N(m, std^2)``
-(clamped to the teacher's schedule). LADD uses one head per transformer block; a
-teacher here exposes one feature vector, so the discriminator has one head.
+(clamped to the teacher's schedule). LADD uses one head per transformer block, each
+scoring every token of its block; a teacher here exposes one block (the middle one,
+``Teacher.feature_tokens``: a UNet's positions or a transformer's tokens), so the
+discriminator has one head, applied to each token with the noise level, its logits
+averaged in the loss. ``tokens: false`` pools the tokens first (one logit per sample),
+a head that noise blobs fooled on the digits teacher (docs/results.md).
 """
 
 from __future__ import annotations
@@ -45,41 +49,47 @@ class NoiseLevels(BaseModel):
 
 
 class TeacherFeatureHead(nn.Module):
-    """A head from the teacher's features ``(N, F)`` and ``c_noise = ln(s) / 4`` to one logit ``(N,)``."""
+    """A head from the teacher's feature tokens ``(N, L, F)`` and ``c_noise = ln(s) / 4`` to a logit per token ``(N, L)``
+    (``tokens=False``: the tokens' mean first, ``(N, 1)``)."""
 
-    def __init__(self, in_features: int, width: int) -> None:
+    def __init__(self, in_features: int, width: int, tokens: bool = True) -> None:
         super().__init__()
+        self.tokens = tokens
         self.net = nn.Sequential(nn.Linear(in_features + 1, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1))
 
-    def forward(self, features: Tensor, sigma: Tensor) -> Tensor:
-        c_noise = (sigma.to(features.dtype).log() / 4).reshape(-1, 1).expand(features.shape[0], 1)
-        return self.net(torch.cat([features, c_noise], dim=1)).squeeze(-1)
+    def forward(self, tokens: Tensor, sigma: Tensor) -> Tensor:
+        if not self.tokens:
+            tokens = tokens.mean(dim=1, keepdim=True)
+        n, length, _ = tokens.shape
+        c_noise = (sigma.to(tokens.dtype).log() / 4).reshape(-1, 1, 1).expand(n, length, 1)
+        return self.net(torch.cat([tokens, c_noise], dim=2)).squeeze(-1)
 
 
-def attach_head(fake: FakeScore, teacher: Teacher, width: int) -> TeacherFeatureHead:
-    """Add a :class:`TeacherFeatureHead` to the fake-score module (once), sized to the teacher's features."""
+def attach_head(fake: FakeScore, teacher: Teacher, width: int, tokens: bool = True) -> TeacherFeatureHead:
+    """Add a :class:`TeacherFeatureHead` to the fake-score module (once), sized to the teacher's feature tokens."""
     head = getattr(fake, HEAD_NAME, None)
     if isinstance(head, TeacherFeatureHead):
         return head
     with torch.no_grad():
         probe = torch.zeros((2, *teacher.data_shape), device=teacher.sigmas.device)
         cond = teacher.sample_conditions(2)
-        width_in = teacher.features(probe, teacher.sigmas[-1:].expand(2), cond).reshape(2, -1).shape[1]
-    head = TeacherFeatureHead(width_in, width).to(teacher.sigmas.device)
+        width_in = teacher.feature_tokens(probe, teacher.sigmas[-1:].expand(2), cond).shape[-1]
+    head = TeacherFeatureHead(width_in, width, tokens).to(teacher.sigmas.device)
     fake.add_module(HEAD_NAME, head)
     return head
 
 
 def logits(models: Models, x: Tensor, sigma: Tensor, cond: Optional[Tensor]) -> Tensor:
-    """``D(x)``: noise ``x`` at ``sigma``, embed it with the frozen teacher, score it with the head."""
+    """``D(x)``, ``(N, L)``: noise ``x`` at ``sigma``, embed it with the frozen teacher, score each token with the head."""
     head = getattr(models.fake_score, HEAD_NAME, None)
     if head is None:
         raise UserError("the ladd_adversarial term needs the head that fake_score_loss 'ladd_discriminator' adds")
-    return head(models.teacher.features(add_noise(x, sigma.to(x.dtype)), sigma, cond).reshape(len(x), -1), sigma)
+    return head(models.teacher.feature_tokens(add_noise(x, sigma.to(x.dtype)), sigma, cond), sigma)
 
 
 def generator_loss(d_fake: Tensor, kind: str) -> Tensor:
-    """Hinge: ``-mean D(x)`` (ADD/LADD); non-saturating: ``mean softplus(-D(x))`` = ``-log sigmoid D``."""
+    """Hinge: ``-mean D(x)`` (ADD/LADD); non-saturating: ``mean softplus(-D(x))`` = ``-log sigmoid D``; means over
+    samples and tokens."""
     return -d_fake.mean() if kind == "hinge" else F.softplus(-d_fake).mean()
 
 

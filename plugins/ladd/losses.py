@@ -48,6 +48,7 @@ class LADDDiscriminator(FakeScoreLoss):
         real: Literal["teacher", "data"] = Field(
             "teacher", description="the real side: the teacher's ODE samples (LADD's synthetic data) or the teacher's real data")
         head_width: int = Field(64, ge=1, description="hidden width of the head")
+        tokens: bool = Field(True, description="score each feature token (LADD's heads); false: their mean, one logit per sample")
         teacher_samples: int = Field(5000, ge=1, description="real: teacher: ODE samples generated once (cached on disk)")
         teacher_steps: int = Field(18, ge=2, description="real: teacher: Heun steps of those samples (2 steps - 1 evaluations)")
 
@@ -63,7 +64,7 @@ class LADDDiscriminator(FakeScoreLoss):
                                 "class-conditional; use real: teacher (its samples carry their labels)")
         else:
             self.pool = ODEPairs(ODEPairs.Config(num_pairs=config.teacher_samples, steps=config.teacher_steps), ctx)
-        attach_head(ctx.fake_score, teacher, config.head_width)
+        attach_head(ctx.fake_score, teacher, config.head_width, config.tokens)
 
     def real_side(self, n: int, models: Models) -> tuple[Tensor, Optional[Tensor]]:
         if self.pool is None:

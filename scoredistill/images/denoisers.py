@@ -269,6 +269,10 @@ class NetworkDenoiser(nn.Module):
     def features(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
         """The output of the network's middle block (a UNet's mid block, a transformer's middle block), averaged
         over space or tokens: ``(N, C)``, with gradient. The forward pass stops after that block."""
+        return self.feature_tokens(x_noisy, sigma, cond).float().mean(dim=1).to(x_noisy.dtype)
+
+    def feature_tokens(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        """The middle block's output as tokens, ``(N, L, C)``: a UNet's ``H * W`` positions, a transformer's tokens."""
         block = self.backbone.feature_module(self.unet)
         captured: dict[str, Tensor] = {}
 
@@ -283,8 +287,8 @@ class NetworkDenoiser(nn.Module):
             pass
         finally:
             handle.remove()
-        h = captured["h"].float()
-        return h.mean(dim=(2, 3) if h.ndim == 4 else 1).to(x_noisy.dtype)
+        h = captured["h"]
+        return (h.flatten(2).transpose(1, 2) if h.ndim == 4 else h).to(x_noisy.dtype)
 
     def compile_targets(self) -> list[nn.Module]:
         return [self.unet]  # the diffusers network: guidance and preconditioning stay eager

@@ -162,7 +162,10 @@ class ImageTeacher(Teacher):
         return self.denoiser(x_noisy, sigma, cond)
 
     def features(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
-        return self.denoiser.features(x_noisy, sigma, cond)  # the UNet's pooled mid-block output (LADD's discriminator input)
+        return self.denoiser.features(x_noisy, sigma, cond)  # the UNet's pooled mid-block output
+
+    def feature_tokens(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        return self.denoiser.feature_tokens(x_noisy, sigma, cond)  # its positions or tokens (LADD's heads)
 
     def compile_targets(self) -> list[nn.Module]:
         return [self.denoiser.unet]  # the diffusers network: guidance and preconditioning stay eager

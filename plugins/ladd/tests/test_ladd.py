@@ -178,6 +178,33 @@ def test_ladd_runs_end_to_end_on_toy2d_from_the_cli(tmp_path, ablations):
 # --------------------------------------------------------------------------- image teachers
 
 
+def test_the_head_scores_each_token_of_an_image_teachers_middle_block(digits_teacher):
+    """On a UNet teacher the head sees every position of the mid block: one logit per token, each the head's MLP on that
+    token and the noise level alone, with gradient to the input; ``tokens=False`` scores the tokens' mean once."""
+    from scoredistill.images.teachers import DiffusersTeacher
+    from scoredistill_ladd.discriminator import TeacherFeatureHead, attach_head
+
+    teacher = DiffusersTeacher(DiffusersTeacher.Config(path=str(digits_teacher), data="digits")).eval().requires_grad_(False)
+    x = torch.randn(3, 1, 8, 8, requires_grad=True)
+    sigma = torch.tensor([0.1, 1.0, 10.0])
+    for tokens in (True, False):
+        holder = torch.nn.Module()
+        head = attach_head(holder, teacher, 16, tokens)
+        models = Models(teacher=teacher, generator=None, fake_score=holder)
+        torch.manual_seed(1)  # the same noise for the features written out and for logits()
+        feats = teacher.feature_tokens(x + torch.randn_like(x) * sigma.reshape(-1, 1, 1, 1), sigma)
+        torch.manual_seed(1)
+        d = logits(models, x, sigma, None)
+        want = feats if tokens else feats.mean(dim=1, keepdim=True)
+        for i in range(3):
+            for k in range(want.shape[1]):
+                inp = torch.cat([want[i, k], (sigma[i].log() / 4).reshape(1)])
+                assert torch.allclose(d[i, k], head.net(inp).squeeze(), atol=1e-5)
+        assert d.shape == (3, feats.shape[1] if tokens else 1) and feats.shape[1] > 1
+    (grad,) = torch.autograd.grad(generator_loss(d, "hinge"), x)
+    assert grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("method, extra", [("ladd", ["fake_score_loss.teacher_samples=16", "fake_score_loss.teacher_steps=3"])])
 def test_runs_on_a_tiny_digits_unet_teacher(digits_teacher, tmp_path, monkeypatch, method, extra):
     """The same components on an image teacher: UNet denoisers, their features, real digits."""
