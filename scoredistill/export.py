@@ -91,7 +91,7 @@ format (`alpha / r` folded into `lora_B`). Put it on the teacher's UNet with dif
 loader, and sample as above with that denoiser in place of `D`:
 
 ```python
-from scoredistill.images.denoisers import load_denoiser
+from scoredistill.images.loading import load_denoiser
 
 D = load_denoiser("PATH/TO/THE/TEACHER").denoiser.eval()   # the teacher's folder (guidance 1)
 D.unet.load_lora_adapter("PATH/TO/THIS/FOLDER/lora", prefix="unet", weight_name="pytorch_lora_weights.safetensors")

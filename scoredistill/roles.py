@@ -160,8 +160,7 @@ class Teacher(Role):
         raise UserError(f"teacher '{type(self).__name__}' exposes no features; choose a method without a teacher-feature discriminator")
 
     def feature_tokens(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
-        """The same features before pooling, ``(N, L, F)``: one per position of an image network's middle block, or
-        per transformer token (LADD's heads score each token). Default: :meth:`features` as a single token."""
+        """:meth:`features` before pooling, ``(N, L, F)``: per position or token (LADD's heads); default one token."""
         return self.features(x_noisy, sigma, cond).unsqueeze(1)
 
     def real_samples(self, n: int) -> Tensor:
@@ -178,14 +177,10 @@ class Teacher(Role):
         raise UserError(f"teacher '{type(self).__name__}' has no condition embeddings (its conditioning: {self.conditioning})")
 
     def sample_conditions(self, n: int, generator: Optional[torch.Generator] = None) -> Optional[Tensor]:
-        """Conditions ``c`` for ``n`` samples, distributed as a run distils them; ``None``: unconditional.
-
-        The trainer draws them for every generator and fake-score batch and passes the same
-        ``c`` to ``G(z, c)``, ``D_real`` and ``D_fake`` (a class-conditional DMD, as the paper's
-        ImageNet runs). A conditional teacher overrides this (image teachers draw class labels
-        uniformly). Without ``generator`` the draw happens on the teacher's device (the training
-        step: no host copy); with a CPU ``generator`` it is seeded (pairs, evaluation) and moved.
-        """
+        """Conditions ``c`` for ``n`` samples, distributed as a run distils them; ``None``: unconditional. The trainer
+        passes the same ``c`` to ``G(z, c)``, ``D_real`` and ``D_fake`` (DMD's class-conditional ImageNet runs); image
+        teachers draw class labels uniformly. Without ``generator``: drawn on the teacher's device (no host copy in the
+        training step); with a CPU ``generator``: seeded (pairs, evaluation) and moved."""
         return None
 
 

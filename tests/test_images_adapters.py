@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from scoredistill.errors import UserError
-from scoredistill.images.denoisers import EDMDenoiser, VPDenoiser, load_denoiser
+from scoredistill.images.denoisers import EDMDenoiser, VPDenoiser
+from scoredistill.images.loading import load_denoiser
 from scoredistill.roles import score_from_denoiser
 
 diffusers = pytest.importorskip("diffusers")

@@ -171,7 +171,7 @@ def test_a_digits_run_exports_a_loadable_one_step_generator(digits_run, teacher_
     """``scoredistill export`` of a UNet run: the folder loads back and gives the run's own samples."""
     monkeypatch.setenv(ENV_DIGITS_TEACHER, str(teacher_dir))
     from scoredistill.export import export_run
-    from scoredistill.images.denoisers import load_denoiser
+    from scoredistill.images.loading import load_denoiser
     from scoredistill.plugins import Hooks
     from scoredistill.trainer import load_run
 

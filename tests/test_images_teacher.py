@@ -7,7 +7,7 @@ import torch
 
 from scoredistill.errors import UserError
 from scoredistill.images.data import DIGITS_TEST_SIZE, digits, to_uint8
-from scoredistill.images.denoisers import load_denoiser
+from scoredistill.images.loading import load_denoiser
 from scoredistill.images.networks import UNetFakeScore, UNetGenerator
 from scoredistill.images.pairs import ShardedODEPairs
 from scoredistill.images.teachers import DiffusersTeacher, DigitsTeacher

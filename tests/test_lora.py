@@ -278,7 +278,7 @@ def test_an_export_reproduces_scoredistill_sample(sd_folder, tmp_path, form):
     assert main(["export", str(run_dir), str(out)]) == 0
     import diffusers
 
-    from scoredistill.images.denoisers import load_denoiser
+    from scoredistill.images.loading import load_denoiser
 
     if form == "lora":
         assert not (out / "unet").exists()

@@ -123,7 +123,7 @@ def test_a_text_conditional_run_samples_with_prompt_indices_and_exports(folder, 
     assert main(["export", str(out), str(tmp_path / "export")]) == 0
     assert f"on {PROMPTS} prompt embeddings" in (tmp_path / "export" / "README.md").read_text()
     # the README's recipe: the exported UNet, given the embeddings themselves, is the run's G(z, c) for prompt indices c
-    from scoredistill.images.denoisers import load_denoiser
+    from scoredistill.images.loading import load_denoiser
     from scoredistill.plugins import Hooks
     from scoredistill.trainer import load_run
 

@@ -261,7 +261,7 @@ def test_a_signal_while_the_digits_teacher_trains_stops_the_run_and_its_training
     training resumes from its own last checkpoint when the run is started again (what ``--resume`` of a run
     without a checkpoint does), and ends with the weights of an uninterrupted training."""
     from scoredistill.images import training
-    from scoredistill.images.denoisers import load_denoiser
+    from scoredistill.images.loading import load_denoiser
     from scoredistill.images.testing import tiny_teacher_settings
     from scoredistill.runner import _Moment, _stop_at_signals
     from scoredistill.trainer import RunInterrupted

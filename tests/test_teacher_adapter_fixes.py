@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from scoredistill.images.denoisers import load_denoiser
+from scoredistill.images.loading import load_denoiser
 
 diffusers = pytest.importorskip("diffusers")
 

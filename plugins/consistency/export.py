@@ -63,6 +63,6 @@ SAMPLING = """## Sampling
 from the network (`preconditioning`, `parameterization`) and, for a generator conditioned on
 the guidance scale `g`, its embedding (`guidance`). The network is a diffusers model
 (`network`); with scoredistill installed, `load_denoiser("PATH/TO/THIS/FOLDER").denoiser`
-(from `scoredistill.images.denoisers`) is its denoiser `D(x, s, cond)`. The run itself samples
+(from `scoredistill.images.loading`) is its denoiser `D(x, s, cond)`. The run itself samples
 with `scoredistill sample RUN --steps K [--guidance-scale G]`.
 """

@@ -109,7 +109,7 @@ scoredistill installed:
 
 ```python
 import torch
-from scoredistill.images.denoisers import load_denoiser
+from scoredistill.images.loading import load_denoiser
 
 D = load_denoiser("PATH/TO/THIS/FOLDER").denoiser.eval()
 z = torch.randn(16, {shape})

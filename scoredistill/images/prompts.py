@@ -266,7 +266,7 @@ def attach_caption_cache(den, config, dtype: torch.dtype, captions: list[str], c
 
 def _cached_tables(texts: list[str], config, dtype: torch.dtype, ctx, what: str = "prompt embeddings") -> dict[str, PromptTable]:
     """:func:`prompt_tables` of ``texts`` with the encoders of the pipeline ``config.path`` (one-line errors without them)."""
-    from scoredistill.images.denoisers import resolve_model_folder
+    from scoredistill.images.loading import resolve_model_folder
     from scoredistill.images.text_encoders import prompt_encoder
     from scoredistill.roles import default_cache_dir
 

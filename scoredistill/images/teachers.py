@@ -26,7 +26,8 @@ from scoredistill.roles import BuildContext, Teacher, default_cache_dir, stable_
 from scoredistill.sampling import heun_sample, karras_sigmas
 
 from scoredistill.images.data import DIGITS_SHAPE, digits
-from scoredistill.images.denoisers import LoadedTeacher, NetworkDenoiser, flow_sigmas, load_denoiser, weights_digest
+from scoredistill.images.denoisers import NetworkDenoiser, flow_sigmas
+from scoredistill.images.loading import LoadedTeacher, load_denoiser, weights_digest
 from scoredistill.images.training import DigitsTeacherSettings, ENV_DIGITS_TEACHER, is_complete, teacher_folder, train_digits_teacher
 
 EDM_P_MEAN, EDM_P_STD = -1.2, 1.2

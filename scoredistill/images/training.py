@@ -11,7 +11,7 @@ The result is a diffusers folder::
     FOLDER/scheduler/            scheduler_config.json (EDMEulerScheduler: sigma_min/max, sigma_data)
     FOLDER/scoredistill.json     settings, data split, final loss, seconds, versions
 
-so :func:`scoredistill.images.denoisers.load_denoiser` (and diffusers itself) loads it.
+so :func:`scoredistill.images.loading.load_denoiser` (and diffusers itself) loads it.
 Training checkpoints into ``FOLDER.partial/state.pt`` every ``checkpoint_every`` steps and
 resumes from there (same batches and noise as an uninterrupted run) until the folder is
 complete; the finished folder appears atomically (renamed into place).
@@ -39,7 +39,8 @@ from scoredistill.progress import progress as progress_display
 from scoredistill.roles import default_cache_dir, stable_hash
 
 from scoredistill.images.data import DIGITS_SHAPE, DIGITS_SPLIT_SEED, DIGITS_TEST_SIZE, digits
-from scoredistill.images.denoisers import METADATA_FILE, EDMDenoiser
+from scoredistill.images.denoisers import EDMDenoiser
+from scoredistill.images.loading import METADATA_FILE
 
 ENV_DIGITS_TEACHER = "SCOREDISTILL_DIGITS_TEACHER"
 STATE_FILE = "state.pt"

@@ -110,7 +110,7 @@ def test_embedding_in_unet2dcondition_loads_in_diffusers(tmp_path):
     timestep_cond for w = g - 1 with the same output, and LatentConsistencyModelPipeline (LCMScheduler) samples with it."""
     import diffusers
 
-    from scoredistill.images.denoisers import load_denoiser
+    from scoredistill.images.loading import load_denoiser
     from scoredistill.images.testing import tiny_sd_pipeline_folder
 
     folder = tiny_sd_pipeline_folder(tmp_path / "pipe")
