@@ -15,8 +15,7 @@ rectified-flow path ``x_t = (1 - t) x + t eps``, which is ``x_s / (1 + s)`` at
 scoring every token of its block; a teacher here exposes one block (the middle one,
 ``Teacher.feature_tokens``: a UNet's positions or a transformer's tokens), so the
 discriminator has one head, applied to each token with the noise level, its logits
-averaged in the loss. ``tokens: false`` pools the tokens first (one logit per sample),
-a head that noise blobs fooled on the digits teacher (docs/results.md).
+averaged in the loss. ``tokens: false`` pools the tokens first (one logit per sample).
 """
 
 from __future__ import annotations
