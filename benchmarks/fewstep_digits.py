@@ -1,4 +1,4 @@
-"""digits: few-step generators (DMD2 with backward simulation, CD, sCM) at 1, 2 and 4 steps: FID and images/s.
+"""digits: few-step generators (DMD2 with backward simulation, CD, sCM, LCM) at 1, 2 and 4 steps: FID and images/s.
 
 Each method trains once per seed as ``scoredistill run METHOD --preset digits`` (a finished run folder
 is reused, so an interrupted table resumes); its generator is then sampled with 1, 2 and 4 steps
@@ -34,11 +34,12 @@ from scoredistill.samples import generate
 from fewstep_speed import euler_sample, step_rows  # this folder's sampling-speed script
 
 #: each method's budget on top of the digits preset (``--set`` adds to every run): about half the preset's 1,180 DMD
-#: steps for CD and sCM, and for DMD2's chain (five fake-score updates per step, on backward-simulated batches) 300
+#: steps for CD, sCM and LCM, and for DMD2's chain (five fake-score updates per step, on backward-simulated batches) 300
 METHODS = {
     "cd": ["train.steps=600"],
     "scm": ["train.steps=600"],
     "dmd2_4step": ["train.steps=300"],
+    "lcm": ["train.steps=600"],  # an unconditional pixel teacher: CD on the teacher's timesteps with LCM's skipping step
 }
 STEPS = (1, 2, 4)
 
