@@ -34,6 +34,7 @@ from fewstep_speed import step_rows  # this folder's sampling-speed script
 METHODS = {
     "dmd2_4step": ["train.steps=600"],
     "cd": ["train.steps=1500"],
+    "lcm": ["train.steps=1500"],  # an unconditional teacher: CD on its 1,000 timesteps with LCM's skipping step (k = 20)
     "scm": ["train.steps=1500", "train.generator_lr=1.0e-4", "losses.consistency.p_mean=0.94",
             "losses.consistency.warmup_steps=300"],
 }
