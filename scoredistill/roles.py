@@ -156,7 +156,7 @@ class Teacher(Role):
         return (sigma**2 + sd**2) / (sigma * sd) ** 2
 
     def features(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
-        """Hidden features ``(N, F)`` of the frozen teacher at ``(x_s, sigma)``, with gradient to ``x_s`` (LADD's discriminator input)."""
+        """Hidden features ``(N, F)`` of the frozen teacher at ``(x_s, sigma)``, with gradient to ``x_s`` (a discriminator's input)."""
         raise UserError(f"teacher '{type(self).__name__}' exposes no features; choose a method without a teacher-feature discriminator")
 
     def feature_tokens(self, x_noisy: Tensor, sigma: Tensor, cond: Optional[Tensor] = None) -> Tensor:
