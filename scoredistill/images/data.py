@@ -1,4 +1,4 @@
-"""Image data: scikit-learn's bundled digits (the embedded default) and folders of images.
+"""Image data: scikit-learn's bundled digits (the embedded default) and the uint8 format images are evaluated in.
 
 Every image tensor in scoredistill is ``(N, C, H, W)`` float in ``[-1, 1]``.
 
@@ -12,8 +12,6 @@ of the FID protocol, so the "real data" floor uses the same sample count.
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -49,15 +47,6 @@ def digits(split: str = "train") -> tuple[Tensor, Tensor]:
     if split == "all":
         return torch.cat([s["train_x"], s["test_x"]]), torch.cat([s["train_y"], s["test_y"]])
     return s[f"{split}_x"].clone(), s[f"{split}_y"].clone()
-
-
-def load_image_folder(folder: Path | str, shape: tuple[int, int, int], limit: Optional[int] = None) -> Tensor:
-    """Every image under ``folder`` (sorted, recursive) as ``(N, C, H, W)`` in [-1, 1]; sizes must match ``shape``
-    (:mod:`scoredistill.images.folders` reads captioned folders and resizes)."""
-    from scoredistill.images.folders import load_images, scan_image_folder
-
-    files, _ = scan_image_folder(folder)
-    return load_images(files[:limit], tuple(shape))
 
 
 def to_uint8(x: Tensor) -> Tensor:

@@ -354,16 +354,13 @@ _DATA_CACHE: dict[tuple, Tensor] = {}
 
 
 def _real_data(data: str, split: str, shape: tuple[int, ...]) -> Tensor:
+    """The bundled digits' ``split`` (a folder's images are read by :meth:`ImageTeacher.real_data` itself)."""
     key = (data, split, tuple(shape))
     if key not in _DATA_CACHE:
-        if data == "digits":
-            if tuple(shape) != DIGITS_SHAPE:
-                raise UserError(f"teacher.data 'digits' holds 1x8x8 images but the teacher makes {'x'.join(map(str, shape))} "
-                                "images: use a digits-shaped teacher or set teacher.data to a folder of matching images")
-            x, _ = digits(split)
-        else:
-            x = load_image_folder(data, tuple(shape))  # every split is the folder
-        _DATA_CACHE[key] = x
+        if tuple(shape) != DIGITS_SHAPE:
+            raise UserError(f"teacher.data 'digits' holds 1x8x8 images but the teacher makes {'x'.join(map(str, shape))} "
+                            "images: use a digits-shaped teacher or set teacher.data to a folder of matching images")
+        _DATA_CACHE[key] = digits(split)[0]
     return _DATA_CACHE[key]
 
 

@@ -182,7 +182,7 @@ def test_the_head_scores_each_token_of_an_image_teachers_middle_block(digits_tea
     """On a UNet teacher the head sees every position of the mid block: one logit per token, each the head's MLP on that
     token and the noise level alone, with gradient to the input; ``tokens=False`` scores the tokens' mean once."""
     from scoredistill.images.teachers import DiffusersTeacher
-    from scoredistill_ladd.discriminator import TeacherFeatureHead, attach_head
+    from scoredistill_ladd.discriminator import attach_head
 
     teacher = DiffusersTeacher(DiffusersTeacher.Config(path=str(digits_teacher), data="digits")).eval().requires_grad_(False)
     x = torch.randn(3, 1, 8, 8, requires_grad=True)
