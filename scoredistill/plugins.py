@@ -79,7 +79,7 @@ class Hooks:
     @property
     def registry(self) -> Registry:
         if self._registry is None:
-            reg = Registry()
+            reg = Registry(blocked=[name for name, plugin in self.pm.list_name_plugin() if plugin is None])
             hook = self.pm.hook
             for impl in hook.scoredistill_add_components.get_hookimpls():
                 reg.add_components(impl.function() or [], source=impl.plugin_name)

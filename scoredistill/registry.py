@@ -135,10 +135,18 @@ class Preset(BaseModel):
 class Registry:
     """Components by (role, name), methods and presets by name; collisions are errors."""
 
-    def __init__(self) -> None:
+    def __init__(self, blocked: Iterable[str] = ()) -> None:
         self.components: dict[str, dict[str, ComponentInfo]] = {role: {} for role in ROLES}
         self.methods: dict[str, Method] = {}
         self.presets: dict[str, Preset] = {}
+        #: plugins blocked by name (``-p no:NAME``): an unknown name's error says they may be why
+        self.blocked = sorted(blocked)
+
+    def _unknown(self, kind: str, name: str, allowed) -> UserError:
+        error = one_of(kind, name, allowed)
+        if self.blocked:
+            error = UserError(f"{error}; blocked plugins, which may provide it: {', '.join(self.blocked)}")
+        return error
 
     def add_components(self, classes: Iterable[type], source: str = "?") -> None:
         for cls in classes:
@@ -169,15 +177,15 @@ class Registry:
     def component(self, role: str, name: str) -> ComponentInfo:
         table = self.components[role]
         if name not in table:
-            raise one_of(f"{role} component", name, table)
+            raise self._unknown(f"{role} component", name, table)
         return table[name]
 
     def method(self, name: str) -> Method:
         if name not in self.methods:
-            raise one_of("method", name, self.methods)
+            raise self._unknown("method", name, self.methods)
         return self.methods[name]
 
     def preset(self, name: str) -> Preset:
         if name not in self.presets:
-            raise one_of("preset", name, self.presets)
+            raise self._unknown("preset", name, self.presets)
         return self.presets[name]

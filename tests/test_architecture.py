@@ -160,3 +160,14 @@ def test_baselines_run_with_the_dmd_plugin_blocked(tmp_path):
                  "--set", "eval.num_samples=200"]) == 0
     assert json.loads((out / "metrics.json").read_text())["method"] == "sds"
     assert main(["-p", "no:dmd", "list"]) == 0
+
+
+def test_a_name_a_blocked_plugin_provides_is_refused_naming_the_blocked_plugin(tmp_path, capsys):
+    # regression is a baseline, its l2_regression component is the dmd plugin's
+    assert main(["-p", "no:dmd", "run", "regression", "--preset", "toy2d", "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown generator_loss component 'l2_regression'" in err[0]
+    assert err[0].endswith("blocked plugins, which may provide it: dmd")
+    assert not (tmp_path / "r").exists()
+    assert main(["run", "nosuchmethod", "--preset", "toy2d", "--out", str(tmp_path / "n"), "--quiet"]) == 2
+    assert "blocked" not in capsys.readouterr().err
