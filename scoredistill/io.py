@@ -1,14 +1,17 @@
-"""Files that are never half-written: atomic replace for text, JSON and safetensors."""
+"""Files that are never half-written: atomic replace for text, JSON and safetensors; caches filled once."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import platform
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,6 +32,43 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def fill_lock(path: Path, log: Callable[[str], None] = lambda m: None) -> Iterator[None]:
+    """Hold the lock on filling the cache entry ``path`` (``fcntl.flock`` on ``path.lock``, blocking).
+
+    Of several processes about to compute the same entry (the ranks of one run, or two runs sharing a cache), the
+    first computes it while the others wait here, then find it written. The caller looks for the entry again inside
+    the lock. Where the file system has no locks (or the folder is read-only) every process computes, as without it.
+    Only for work without collectives: a process waiting here must not be needed by the one computing.
+    """
+    lock = Path(f"{path}.lock")
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            log(f"waiting for another process to fill {path}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:  # ENOLCK and the like: no locks here
+        os.close(fd)
+        yield
+        return
+    try:
+        yield
+    finally:
+        # removed while held: a process still waiting holds the old file and looks for the entry again (written
+        # now, or not, when this one failed: then two may compute it, which atomic writes make safe)
+        lock.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def _umask() -> int:

@@ -95,6 +95,37 @@ def test_the_cache_is_lazy_resumable_and_reused(tmp_path):
     assert other["embeddings"].fingerprint != emb.fingerprint and calls[0] == "load"  # other prompts: another cache
 
 
+def test_callers_filling_the_same_cache_at_once_encode_it_once(tmp_path):
+    # as the ranks of one run do: the first fills the cache, the other waits on its lock, then reads it
+    import threading
+    import time
+
+    calls: list = []
+    logs: list = []
+    load = _toy_encoder(calls)
+
+    def slow_load():
+        encode = load()
+        time.sleep(0.5)  # the other caller arrives meanwhile
+        return encode
+
+    tables: list = [None, None]
+
+    def fill(i: int) -> None:
+        tables[i] = prompt_tables(tmp_path, PROMPTS, "none", "enc", slow_load, progress=False, log=logs.append)
+
+    threads = [threading.Thread(target=fill, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls.count("load") == 1 and sum(len(c) for c in calls if isinstance(c, list)) == len(PROMPTS) + 1
+    assert any(m.startswith("waiting for another process to fill") for m in logs)
+    idx = torch.arange(len(PROMPTS) + 1)
+    assert torch.equal(tables[0]["embeddings"][idx], tables[1]["embeddings"][idx])
+    assert not list(tmp_path.glob("*.lock"))  # the lock file goes with the lock
+
+
 # --------------------------------------------------------------------------- an SD1.5-shaped pipeline
 
 

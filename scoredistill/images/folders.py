@@ -184,16 +184,25 @@ def cached_latents(files: list[Path], shape: tuple[int, int, int], resize: bool,
                    log: Callable[[str], None] = lambda m: None) -> Tensor:
     """The latents ``encode(images)`` of ``files`` (loaded as :func:`load_images`), computed in batches once and cached
     under ``cache_dir/real_latents`` by ``vae_key`` and :func:`folder_digest`; on the CPU."""
-    from scoredistill.io import load_tensors, save_tensors
-    from scoredistill.progress import progress as make_progress
+    from scoredistill.io import fill_lock, load_tensors, save_tensors
 
     key = stable_hash("real-latents-v1", vae_key, folder_digest(files), list(shape), resize, crop if resize else "", CROP_SEED)
     path = Path(cache_dir) / "real_latents" / f"{key}.safetensors"
-    if path.is_file():
-        try:
-            return load_tensors(path)["latents"]
-        except Exception:
-            log(f"ignoring an unreadable latent cache {path}; encoding the images again")
+    with fill_lock(path, log):  # the ranks of a run (or runs sharing the cache) encode the images once
+        if path.is_file():
+            try:
+                return load_tensors(path)["latents"]
+            except Exception:
+                log(f"ignoring an unreadable latent cache {path}; encoding the images again")
+        latents = _encode_files(files, shape, resize, crop, encode, batch_size, progress)
+        save_tensors(path, {"latents": latents}, {"images": str(len(files))})
+    return latents
+
+
+def _encode_files(files: list[Path], shape: tuple[int, int, int], resize: bool, crop: str,
+                  encode: Callable[[Tensor], Tensor], batch_size: int, progress: bool) -> Tensor:
+    from scoredistill.progress import progress as make_progress
+
     parts = []
     with make_progress(progress) as bar:
         task = bar.add_task("real images -> latents", total=len(files))
@@ -201,6 +210,4 @@ def cached_latents(files: list[Path], shape: tuple[int, int, int], resize: bool,
             images = load_images(files[b : b + batch_size], shape, resize, crop, start=b)
             parts.append(encode(images).float().cpu())
             bar.advance(task, len(images))
-    latents = torch.cat(parts)
-    save_tensors(path, {"latents": latents}, {"images": str(len(files))})
-    return latents
+    return torch.cat(parts)

@@ -17,6 +17,7 @@ negative prompt (default the empty prompt, as diffusers' pipelines do).
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ from torch import Tensor
 
 from scoredistill.errors import UserError
 from scoredistill.hashing import sha256_digest, stable_hash
+from scoredistill.io import fill_lock, save_tensors, write_json
 
 PROMPT_SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
 INDEX_FILE = "index.json"
@@ -201,40 +203,44 @@ def prompt_tables(folder: Path, prompts: list[str], negative: str, fingerprint: 
     (B, ...)}``; it is called only when some shard is missing, and dropped when all are written. ``zero_null``: the
     unconditional branch is zeros shaped like ``negative``'s embedding (SDXL's ``force_zeros_for_empty_prompt``).
     """
-    from scoredistill.io import save_tensors, write_json
-
     key = stable_hash("prompt-cache-v1", fingerprint, prompts_digest(prompts), negative, zero_null, shard_size)
     cache = Path(folder) / key
     if not (cache / INDEX_FILE).is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        shards = (len(prompts) + shard_size - 1) // shard_size
-        todo = [k for k in range(shards) if not _shard_complete(cache / shard_name(k), min(shard_size, len(prompts) - k * shard_size))]
-        encode = encoder()
-        null = {name: torch.zeros_like(t[0]) if zero_null else t[0] for name, t in encode([negative]).items()}
-        save_tensors(cache / NULL_FILE, null)
-        done = len(prompts) - sum(min(shard_size, len(prompts) - k * shard_size) for k in todo)
-        if done:
-            log(f"{what}: {done} of {len(prompts)} already cached in {cache}")
-        from scoredistill.progress import progress as make_progress
-
-        with make_progress(progress) as bar:
-            task = bar.add_task(what, total=len(prompts), completed=done)
-            for k in todo:
-                part = prompts[k * shard_size : (k + 1) * shard_size]
-                out: dict[str, list[Tensor]] = {}
-                for b in range(0, len(part), batch_size):
-                    for name, t in encode(part[b : b + batch_size]).items():
-                        out.setdefault(name, []).append(t.detach().cpu())
-                    bar.advance(task, min(batch_size, len(part) - b))
-                save_tensors(cache / shard_name(k), {name: torch.cat(ts).contiguous() for name, ts in out.items()})
-        del encode
-        write_json(cache / INDEX_FILE, {"key": key, "count": len(prompts), "shard_size": shard_size, "negative_prompt": negative,
-                                        "shapes": {name: list(t.shape) for name, t in null.items()}})
-        import gc
-
-        gc.collect()  # the encoders leave memory here
+        with fill_lock(cache, log):  # the ranks of a run (or runs sharing the cache) fill it once
+            if not (cache / INDEX_FILE).is_file():
+                _fill(cache, key, prompts, negative, encoder, batch_size, shard_size, progress, log, zero_null, what)
     names = json.loads((cache / INDEX_FILE).read_text())["shapes"]
     return {name: PromptTable(cache, name) for name in names}
+
+
+def _fill(cache: Path, key: str, prompts: list[str], negative: str, encoder, batch_size: int, shard_size: int,
+          progress: bool, log: Callable[[str], None], zero_null: bool, what: str) -> None:
+    """Write the shards :func:`prompt_tables` misses, the null row and the index last (its presence: complete)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    shards = (len(prompts) + shard_size - 1) // shard_size
+    todo = [k for k in range(shards) if not _shard_complete(cache / shard_name(k), min(shard_size, len(prompts) - k * shard_size))]
+    encode = encoder()
+    null = {name: torch.zeros_like(t[0]) if zero_null else t[0] for name, t in encode([negative]).items()}
+    save_tensors(cache / NULL_FILE, null)
+    done = len(prompts) - sum(min(shard_size, len(prompts) - k * shard_size) for k in todo)
+    if done:
+        log(f"{what}: {done} of {len(prompts)} already cached in {cache}")
+    from scoredistill.progress import progress as make_progress
+
+    with make_progress(progress) as bar:
+        task = bar.add_task(what, total=len(prompts), completed=done)
+        for k in todo:
+            part = prompts[k * shard_size : (k + 1) * shard_size]
+            out: dict[str, list[Tensor]] = {}
+            for b in range(0, len(part), batch_size):
+                for name, t in encode(part[b : b + batch_size]).items():
+                    out.setdefault(name, []).append(t.detach().cpu())
+                bar.advance(task, min(batch_size, len(part) - b))
+            save_tensors(cache / shard_name(k), {name: torch.cat(ts).contiguous() for name, ts in out.items()})
+    del encode
+    write_json(cache / INDEX_FILE, {"key": key, "count": len(prompts), "shard_size": shard_size, "negative_prompt": negative,
+                                    "shapes": {name: list(t.shape) for name, t in null.items()}})
+    gc.collect()  # the encoders leave memory here
 
 
 def attach_prompt_cache(den, config, dtype: torch.dtype, ctx=None) -> list[str]:
