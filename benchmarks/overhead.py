@@ -90,7 +90,7 @@ class Bare:
     def __init__(self, run) -> None:
         from scoredistill.toy2d.gaussian_mixture import GaussianMixtureTeacher
         from scoredistill.images.networks import UNetFakeScore, UNetGenerator
-        from scoredistill.images.teachers import ImageTeacher
+        from scoredistill.images.image_teacher import ImageTeacher
         from scoredistill.toy2d.networks import MLPFakeScore, MLPGenerator
         from scoredistill.precision import without_weight_copies  # the hand-written loop casts as autocast does
 
