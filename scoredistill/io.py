@@ -11,7 +11,7 @@ import platform
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -35,35 +35,46 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 @contextlib.contextmanager
-def fill_lock(path: Path, log: Callable[[str], None] = lambda m: None) -> Iterator[None]:
-    """Hold the lock on filling the cache entry ``path`` (``fcntl.flock`` on ``path.lock``, blocking).
+def fill_lock(path: Path, log: Callable[[str], None] = lambda m: None, wait: bool = True) -> Iterator[bool]:
+    """Hold the lock on filling the cache entry ``path`` (``fcntl.flock`` on ``path.lock``); yields whether it is held.
 
     Of several processes about to compute the same entry (the ranks of one run, or two runs sharing a cache), the
-    first computes it while the others wait here, then find it written. The caller looks for the entry again inside
-    the lock. Where the file system has no locks (or the folder is read-only) every process computes, as without it.
-    Only for work without collectives: a process waiting here must not be needed by the one computing.
+    first computes it while the others wait here (``wait=False``: they get ``False`` at once and may do other work
+    first), then find it written. The caller looks for the entry again inside the lock. Where the file system has no
+    locks (or the folder is read-only) every process computes, as without it (``True``). Only for work without
+    collectives: a process waiting here must not be needed by the one computing.
     """
     lock = Path(f"{path}.lock")
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        fd: Optional[int] = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError:
-        yield
-        return
-    try:
+        fd = None
+    held = True
+    if fd is not None:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-                raise
-            log(f"waiting for another process to fill {path}")
-            fcntl.flock(fd, fcntl.LOCK_EX)
-    except OSError:  # ENOLCK and the like: no locks here
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                    raise
+                if wait:
+                    log(f"waiting for another process to fill {path}")
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                else:
+                    held = False
+        except OSError:  # ENOLCK and the like: no locks here
+            os.close(fd)
+            fd = None
+    if fd is None:
+        yield True
+        return
+    if not held:
         os.close(fd)
-        yield
+        yield False
         return
     try:
-        yield
+        yield True
     finally:
         # removed while held: a process still waiting holds the old file and looks for the entry again (written
         # now, or not, when this one failed: then two may compute it, which atomic writes make safe)

@@ -10,6 +10,7 @@ from scoredistill.images.data import DIGITS_TEST_SIZE, digits, to_uint8
 from scoredistill.images.loading import load_denoiser
 from scoredistill.images.networks import UNetFakeScore, UNetGenerator
 from scoredistill.images.pairs import ShardedODEPairs
+from scoredistill.io import save_tensors
 from scoredistill.images.teachers import DiffusersTeacher, DigitsTeacher
 from scoredistill.images.testing import TINY_TEACHER_OVERRIDES, tiny_teacher_folder, tiny_teacher_settings
 from scoredistill.images.training import ENV_DIGITS_TEACHER, STATE_FILE, train_digits_teacher
@@ -147,6 +148,39 @@ def test_sharded_pairs_are_the_teachers_heun_solutions_and_resume(teacher, tmp_p
     assert torch.allclose(again.y, pairs.y, atol=1e-6) and len(list(pairs.folder.glob("shard-*"))) == 3
     zr, yr, cr = again.sample(5)
     assert zr.shape == yr.shape == (5, 1, 8, 8) and cr is None  # an unconditional teacher
+
+
+def test_processes_needing_the_same_pairs_share_the_shards(teacher, tmp_path):
+    # another process (a rank, a run) holds shard 1: this one solves 0 and 2 meanwhile, then waits for 1 and reads it
+    import fcntl
+    import os
+    import threading
+    import time
+
+    cfg = ODEPairs.Config(num_pairs=10, steps=3, batch_size=4, seed=7)
+    ctx = build_context(teacher, cache_dir=tmp_path)
+    plain = ShardedODEPairs(cfg.model_copy(update={"cache": False}), ctx)  # solved alone; its folder is the cache's
+    shard1 = plain.shard_path(1)
+    shard1.parent.mkdir(parents=True)
+    fd = os.open(f"{shard1}.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(ShardedODEPairs(cfg, ctx)))
+    worker.start()
+    deadline = time.monotonic() + 60
+    while not (plain.shard_path(0).is_file() and plain.shard_path(2).is_file()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert plain.shard_path(0).is_file() and plain.shard_path(2).is_file()  # solved past the held shard
+    time.sleep(0.2)
+    assert worker.is_alive() and not shard1.is_file()  # waiting for the holder of shard 1
+    save_tensors(shard1, {"z": plain.z[4:8].cpu(), "y": plain.y[4:8].cpu() + 1})  # the holder writes it
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+    worker.join(60)
+    pairs = result[0]
+    assert torch.allclose(pairs.y[4:8], plain.y[4:8] + 1)  # read, not solved again
+    assert torch.allclose(pairs.y[:4], plain.y[:4], atol=1e-6) and torch.allclose(pairs.y[8:], plain.y[8:], atol=1e-6)
+    assert not list(plain.folder.glob("*.lock"))
 
 
 def test_teacher_train_command(tmp_path, capsys):

@@ -11,7 +11,9 @@ shard per solver batch::
 
 ``key`` hashes the teacher's fingerprint and every solver setting (count, steps, rho,
 seed, batch size). Each shard is written atomically, so an interrupted solve resumes at
-the first missing shard. The images plugin builds this source, through the
+the first missing shard. Processes that need the same pairs at once (the ranks of a run,
+two runs) share the work: each solves the shards no other holds the lock of
+(:func:`scoredistill.io.fill_lock`), then reads the others' shards. The images plugin builds this source, through the
 ``scoredistill_make_pair_source`` hook, whenever ``pairs.component`` is ``ode_pairs`` and
 the teacher is an image teacher.
 """
@@ -19,10 +21,11 @@ the teacher is an image teacher.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from scoredistill.io import load_tensors, save_tensors
+from scoredistill.io import fill_lock, load_tensors, save_tensors
 from scoredistill.progress import progress
 from scoredistill.pairs import ODEPairs
 from scoredistill.roles import BuildContext, PairSource, seeded_conditions, stable_hash
@@ -41,20 +44,41 @@ class ShardedODEPairs(PairSource):
         z = torch.randn((c.num_pairs, *teacher.data_shape), generator=torch.Generator().manual_seed(c.seed))
         grid = teacher.sampling_sigmas(c.steps, c.rho)  # the teacher's own grid (EDM eq. 5, or its flow scheduler's)
         starts = list(range(0, c.num_pairs, c.batch_size))
-        ys: list[torch.Tensor] = []
         device = teacher.sigmas.device
+
+        def solve(i: int) -> torch.Tensor:
+            zb, start = z[starts[i] : starts[i] + c.batch_size], starts[i]
+            cb = cond[start : start + c.batch_size].to(device) if cond is not None else None
+            y = teacher.solve(zb.to(device), grid, cb).cpu()
+            if c.cache:
+                save_tensors(self.shard_path(i), {"z": zb, "y": y}, {"teacher": teacher.fingerprint()})
+            return y
+
+        def cached_or_solved(i: int) -> torch.Tensor:
+            y = self._load_shard(i, z[starts[i] : starts[i] + c.batch_size])
+            return y if y is not None else solve(i)
+
+        ys: list[Optional[torch.Tensor]] = [None] * len(starts)
+        held_elsewhere: list[int] = []
         with progress(ctx.extra.get("progress", True), transient=True) as bar:
             task = bar.add_task(f"ODE pairs (Heun {c.steps} steps)", total=c.num_pairs)
-            for i, start in enumerate(starts):
-                zb = z[start : start + c.batch_size]
-                y = self._load_shard(i, zb) if c.cache else None
-                if y is None:
-                    cb = cond[start : start + c.batch_size].to(device) if cond is not None else None
-                    y = teacher.solve(zb.to(device), grid, cb).cpu()
-                    if c.cache:
-                        save_tensors(self.shard_path(i), {"z": zb, "y": y}, {"teacher": teacher.fingerprint()})
-                ys.append(y)
-                bar.advance(task, len(zb))
+            for i in range(len(starts)):
+                if not c.cache:
+                    ys[i] = solve(i)
+                elif (y := self._load_shard(i, z[starts[i] : starts[i] + c.batch_size])) is not None:
+                    ys[i] = y
+                else:  # a shard another process (a rank, a run) is solving is skipped now and read at the end
+                    with fill_lock(self.shard_path(i), wait=False) as held:
+                        if held:
+                            ys[i] = cached_or_solved(i)
+                    if not held:
+                        held_elsewhere.append(i)
+                        continue
+                bar.advance(task, len(ys[i]))
+            for i in held_elsewhere:
+                with fill_lock(self.shard_path(i)):
+                    ys[i] = cached_or_solved(i)
+                bar.advance(task, len(ys[i]))
         self.z, self.y = z.to(device), torch.cat(ys).to(device)
         self.c = cond.to(device) if cond is not None else None
 
