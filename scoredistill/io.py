@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import os
@@ -11,7 +10,7 @@ import platform
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -44,34 +43,22 @@ def fill_lock(path: Path, log: Callable[[str], None] = lambda m: None, wait: boo
     locks (or the folder is read-only) every process computes, as without it (``True``). Only for work without
     collectives: a process waiting here must not be needed by the one computing.
     """
-    lock = Path(f"{path}.lock")
+    lock, fd = Path(f"{path}.lock"), None
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
-        fd: Optional[int] = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError:
-        fd = None
-    held = True
-    if fd is not None:
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-                    raise
-                if wait:
-                    log(f"waiting for another process to fill {path}")
-                    fcntl.flock(fd, fcntl.LOCK_EX)
-                else:
-                    held = False
-        except OSError:  # ENOLCK and the like: no locks here
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # another process holds it
+        if not wait:
             os.close(fd)
-            fd = None
-    if fd is None:
+            yield False
+            return
+        log(f"waiting for another process to fill {path}")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:  # no lock file here (read-only) or no locks (ENOLCK): compute as without
+        if fd is not None:
+            os.close(fd)
         yield True
-        return
-    if not held:
-        os.close(fd)
-        yield False
         return
     try:
         yield True

@@ -10,10 +10,10 @@ from scoredistill.images.data import DIGITS_TEST_SIZE, digits, to_uint8
 from scoredistill.images.loading import load_denoiser
 from scoredistill.images.networks import UNetFakeScore, UNetGenerator
 from scoredistill.images.pairs import ShardedODEPairs
-from scoredistill.io import save_tensors
 from scoredistill.images.teachers import DiffusersTeacher, DigitsTeacher
 from scoredistill.images.testing import TINY_TEACHER_OVERRIDES, tiny_teacher_folder, tiny_teacher_settings
 from scoredistill.images.training import ENV_DIGITS_TEACHER, STATE_FILE, train_digits_teacher
+from scoredistill.io import save_tensors
 from scoredistill.pairs import ODEPairs
 from scoredistill.sampling import heun_sample, karras_sigmas
 from scoredistill.testing import build_context

@@ -12,9 +12,9 @@ shard per solver batch::
 ``key`` hashes the teacher's fingerprint and every solver setting (count, steps, rho,
 seed, batch size). Each shard is written atomically, so an interrupted solve resumes at
 the first missing shard. Processes that need the same pairs at once (the ranks of a run,
-two runs) share the work: each solves the shards no other holds the lock of
-(:func:`scoredistill.io.fill_lock`), then reads the others' shards. The images plugin builds this source, through the
-``scoredistill_make_pair_source`` hook, whenever ``pairs.component`` is ``ode_pairs`` and
+two runs) share the work: each solves the shards whose lock no other holds
+(:func:`scoredistill.io.fill_lock`), then reads the others'. The images plugin builds
+this source, through the ``scoredistill_make_pair_source`` hook, whenever ``pairs.component`` is ``ode_pairs`` and
 the teacher is an image teacher.
 """
 
@@ -47,34 +47,34 @@ class ShardedODEPairs(PairSource):
         device = teacher.sigmas.device
 
         def solve(i: int) -> torch.Tensor:
-            zb, start = z[starts[i] : starts[i] + c.batch_size], starts[i]
-            cb = cond[start : start + c.batch_size].to(device) if cond is not None else None
-            y = teacher.solve(zb.to(device), grid, cb).cpu()
+            part = slice(starts[i], starts[i] + c.batch_size)
+            cb = cond[part].to(device) if cond is not None else None
+            y = teacher.solve(z[part].to(device), grid, cb).cpu()
             if c.cache:
-                save_tensors(self.shard_path(i), {"z": zb, "y": y}, {"teacher": teacher.fingerprint()})
+                save_tensors(self.shard_path(i), {"z": z[part], "y": y}, {"teacher": teacher.fingerprint()})
             return y
 
+        def cached(i: int) -> Optional[torch.Tensor]:
+            return self._load_shard(i, z[starts[i] : starts[i] + c.batch_size])
+
         def cached_or_solved(i: int) -> torch.Tensor:
-            y = self._load_shard(i, z[starts[i] : starts[i] + c.batch_size])
+            y = cached(i)
             return y if y is not None else solve(i)
 
-        ys: list[Optional[torch.Tensor]] = [None] * len(starts)
-        held_elsewhere: list[int] = []
+        ys: list[torch.Tensor] = [torch.empty(0)] * len(starts)
+        held_elsewhere: list[int] = []  # shards another process (a rank, a run) is solving: read at the end
         with progress(ctx.extra.get("progress", True), transient=True) as bar:
             task = bar.add_task(f"ODE pairs (Heun {c.steps} steps)", total=c.num_pairs)
             for i in range(len(starts)):
-                if not c.cache:
-                    ys[i] = solve(i)
-                elif (y := self._load_shard(i, z[starts[i] : starts[i] + c.batch_size])) is not None:
-                    ys[i] = y
-                else:  # a shard another process (a rank, a run) is solving is skipped now and read at the end
+                y = cached(i) if c.cache else solve(i)
+                if y is None:
                     with fill_lock(self.shard_path(i), wait=False) as held:
-                        if held:
-                            ys[i] = cached_or_solved(i)
-                    if not held:
+                        y = cached_or_solved(i) if held else None
+                    if y is None:
                         held_elsewhere.append(i)
                         continue
-                bar.advance(task, len(ys[i]))
+                ys[i] = y
+                bar.advance(task, len(y))
             for i in held_elsewhere:
                 with fill_lock(self.shard_path(i)):
                     ys[i] = cached_or_solved(i)
